@@ -1,0 +1,448 @@
+//! The daemon (`run`) and the one-shot commands: builds the clients, starts the jobs, the
+//! scheduler and the HTTP server, waits for the shutdown trigger and stops in order.
+//!
+//! Shutdown order (bounded by `[shutdown] timeout_secs`):
+//! 1. stop scheduling; a drain tick in progress finishes its current batch and returns;
+//! 2. wait for running jobs;
+//! 3. the persister makes a last pass over the outbox;
+//! 4. the ranking-log writer writes what is buffered and replays its spill file;
+//! 5. the HTTP server stops.
+//!
+//! Past the deadline, whatever is left is logged (rows still buffered go to the spill file, the
+//! outbox stays in Redis) and [`run`] returns [`ShutdownTimedOut`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::NaiveDate;
+use fred::prelude::*;
+use sqlx::MySqlPool;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backends::{self, Unavailable};
+use crate::config::Config;
+use crate::coupon::{CouponDrain, DrainReport, RequeueReport};
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::ranking::{RankingRebuild, RebuildReport, WhenLocked, today};
+use crate::ranking_log::{self, LogSender, LogWriter, WriterReport};
+
+/// The shutdown deadline passed with work left; the process exits non-zero.
+#[derive(Debug, thiserror::Error)]
+#[error("shutdown did not finish within {0:?}")]
+pub struct ShutdownTimedOut(pub Duration);
+
+/// A resource named in the configuration could not be set up (the spill directory, the HTTP
+/// listen address): exits 78 like any other configuration problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {source:#}")]
+pub struct SetupError {
+    pub key: &'static str,
+    #[source]
+    pub source: anyhow::Error,
+}
+
+/// Connected backends.
+#[derive(Clone)]
+pub struct Backends {
+    pub redis: Client,
+    pub mysql: MySqlPool,
+}
+
+impl Backends {
+    /// Connects both; a backend that does not answer is reported as [`Unavailable`].
+    pub async fn connect(config: &Config) -> Result<Self, Unavailable> {
+        let redis = backends::connect_redis(&config.redis).await?;
+        let mysql = backends::connect_mysql(&config.mysql).await?;
+        Ok(Self { redis, mysql })
+    }
+}
+
+/// The ranking-log channel with its writer task running.
+struct RunningLog {
+    sender: LogSender,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    task: tokio::task::JoinHandle<WriterReport>,
+}
+
+fn start_log(
+    config: &Config,
+    backends: &Backends,
+    metrics: &Metrics,
+) -> Result<RunningLog, SetupError> {
+    let (sender, writer): (LogSender, LogWriter) =
+        ranking_log::channel(&config.ranking_log, backends.mysql.clone(), metrics.clone())
+            .map_err(|source| SetupError {
+                key: "ranking_log.spill_dir",
+                source,
+            })?;
+    let stop = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let task = tokio::spawn(writer.run(stop.clone(), abort.clone()));
+    Ok(RunningLog {
+        sender,
+        stop,
+        abort,
+        task,
+    })
+}
+
+impl RunningLog {
+    /// Stops the writer, giving it until `deadline` to write everything.
+    async fn finish(self, deadline: tokio::time::Instant) -> (WriterReport, bool) {
+        drop(self.sender);
+        self.stop.cancel();
+        let mut task = self.task;
+        match tokio::time::timeout_at(deadline, &mut task).await {
+            Ok(report) => (report.unwrap_or_default(), true),
+            Err(_) => {
+                self.abort.cancel();
+                // Spilling what is left to disk takes milliseconds.
+                let report = tokio::time::timeout(Duration::from_secs(5), task)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                (report, false)
+            }
+        }
+    }
+}
+
+fn new_drain(
+    config: &Config,
+    backends: &Backends,
+    log: LogSender,
+    metrics: &Metrics,
+) -> CouponDrain {
+    CouponDrain::new(
+        backends.redis.clone(),
+        backends.mysql.clone(),
+        &config.keys,
+        config.coupon.batch_size.get(),
+        log,
+        metrics.clone(),
+    )
+}
+
+/// A job the scheduler runs: one run at a time; a tick that finds the previous run still going
+/// is skipped and counted.
+#[derive(Clone)]
+struct GuardedJob {
+    name: &'static str,
+    running: Arc<Mutex<()>>,
+    metrics: Metrics,
+    tasks: TaskTracker,
+}
+
+impl GuardedJob {
+    fn new(name: &'static str, metrics: &Metrics, tasks: &TaskTracker) -> Self {
+        Self {
+            name,
+            running: Arc::new(Mutex::new(())),
+            metrics: metrics.clone(),
+            tasks: tasks.clone(),
+        }
+    }
+
+    /// Runs `work` unless a previous run is still going.
+    async fn run<F, Fut>(&self, work: F)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let Ok(_guard) = self.running.try_lock() else {
+            tracing::debug!(job = self.name, "previous run still going; tick skipped");
+            self.metrics.record_skip(self.name);
+            return;
+        };
+        let started = Instant::now();
+        let result = work().await;
+        self.metrics
+            .record_run(self.name, started.elapsed(), result.is_ok());
+        if let Err(e) = result {
+            tracing::error!(job = self.name, error = %format!("{e:#}"), "job run failed; will retry at the next tick");
+        }
+    }
+
+    /// Waits for the run in progress, if any.
+    async fn wait_idle(&self) {
+        let _ = self.running.lock().await;
+    }
+}
+
+/// Runs the daemon until `shutdown` completes, then stops in order within the deadline.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let backends = Backends::connect(&config).await?;
+    backends::check_migrated(&backends.mysql).await?;
+    let listener = TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|e| SetupError {
+            key: "http.listen",
+            source: anyhow::Error::new(e)
+                .context(format!("cannot listen on {}", config.http.listen)),
+        })?;
+    let log = start_log(&config, &backends, &metrics)?;
+    let drain = new_drain(&config, &backends, log.sender.clone(), &metrics);
+    let rebuild = RankingRebuild::new(
+        backends.redis.clone(),
+        config.keys.clone(),
+        config.ranking.clone(),
+        metrics.clone(),
+    );
+
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let http_stop = CancellationToken::new();
+    let http_task = {
+        let state = HttpState {
+            redis: backends.redis.clone(),
+            mysql: backends.mysql.clone(),
+            metrics: metrics.clone(),
+        };
+        let http_stop = http_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, state, http_stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        })
+    };
+    let persister_stop = CancellationToken::new();
+    let persister = {
+        let drain = drain.clone();
+        let persister_stop = persister_stop.clone();
+        tasks.spawn(async move { drain.run_persister(persister_stop).await })
+    };
+
+    let drain_job = GuardedJob::new("coupon_drain", &metrics, &tasks);
+    let rebuild_job = GuardedJob::new("ranking_rebuild", &metrics, &tasks);
+    let mut scheduler =
+        schedule_jobs(&config, &drain, &rebuild, &drain_job, &rebuild_job, &stop).await?;
+    catch_up_ranking(&config, &rebuild, &rebuild_job);
+    tracing::info!(listen = %config.http.listen, coupon_schedule = config.coupon.schedule.as_str(),
+        ranking_schedule = config.ranking.schedule.as_str(), timezone = %config.ranking.timezone,
+        "commerce-worker running");
+
+    shutdown.await;
+    let deadline = tokio::time::Instant::now() + config.shutdown.timeout;
+    tracing::info!(
+        timeout_secs = config.shutdown.timeout.as_secs(),
+        "shutting down"
+    );
+    stop.cancel();
+    if let Err(e) = scheduler.shutdown().await {
+        tracing::warn!(error = %e, "scheduler shutdown reported an error");
+    }
+    let mut clean = true;
+    let jobs_idle = async {
+        drain_job.wait_idle().await;
+        rebuild_job.wait_idle().await;
+    };
+    if tokio::time::timeout_at(deadline, jobs_idle).await.is_err() {
+        tracing::warn!("a job was still running at the shutdown deadline");
+        clean = false;
+    }
+    persister_stop.cancel();
+    tasks.close();
+    if tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "issued coupons still in the outbox at the deadline; the next start or another replica persists them"
+        );
+        clean = false;
+    }
+    drop(persister);
+    drop(drain);
+    let (log_report, log_clean) = log.finish(deadline).await;
+    if !log_clean {
+        tracing::warn!(
+            rows_spilled = log_report.rows_left_spilled,
+            "ranking-log rows not written by the deadline; kept in the spill file for the next start"
+        );
+        clean = false;
+    }
+    http_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
+    if clean {
+        tracing::info!(
+            log_rows_written = log_report.rows_written,
+            "shut down cleanly"
+        );
+        Ok(())
+    } else {
+        Err(ShutdownTimedOut(config.shutdown.timeout).into())
+    }
+}
+
+async fn schedule_jobs(
+    config: &Config,
+    drain: &CouponDrain,
+    rebuild: &RankingRebuild,
+    drain_job: &GuardedJob,
+    rebuild_job: &GuardedJob,
+    stop: &CancellationToken,
+) -> anyhow::Result<JobScheduler> {
+    let scheduler = JobScheduler::new()
+        .await
+        .context("creating the scheduler")?;
+    let timezone = config.ranking.timezone;
+    let budget = config.coupon.tick_budget;
+    {
+        let (drain, job, stop) = (drain.clone(), drain_job.clone(), stop.clone());
+        scheduler
+            .add(
+                Job::new_async_tz(
+                    config.coupon.schedule.as_str(),
+                    timezone,
+                    move |_id, _sched| {
+                        let (drain, job, stop) = (drain.clone(), job.clone(), stop.clone());
+                        Box::pin(async move {
+                            let tasks = job.tasks.clone();
+                            // Tracked so shutdown can wait for it; the guard keeps runs from overlapping.
+                            let _ = tasks
+                                .spawn(async move {
+                                    job.run(|| async {
+                                        drain.tick(budget, &stop).await.map(|_| ())
+                                    })
+                                    .await
+                                })
+                                .await;
+                        })
+                    },
+                )
+                .context("coupon.schedule")?,
+            )
+            .await?;
+    }
+    {
+        let (rebuild, job) = (rebuild.clone(), rebuild_job.clone());
+        scheduler
+            .add(
+                Job::new_async_tz(
+                    config.ranking.schedule.as_str(),
+                    timezone,
+                    move |_id, _sched| {
+                        let (rebuild, job) = (rebuild.clone(), job.clone());
+                        Box::pin(async move {
+                            let tasks = job.tasks.clone();
+                            let _ = tasks
+                                .spawn(async move {
+                                    job.run(|| async {
+                                        rebuild
+                                            .rebuild(today(timezone), WhenLocked::Skip)
+                                            .await
+                                            .map(|_| ())
+                                    })
+                                    .await
+                                })
+                                .await;
+                        })
+                    },
+                )
+                .context("ranking.schedule")?,
+            )
+            .await?;
+    }
+    scheduler.start().await.context("starting the scheduler")?;
+    Ok(scheduler)
+}
+
+/// If no rebuild ran for today yet (the worker was down at midnight), runs one now.
+fn catch_up_ranking(config: &Config, rebuild: &RankingRebuild, job: &GuardedJob) {
+    let (rebuild, job, timezone) = (rebuild.clone(), job.clone(), config.ranking.timezone);
+    let tasks = job.tasks.clone();
+    tasks.spawn(async move {
+        job.run(|| async {
+            let day = today(timezone);
+            if rebuild.last_built_day().await? == Some(day) {
+                return Ok(());
+            }
+            tracing::info!(%day, "no ranking rebuild recorded for today; catching up");
+            rebuild.rebuild(day, WhenLocked::Skip).await.map(|_| ())
+        })
+        .await
+    });
+}
+
+/// `drain`: one drain until the queue is empty and every issued coupon is in MySQL.
+pub async fn drain_once(
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<(DrainReport, WriterReport)> {
+    let metrics = Metrics::new();
+    let backends = Backends::connect(config).await?;
+    backends::check_migrated(&backends.mysql).await?;
+    let log = start_log(config, &backends, &metrics)?;
+    let drain = new_drain(config, &backends, log.sender.clone(), &metrics);
+    let stop = CancellationToken::new();
+    let report = {
+        let work = drain.drain_to_empty(&stop);
+        tokio::pin!(work);
+        tokio::select! {
+            report = &mut work => report,
+            _ = shutdown => {
+                stop.cancel();
+                work.await
+            }
+        }
+    };
+    drop(drain);
+    let deadline = tokio::time::Instant::now() + config.shutdown.timeout;
+    let (log_report, _) = log.finish(deadline).await;
+    Ok((report, log_report))
+}
+
+/// `rebuild-ranking`: one rebuild for `day` (default: today in the configured timezone).
+pub async fn rebuild_once(
+    config: &Config,
+    day: Option<NaiveDate>,
+) -> anyhow::Result<RebuildReport> {
+    let redis = backends::connect_redis(&config.redis).await?;
+    let rebuild = RankingRebuild::new(
+        redis,
+        config.keys.clone(),
+        config.ranking.clone(),
+        Metrics::new(),
+    );
+    rebuild
+        .rebuild(
+            day.unwrap_or_else(|| today(config.ranking.timezone)),
+            WhenLocked::Wait,
+        )
+        .await
+}
+
+/// `requeue-dead`.
+pub async fn requeue_dead_once(config: &Config) -> anyhow::Result<RequeueReport> {
+    let redis = backends::connect_redis(&config.redis).await?;
+    crate::coupon::requeue_dead(&redis, &config.keys).await
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT will stop the worker");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,123 @@
+//! Building the Redis client and the MySQL pool, and applying migrations.
+//!
+//! fred's defaults suit a short script, not a daemon: no reconnection, no command timeout, and
+//! half-open connections never noticed. [`connect_redis`] turns all three on. The first
+//! connection still fails fast (`fail_fast`), so a Redis that is unreachable at start is
+//! reported at once (exit 69) instead of being retried silently.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use fred::prelude::*;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::{MySqlPool, migrate::MigrateDatabase};
+
+use crate::config::{MysqlConfig, RedisConfig};
+
+/// Applied by `migrate` and checked at `run` start.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./sql");
+
+/// A backend that could not be reached at start: the process exits 69 naming it.
+#[derive(Debug, thiserror::Error)]
+#[error("{service} is unavailable: {source:#}")]
+pub struct Unavailable {
+    pub service: &'static str,
+    #[source]
+    pub source: anyhow::Error,
+}
+
+/// Redis commands taking longer than this fail; the job retries them.
+const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connects to Redis, with reconnection (forever, backing off to 10 s) and timeouts set.
+pub async fn connect_redis(config: &RedisConfig) -> Result<Client, Unavailable> {
+    let unavailable = |source: anyhow::Error| Unavailable {
+        service: "redis",
+        source,
+    };
+    let redis_config = Config::from_url(config.url.expose())
+        .map_err(|e| unavailable(anyhow::anyhow!("bad URL: {e}")))?;
+    let client = Builder::from_config(redis_config)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(5);
+            c.internal_command_timeout = Duration::from_secs(5);
+            // Detect half-open connections (a peer that vanished without closing).
+            c.unresponsive.max_timeout = Some(Duration::from_secs(20));
+            c.unresponsive.interval = Duration::from_secs(2);
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = REDIS_COMMAND_TIMEOUT;
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 10_000, 2))
+        .build()
+        .map_err(|e| unavailable(e.into()))?;
+    client
+        .init()
+        .await
+        .map_err(|e| unavailable(anyhow::anyhow!("{e}")))?;
+    Ok(client)
+}
+
+fn connect_options(config: &MysqlConfig) -> anyhow::Result<MySqlConnectOptions> {
+    MySqlConnectOptions::from_str(config.url.expose()).context("bad MySQL URL")
+}
+
+/// Connects the MySQL pool. Connections that break are replaced by the pool on next use.
+pub async fn connect_mysql(config: &MysqlConfig) -> Result<MySqlPool, Unavailable> {
+    let unavailable = |source: anyhow::Error| Unavailable {
+        service: "mysql",
+        source,
+    };
+    let options = connect_options(config).map_err(unavailable)?;
+    MySqlPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .map_err(|e| unavailable(e.into()))
+}
+
+/// Creates the database if it does not exist yet, then applies pending migrations.
+/// Returns how many migrations were applied now.
+pub async fn migrate(config: &MysqlConfig) -> anyhow::Result<usize> {
+    let url = config.url.expose();
+    let exists = sqlx::MySql::database_exists(url)
+        .await
+        .map_err(|e| Unavailable {
+            service: "mysql",
+            source: e.into(),
+        })?;
+    if !exists {
+        sqlx::MySql::create_database(url)
+            .await
+            .context("the database does not exist and could not be created")?;
+        tracing::info!("created the database");
+    }
+    let pool = connect_mysql(config).await?;
+    let before = applied_migrations(&pool).await;
+    MIGRATOR.run(&pool).await.context("applying migrations")?;
+    let after = applied_migrations(&pool).await;
+    pool.close().await;
+    Ok(after.saturating_sub(before))
+}
+
+async fn applied_migrations(pool: &MySqlPool) -> usize {
+    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
+        .fetch_one(pool)
+        .await
+        .map(|n| n as usize)
+        .unwrap_or(0)
+}
+
+/// Fails when the database lacks migrations this binary knows, naming the command to run.
+pub async fn check_migrated(pool: &MySqlPool) -> anyhow::Result<()> {
+    let applied = applied_migrations(pool).await;
+    let known = MIGRATOR.iter().count();
+    if applied < known {
+        anyhow::bail!(
+            "the database has {applied} of {known} migrations applied; run `commerce-worker migrate` first"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! The coupon drain (CONTRACT.md §2): every queued request decided once, every issued coupon
+//! persisted once.
+//!
+//! Data flow for one batch:
+//!
+//! ```text
+//! coupon:queue ──ZRANGE head──▶ Decider ──EVALSHA decide.lua (atomic)──▶ outcomes
+//!                                             │ removes entries from the queue
+//!                                             │ stock, issued set, seq, result hash
+//!                                             │ dead-letter stream (undecidable entries)
+//!                                             └ outbox ZSET (issued coupons)
+//! outcomes ──▶ ranking log channel (never waits)
+//! outbox ──Persister: INSERT … ON DUPLICATE KEY, then ZREM──▶ user_coupon
+//! ```
+//!
+//! [`CouponDrain::tick`] is one unit of work: batches until the queue is empty, the tick's budget
+//! is spent or shutdown is requested — checked only between batches, so a claimed batch is never
+//! abandoned half-way. The schedule lives in `app`; tests call `tick` directly.
+
+mod dead;
+mod decide;
+pub mod member;
+mod outbox;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use fred::prelude::*;
+use sqlx::MySqlPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use dead::{RequeueReport, requeue_dead};
+pub use decide::{Decider, Decision, Outcome, format_score};
+pub use outbox::Persister;
+
+use crate::keys::KeyTemplates;
+use crate::metrics::Metrics;
+use crate::ranking_log::{LogOutcome, LogRow, LogSender};
+use crate::retry::Backoff;
+
+/// Why a tick stopped taking batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StopReason {
+    #[default]
+    QueueEmpty,
+    BudgetSpent,
+    ShutdownRequested,
+}
+
+/// What one tick (or one `drain` command) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    pub issued: u64,
+    pub duplicate: u64,
+    pub sold_out: u64,
+    pub unknown_coupon: u64,
+    pub dead_lettered: u64,
+    /// Entries another replica decided between our read and our script.
+    pub gone: u64,
+    pub batches: u64,
+    pub stopped: StopReason,
+    /// Queue length after the tick.
+    pub queue_depth: u64,
+    pub elapsed: Duration,
+}
+
+impl DrainReport {
+    /// Requests decided here (every outcome but `gone`).
+    pub fn decided(&self) -> u64 {
+        self.issued + self.duplicate + self.sold_out + self.unknown_coupon + self.dead_lettered
+    }
+
+    fn count(&mut self, outcome: Outcome) {
+        let slot = match outcome {
+            Outcome::Issued => &mut self.issued,
+            Outcome::Duplicate => &mut self.duplicate,
+            Outcome::SoldOut => &mut self.sold_out,
+            Outcome::UnknownCoupon => &mut self.unknown_coupon,
+            Outcome::DeadLettered => &mut self.dead_lettered,
+            Outcome::Gone => &mut self.gone,
+        };
+        *slot += 1;
+    }
+
+    fn absorb(&mut self, other: &DrainReport) {
+        self.issued += other.issued;
+        self.duplicate += other.duplicate;
+        self.sold_out += other.sold_out;
+        self.unknown_coupon += other.unknown_coupon;
+        self.dead_lettered += other.dead_lettered;
+        self.gone += other.gone;
+        self.batches += other.batches;
+        self.queue_depth = other.queue_depth;
+        self.stopped = other.stopped;
+    }
+}
+
+/// Everything the drain needs, cheap to clone.
+#[derive(Clone)]
+pub struct CouponDrain {
+    client: Client,
+    queue_key: String,
+    decider: Decider,
+    persister: Persister,
+    log: LogSender,
+    metrics: Metrics,
+    /// Wakes the persister when a batch issued coupons.
+    outbox_ready: Arc<Notify>,
+}
+
+impl CouponDrain {
+    pub fn new(
+        client: Client,
+        pool: MySqlPool,
+        keys: &KeyTemplates,
+        batch_size: usize,
+        log: LogSender,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            queue_key: keys.queue.clone(),
+            decider: Decider::new(client.clone(), keys.clone(), batch_size),
+            persister: Persister::new(
+                client.clone(),
+                pool,
+                keys.outbox.clone(),
+                batch_size,
+                metrics.clone(),
+            ),
+            client,
+            log,
+            metrics,
+            outbox_ready: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn persister(&self) -> &Persister {
+        &self.persister
+    }
+
+    /// One tick: decides batches until the queue is empty, `budget` is spent, or `stop` fires.
+    #[tracing::instrument(name = "coupon_drain", skip_all)]
+    pub async fn tick(
+        &self,
+        budget: Duration,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<DrainReport> {
+        let started = Instant::now();
+        let mut report = DrainReport::default();
+        loop {
+            if stop.is_cancelled() {
+                report.stopped = StopReason::ShutdownRequested;
+                break;
+            }
+            if started.elapsed() >= budget {
+                report.stopped = StopReason::BudgetSpent;
+                break;
+            }
+            let batch_started = Instant::now();
+            let decisions = self.decider.decide_batch().await?;
+            if decisions.is_empty() {
+                report.stopped = StopReason::QueueEmpty;
+                break;
+            }
+            self.metrics
+                .coupon_batch_duration
+                .observe(batch_started.elapsed().as_secs_f64());
+            report.batches += 1;
+            self.record(&decisions, &mut report);
+        }
+        report.queue_depth = self.client.zcard(&self.queue_key).await?;
+        report.elapsed = started.elapsed();
+        self.metrics
+            .coupon_queue_depth
+            .set(report.queue_depth as i64);
+        if report.decided() > 0 || report.gone > 0 {
+            tracing::info!(
+                issued = report.issued,
+                duplicate = report.duplicate,
+                sold_out = report.sold_out,
+                unknown_coupon = report.unknown_coupon,
+                dead_lettered = report.dead_lettered,
+                gone = report.gone,
+                batches = report.batches,
+                queue_depth = report.queue_depth,
+                stopped = ?report.stopped,
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "coupon drain tick"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Counts outcomes, updates metrics and hands one log row per decided request to the
+    /// ranking log.
+    fn record(&self, decisions: &[Decision], report: &mut DrainReport) {
+        let now = Utc::now();
+        let mut rows = Vec::with_capacity(decisions.len());
+        for decision in decisions {
+            report.count(decision.outcome);
+            if decision.outcome != Outcome::Gone {
+                self.metrics.outcome(decision.outcome.label()).inc();
+            }
+            let outcome = match decision.outcome {
+                Outcome::Issued => LogOutcome::Issued,
+                Outcome::Duplicate => LogOutcome::Duplicate,
+                Outcome::SoldOut => LogOutcome::SoldOut,
+                Outcome::UnknownCoupon => LogOutcome::UnknownCoupon,
+                // Not decided: a dead-lettered entry gets its row when requeued and decided.
+                Outcome::DeadLettered | Outcome::Gone => continue,
+            };
+            if let Some(request) = decision.request {
+                tracing::debug!(member = %decision.member, ?outcome, rank = decision.rank, "decided");
+                rows.push(LogRow {
+                    user_id: request.user_id,
+                    coupon_id: request.coupon_id,
+                    rank: decision.rank,
+                    outcome,
+                    decided_at: now,
+                    retry_count: 0,
+                });
+            }
+        }
+        if report.issued > 0 {
+            self.outbox_ready.notify_one();
+        }
+        self.log.send(rows);
+    }
+
+    /// The persister as a long-running task: persists whenever the outbox has entries, retries
+    /// MySQL or Redis outages with backoff, and on `stop` makes a last attempt to empty the
+    /// outbox before returning (entries left are persisted by the next start or a replica).
+    pub async fn run_persister(&self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            match self.persister.persist_batch().await {
+                Ok(0) => {
+                    let _ = self.persister.depth().await;
+                    tokio::select! {
+                        _ = self.outbox_ready.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+                Ok(_) => {
+                    backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64,
+                        "persisting issued coupons failed; they stay in the outbox and will be retried");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+        match self.persister.persist_all().await {
+            Ok(n) if n > 0 => tracing::info!(rows = n, "outbox flushed at shutdown"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"),
+                "outbox not flushed at shutdown; the next start or another replica will persist it"),
+        }
+    }
+
+    /// The `drain` command: decides until the queue is empty and persists until the outbox is
+    /// empty, retrying outages until both are done or `stop` fires.
+    pub async fn drain_to_empty(&self, stop: &CancellationToken) -> DrainReport {
+        let started = Instant::now();
+        let persister_stop = CancellationToken::new();
+        let persisting = {
+            let drain = self.clone();
+            let persister_stop = persister_stop.clone();
+            tokio::spawn(async move { drain.run_persister(persister_stop).await })
+        };
+        let mut total = DrainReport::default();
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match self.tick(Duration::MAX, stop).await {
+                Ok(report) => {
+                    total.absorb(&report);
+                    if report.stopped != StopReason::BudgetSpent {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64,
+                        "drain batch failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            }
+        }
+        // Wait for the outbox to empty (MySQL may be down: the persister keeps retrying).
+        loop {
+            if let Ok(0) = self.persister.depth().await {
+                break;
+            }
+            self.outbox_ready.notify_one();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.cancelled() => break,
+            }
+        }
+        persister_stop.cancel();
+        let _ = persisting.await;
+        total.elapsed = started.elapsed();
+        total
+    }
+}

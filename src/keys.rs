@@ -1,0 +1,252 @@
+//! Redis key names, built from the `[keys]` templates of `worker.toml`.
+//!
+//! Templates name the keys the API shares with the worker (CONTRACT.md §1) and the worker's own
+//! internal keys. Two placeholders exist: `{couponId}` in the per-coupon templates and `{date}` in
+//! the daily ranking template. Any other `{...}` is left as written, so a Redis Cluster hash tag
+//! such as `{coupon}:queue` passes through untouched.
+//!
+//! Keys the worker derives for itself (the ranking's temporary, lock and marker keys) are
+//! suffixes of `ranking_window`, so they hash to the same cluster slot whenever that template
+//! carries a hash tag.
+
+use chrono::NaiveDate;
+
+pub const COUPON_ID: &str = "{couponId}";
+pub const DATE: &str = "{date}";
+const DATE_FORMAT: &str = "%Y-%m-%d";
+
+/// The `[keys]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTemplates {
+    /// ZSET of requests, member `userId:couponId`, score = enqueue time in ms (written by the API).
+    pub queue: String,
+    /// Remaining stock per coupon (written by the API/admin).
+    pub stock: String,
+    /// SET of userIds holding the coupon.
+    pub issued: String,
+    /// Count of decided requests per coupon; the source of each request's rank.
+    pub seq: String,
+    /// HASH userId -> outcome of the user's latest request.
+    pub result: String,
+    /// STREAM of entries that could not be decided.
+    pub dead: String,
+    /// ZSET of issued coupons not yet confirmed in MySQL: member `userId:couponId`, score =
+    /// issue time in ms. Internal.
+    pub outbox: String,
+    /// ZSET of units sold per product on one day (written by the API).
+    pub ranking_daily: String,
+    /// ZSET: the sum of the window's daily keys.
+    pub ranking_window: String,
+}
+
+impl Default for KeyTemplates {
+    fn default() -> Self {
+        Self {
+            queue: "coupon:queue".into(),
+            stock: "coupon:stock:{couponId}".into(),
+            issued: "coupon:issued:{couponId}".into(),
+            seq: "coupon:seq:{couponId}".into(),
+            result: "coupon:result:{couponId}".into(),
+            dead: "coupon:dead".into(),
+            outbox: "coupon:outbox".into(),
+            ranking_daily: "product:ranking:{date}".into(),
+            ranking_window: "product:ranking:3d".into(),
+        }
+    }
+}
+
+impl KeyTemplates {
+    /// Every template with its `worker.toml` name, in file order.
+    pub fn entries(&self) -> Vec<(&'static str, &str)> {
+        vec![
+            ("queue", &self.queue),
+            ("stock", &self.stock),
+            ("issued", &self.issued),
+            ("seq", &self.seq),
+            ("result", &self.result),
+            ("dead", &self.dead),
+            ("outbox", &self.outbox),
+            ("ranking_daily", &self.ranking_daily),
+            ("ranking_window", &self.ranking_window),
+        ]
+    }
+
+    pub(crate) fn entries_mut(&mut self) -> Vec<(&'static str, &mut String)> {
+        vec![
+            ("queue", &mut self.queue),
+            ("stock", &mut self.stock),
+            ("issued", &mut self.issued),
+            ("seq", &mut self.seq),
+            ("result", &mut self.result),
+            ("dead", &mut self.dead),
+            ("outbox", &mut self.outbox),
+            ("ranking_daily", &mut self.ranking_daily),
+            ("ranking_window", &mut self.ranking_window),
+        ]
+    }
+
+    /// The same templates with `prefix` in front of each: how tests and the demo get key names
+    /// nobody else uses.
+    pub fn with_prefix(&self, prefix: &str) -> Self {
+        let mut out = self.clone();
+        for (_, template) in out.entries_mut() {
+            template.insert_str(0, prefix);
+        }
+        out
+    }
+
+    /// Problems with the templates, as `(template name, message)`.
+    pub fn validate(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        for (name, template) in self.entries() {
+            let wants = match name {
+                "stock" | "issued" | "seq" | "result" => Some(COUPON_ID),
+                "ranking_daily" => Some(DATE),
+                _ => None,
+            };
+            let count = |p: &str| template.matches(p).count();
+            if template.trim().is_empty() {
+                problems.push((name, "must not be empty".to_owned()));
+                continue;
+            }
+            match wants {
+                Some(placeholder) if count(placeholder) != 1 => problems.push((
+                    name,
+                    format!("`{template}` must contain `{placeholder}` exactly once"),
+                )),
+                _ => {}
+            }
+            for other in [COUPON_ID, DATE] {
+                if Some(other) != wants && count(other) > 0 {
+                    problems.push((name, format!("`{template}` cannot use `{other}`")));
+                }
+            }
+        }
+        let mut seen: Vec<(&str, &str)> = Vec::new();
+        for (name, template) in self.entries() {
+            if let Some((first, _)) = seen.iter().find(|(_, t)| *t == template) {
+                problems.push((name, format!("is the same key as `keys.{first}`")));
+            }
+            seen.push((name, template));
+        }
+        problems
+    }
+
+    fn coupon_key(template: &str, coupon_id: i64) -> String {
+        template.replace(COUPON_ID, &coupon_id.to_string())
+    }
+
+    pub fn stock(&self, coupon_id: i64) -> String {
+        Self::coupon_key(&self.stock, coupon_id)
+    }
+
+    pub fn issued(&self, coupon_id: i64) -> String {
+        Self::coupon_key(&self.issued, coupon_id)
+    }
+
+    pub fn seq(&self, coupon_id: i64) -> String {
+        Self::coupon_key(&self.seq, coupon_id)
+    }
+
+    pub fn result(&self, coupon_id: i64) -> String {
+        Self::coupon_key(&self.result, coupon_id)
+    }
+
+    /// The daily ranking key for `day`.
+    pub fn ranking_day(&self, day: NaiveDate) -> String {
+        self.ranking_daily
+            .replace(DATE, &day.format(DATE_FORMAT).to_string())
+    }
+
+    /// A SCAN `MATCH` pattern that finds every daily ranking key (and possibly other keys, which
+    /// [`Self::ranking_day_of`] then rejects).
+    pub fn ranking_daily_pattern(&self) -> String {
+        let (before, after) = self.daily_parts();
+        format!("{}*{}", glob_escape(before), glob_escape(after))
+    }
+
+    /// The day a key found by [`Self::ranking_daily_pattern`] belongs to, or `None` when the key
+    /// is not a daily ranking key (such as the window key itself).
+    pub fn ranking_day_of(&self, key: &str) -> Option<NaiveDate> {
+        let (before, after) = self.daily_parts();
+        let middle = key.strip_prefix(before)?.strip_suffix(after)?;
+        // `%Y-%m-%d` alone would accept `2024-1-5`; require the canonical 10 characters.
+        (middle.len() == 10)
+            .then(|| NaiveDate::parse_from_str(middle, DATE_FORMAT).ok())
+            .flatten()
+    }
+
+    fn daily_parts(&self) -> (&str, &str) {
+        self.ranking_daily
+            .split_once(DATE)
+            .unwrap_or((self.ranking_daily.as_str(), ""))
+    }
+
+    /// The lock that keeps replicas from rebuilding the ranking at the same time.
+    pub fn ranking_lock(&self) -> String {
+        format!("{}:lock", self.ranking_window)
+    }
+
+    /// Records the day of the last successful rebuild, for the start-up catch-up.
+    pub fn ranking_built_marker(&self) -> String {
+        format!("{}:built", self.ranking_window)
+    }
+
+    /// A temporary key for one rebuild; `token` makes it unique to that rebuild.
+    pub fn ranking_temp(&self, token: &str) -> String {
+        format!("{}:tmp:{token}", self.ranking_window)
+    }
+}
+
+/// Escapes the characters Redis glob patterns treat specially.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_replaced_and_hash_tags_kept() {
+        let keys = KeyTemplates {
+            stock: "{coupon}:stock:{couponId}".into(),
+            ..KeyTemplates::default()
+        };
+        assert_eq!(keys.stock(42), "{coupon}:stock:42");
+        assert_eq!(KeyTemplates::default().issued(7), "coupon:issued:7");
+    }
+
+    #[test]
+    fn daily_keys_round_trip_and_other_keys_are_not_days() {
+        let keys = KeyTemplates::default().with_prefix("t[1]:");
+        let day = NaiveDate::from_ymd_opt(2026, 11, 23).unwrap_or_default();
+        let key = keys.ranking_day(day);
+        assert_eq!(key, "t[1]:product:ranking:2026-11-23");
+        assert_eq!(keys.ranking_day_of(&key), Some(day));
+        assert_eq!(keys.ranking_day_of(&keys.ranking_window), None);
+        assert_eq!(keys.ranking_day_of("t[1]:product:ranking:2026-1-5"), None);
+        assert_eq!(keys.ranking_daily_pattern(), "t\\[1\\]:product:ranking:*");
+    }
+
+    #[test]
+    fn templates_missing_or_misusing_placeholders_are_rejected() {
+        let keys = KeyTemplates {
+            stock: "coupon:stock".into(),
+            queue: "coupon:queue:{couponId}".into(),
+            dead: "coupon:issued:{couponId}".into(),
+            ..KeyTemplates::default()
+        };
+        let names: Vec<&str> = keys.validate().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"stock"), "{names:?}");
+        assert!(names.contains(&"queue"), "{names:?}");
+        assert!(names.contains(&"dead"), "{names:?}");
+    }
+}

@@ -1,0 +1,30 @@
+//! commerce-worker: the headless daemon that runs an online shop's Redis-backed background jobs
+//! beside its API. The interface (Redis keys, tables, CLI, config, HTTP) is fixed in
+//! `CONTRACT.md`; everything here is internal.
+//!
+//! The three jobs:
+//!
+//! - [`coupon`] — the **coupon drain**, every 5 s: decides each request in the queue (issued,
+//!   duplicate, sold out, unknown coupon, or dead-lettered) with one atomic Lua step per batch,
+//!   and persists each issued coupon to MySQL exactly once through a Redis outbox.
+//! - [`ranking`] — the **ranking rebuild**, at midnight in the configured timezone: the window's
+//!   daily sales sets summed into the ranking key and swapped in atomically; old days pruned.
+//! - [`ranking_log`] — the **ranking log**: one row per decided request through a bounded
+//!   channel to MySQL in batches; a full channel spills to disk, nothing is dropped silently.
+//!
+//! Around them: [`config`] (worker.toml → validated config), [`keys`] (key templates),
+//! [`backends`] (clients, migrations), [`app`] (the daemon, its scheduler and shutdown order),
+//! [`http`] (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], [`retry`].
+
+pub mod app;
+pub mod backends;
+pub mod cli;
+pub mod config;
+pub mod coupon;
+pub mod http;
+pub mod keys;
+pub mod metrics;
+pub mod ranking;
+pub mod ranking_log;
+pub mod retry;
+pub mod telemetry;

@@ -1,0 +1,116 @@
+//! `commerce-worker`: parses the command line, loads the configuration, starts logging, runs the
+//! command and maps failures to exit codes (78 configuration, 69 backend unavailable at start).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use commerce_worker::app::{self, SetupError, ShutdownTimedOut};
+use commerce_worker::backends::{self, Unavailable};
+use commerce_worker::cli::{Cli, Command};
+use commerce_worker::config::{self, Config, ConfigError};
+use commerce_worker::telemetry;
+
+/// sysexits.h
+const EX_UNAVAILABLE: u8 = 69;
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config, config::process_env) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    if let Command::CheckConfig = cli.command {
+        print!("{}", config.to_redacted_toml());
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "exiting");
+            eprintln!("error: {e:#}");
+            exit_code_for(&e)
+        }
+    }
+}
+
+async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::CheckConfig => Ok(()),
+        Command::Run => app::run(config, app::shutdown_signal()).await,
+        Command::Migrate => {
+            let applied = backends::migrate(&config.mysql).await?;
+            println!("migrations applied: {applied} (database up to date)");
+            Ok(())
+        }
+        Command::Drain => {
+            let (report, log) = app::drain_once(&config, app::shutdown_signal()).await?;
+            println!(
+                "drained: {} decided in {:.2}s ({} issued, {} duplicate, {} sold out, {} unknown coupon, {} dead-lettered; {} taken by other replicas); queue left: {}; ranking-log rows written: {}, spilled: {}",
+                report.decided(),
+                report.elapsed.as_secs_f64(),
+                report.issued,
+                report.duplicate,
+                report.sold_out,
+                report.unknown_coupon,
+                report.dead_lettered,
+                report.gone,
+                report.queue_depth,
+                log.rows_written,
+                log.rows_left_spilled,
+            );
+            Ok(())
+        }
+        Command::RebuildRanking { date } => {
+            let report = app::rebuild_once(&config, date).await?;
+            let window: Vec<String> = report.window.iter().map(|d| d.to_string()).collect();
+            println!(
+                "ranking rebuilt for {}: window {} ({} members summed, strategy {:?}), {} products, {} old daily keys pruned, {:.2}s",
+                report.day,
+                window.join(" .. "),
+                report.source_members,
+                report.strategy,
+                report.products,
+                report.pruned,
+                report.elapsed.as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::RequeueDead => {
+            let report = app::requeue_dead_once(&config).await?;
+            println!(
+                "requeued {} dead-lettered entries; {} unreadable entries left in the stream",
+                report.requeued, report.left_unreadable
+            );
+            Ok(())
+        }
+    }
+}
+
+fn exit_code_for(error: &anyhow::Error) -> ExitCode {
+    if error.downcast_ref::<Unavailable>().is_some() {
+        ExitCode::from(EX_UNAVAILABLE)
+    } else if error.downcast_ref::<ConfigError>().is_some()
+        || error.downcast_ref::<SetupError>().is_some()
+    {
+        ExitCode::from(EX_CONFIG)
+    } else if error.downcast_ref::<ShutdownTimedOut>().is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::FAILURE
+    }
+}

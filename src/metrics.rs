@@ -1,0 +1,229 @@
+//! The Prometheus metrics every job reports, served as text by `GET /metrics`.
+//!
+//! One [`Metrics`] value owns a registry; it is cheap to clone (every metric is an `Arc` inside)
+//! and is handed to each job, so there is no global state and tests can read the numbers a run
+//! produced. Names carry the `commerce_worker_` prefix.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `issued`, `duplicate`, `sold_out`, `unknown_coupon` or `dead_lettered`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabel {
+    /// `coupon_drain`, `coupon_persist`, `ranking_rebuild`.
+    pub job: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobResultLabel {
+    pub job: &'static str,
+    /// `ok`, `error` or `skipped` (a tick that found the previous run still going).
+    pub result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // 1 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Every metric the worker exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub coupon_outcomes: Family<OutcomeLabel, Counter>,
+    pub coupon_queue_depth: Gauge,
+    pub coupon_outbox_depth: Gauge,
+    pub coupon_batch_duration: Histogram,
+    pub coupon_rows_persisted: Counter,
+    pub ranking_products: Gauge,
+    pub ranking_log_channel_depth: Gauge,
+    pub ranking_log_rows_written: Counter,
+    pub ranking_log_rows_retried: Counter,
+    pub ranking_log_rows_spilled: Counter,
+    pub ranking_log_rows_given_up: Counter,
+    pub ranking_log_batch_duration: Histogram,
+    pub job_runs: Family<JobResultLabel, Counter>,
+    pub job_duration: HistogramFamily<JobLabel>,
+    pub job_last_success: Family<JobLabel, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("commerce_worker");
+        let coupon_outcomes = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "coupon_outcomes",
+            "Coupon requests decided, by outcome",
+            coupon_outcomes.clone(),
+        );
+        let coupon_queue_depth = Gauge::default();
+        registry.register(
+            "coupon_queue_depth",
+            "Requests waiting in the coupon queue, as of the last drain tick",
+            coupon_queue_depth.clone(),
+        );
+        let coupon_outbox_depth = Gauge::default();
+        registry.register(
+            "coupon_outbox_depth",
+            "Issued coupons not yet confirmed in MySQL",
+            coupon_outbox_depth.clone(),
+        );
+        let coupon_batch_duration = duration_histogram();
+        registry.register(
+            "coupon_batch_duration_seconds",
+            "Time to decide one batch of queue entries (read + Lua script)",
+            coupon_batch_duration.clone(),
+        );
+        let coupon_rows_persisted = Counter::default();
+        registry.register(
+            "coupon_rows_persisted",
+            "Outbox entries confirmed in user_coupon and acknowledged",
+            coupon_rows_persisted.clone(),
+        );
+        let ranking_products = Gauge::default();
+        registry.register(
+            "ranking_products",
+            "Products in the window ranking after the last rebuild",
+            ranking_products.clone(),
+        );
+        let ranking_log_channel_depth = Gauge::default();
+        registry.register(
+            "ranking_log_channel_depth",
+            "Ranking-log rows waiting in the in-process channel",
+            ranking_log_channel_depth.clone(),
+        );
+        let ranking_log_rows_written = Counter::default();
+        registry.register(
+            "ranking_log_rows_written",
+            "Ranking-log rows written to MySQL",
+            ranking_log_rows_written.clone(),
+        );
+        let ranking_log_rows_retried = Counter::default();
+        registry.register(
+            "ranking_log_rows_retried",
+            "Ranking-log row write attempts that failed and were retried",
+            ranking_log_rows_retried.clone(),
+        );
+        let ranking_log_rows_spilled = Counter::default();
+        registry.register(
+            "ranking_log_rows_spilled",
+            "Ranking-log rows written to the spill file because the channel was full or shutdown came first",
+            ranking_log_rows_spilled.clone(),
+        );
+        let ranking_log_rows_given_up = Counter::default();
+        registry.register(
+            "ranking_log_rows_given_up",
+            "Ranking-log rows MySQL kept rejecting, moved to the rejected file instead of the table",
+            ranking_log_rows_given_up.clone(),
+        );
+        let ranking_log_batch_duration = duration_histogram();
+        registry.register(
+            "ranking_log_batch_duration_seconds",
+            "Time to write one ranking-log batch",
+            ranking_log_batch_duration.clone(),
+        );
+        let job_runs = Family::<JobResultLabel, Counter>::default();
+        registry.register(
+            "job_runs",
+            "Scheduled job runs by result (ok, error, skipped because the previous run was still going)",
+            job_runs.clone(),
+        );
+        let job_duration: HistogramFamily<JobLabel> =
+            Family::new_with_constructor(duration_histogram);
+        registry.register(
+            "job_duration_seconds",
+            "Duration of each job run",
+            job_duration.clone(),
+        );
+        let job_last_success = Family::<JobLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "job_last_success_timestamp_seconds",
+            "Unix time of each job's last successful run",
+            job_last_success.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            coupon_outcomes,
+            coupon_queue_depth,
+            coupon_outbox_depth,
+            coupon_batch_duration,
+            coupon_rows_persisted,
+            ranking_products,
+            ranking_log_channel_depth,
+            ranking_log_rows_written,
+            ranking_log_rows_retried,
+            ranking_log_rows_spilled,
+            ranking_log_rows_given_up,
+            ranking_log_batch_duration,
+            job_runs,
+            job_duration,
+            job_last_success,
+        }
+    }
+
+    /// The registry in Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn outcome(&self, outcome: &'static str) -> Counter {
+        self.coupon_outcomes
+            .get_or_create(&OutcomeLabel { outcome })
+            .clone()
+    }
+
+    /// Records one run of `job`: its duration, its result and, when ok, the time it succeeded.
+    pub fn record_run(&self, job: &'static str, elapsed: Duration, ok: bool) {
+        self.job_duration
+            .get_or_create(&JobLabel { job })
+            .observe(elapsed.as_secs_f64());
+        self.job_runs
+            .get_or_create(&JobResultLabel {
+                job,
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        if ok {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            self.job_last_success
+                .get_or_create(&JobLabel { job })
+                .set(now);
+        }
+    }
+
+    pub fn record_skip(&self, job: &'static str) {
+        self.job_runs
+            .get_or_create(&JobResultLabel {
+                job,
+                result: "skipped",
+            })
+            .inc();
+    }
+}
