@@ -238,7 +238,7 @@ pub mod defaults {
     pub const LOG_CHANNEL_CAPACITY: usize = 65_536;
     pub const LOG_BATCH_SIZE: usize = 1000;
     pub const LOG_FLUSH_INTERVAL_MS: u64 = 200;
-    pub const LOG_SPILL_DIR: &str = "/var/lib/commerce-worker/spill";
+    pub const LOG_SPILL_DIR: &str = "var/spill";
     pub const LOG_MAX_ATTEMPTS: u32 = 10;
     pub const HTTP_LISTEN: &str = "0.0.0.0:9090";
     pub const LOG_LEVEL: &str = "info";
