@@ -1,0 +1,364 @@
+//! Test support: every test gets its own MySQL database and its own Redis key prefix on the
+//! machine's services, and fault tests start private servers they can kill.
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use commerce_worker::config::{Config, SecretUrl};
+use commerce_worker::keys::KeyTemplates;
+use fred::prelude::*;
+use sqlx::MySqlPool;
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Server URL without a database.
+pub fn mysql_server_url() -> String {
+    std::env::var("TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique, short name for this test's database and key prefix.
+pub fn unique_name() -> String {
+    format!(
+        "cwt_{}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        uuid::Uuid::new_v4()
+            .simple()
+            .to_string()
+            .get(..6)
+            .unwrap_or("x")
+    )
+}
+
+/// An isolated environment: a migrated database, a key prefix, a spill directory and a config
+/// pointing at all three.
+pub struct TestEnv {
+    pub name: String,
+    pub config: Config,
+    pub redis: Client,
+    pub mysql: MySqlPool,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn base_config(redis: &str, mysql_url: &str, spill_dir: &Path, prefix: &str) -> Config {
+    let mut config = Config::from_toml_str("", Path::new("test.toml"), |_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    config.redis.url = SecretUrl::new(redis);
+    config.mysql.url = SecretUrl::new(mysql_url);
+    config.keys = KeyTemplates::default().with_prefix(prefix);
+    config.ranking_log.spill_dir = spill_dir.to_owned();
+    config.http.listen = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+    config
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        Self::with_servers(&redis_url(), &mysql_server_url()).await
+    }
+
+    pub async fn with_servers(redis: &str, mysql_server: &str) -> Self {
+        let name = unique_name();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let db_url = format!("{mysql_server}/{name}");
+        let config = base_config(
+            redis,
+            &db_url,
+            &dir.path().join("spill"),
+            &format!("{name}:"),
+        );
+        commerce_worker::backends::migrate(&config.mysql)
+            .await
+            .unwrap_or_else(|e| panic!("migrate: {e:#}"));
+        let redis = commerce_worker::backends::connect_redis(&config.redis)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mysql = commerce_worker::backends::connect_mysql(&config.mysql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            name,
+            config,
+            redis,
+            mysql,
+            dir,
+        }
+    }
+
+    pub fn keys(&self) -> &KeyTemplates {
+        &self.config.keys
+    }
+
+    /// Writes the config to a file for tests that run the binary.
+    pub fn config_file(&self) -> PathBuf {
+        let path = self.dir.path().join("worker.toml");
+        let keys: String = self
+            .config
+            .keys
+            .entries()
+            .into_iter()
+            .map(|(k, v)| format!("{k} = {v:?}\n"))
+            .collect();
+        let text = format!(
+            "[redis]\nurl = {:?}\n[mysql]\nurl = {:?}\n[keys]\n{keys}[ranking_log]\nspill_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"text\"\n",
+            self.config.redis.url.expose(),
+            self.config.mysql.url.expose(),
+            self.config.ranking_log.spill_dir.display().to_string(),
+        );
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        path
+    }
+
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.mysql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Drops the database and deletes the keys.
+    pub async fn cleanup(self) {
+        let pattern = format!("{}:*", self.name);
+        let keys: Vec<String> = self
+            .redis
+            .custom(
+                fred::types::CustomCommand::new_static("KEYS", None, false),
+                vec![pattern],
+            )
+            .await
+            .unwrap_or_default();
+        for chunk in keys.chunks(500) {
+            let _: i64 = self.redis.del(chunk.to_vec()).await.unwrap_or(0);
+        }
+        self.mysql.close().await;
+        if let Ok(pool) = MySqlPool::connect(&mysql_server_url()).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS `{}`",
+                self.name
+            )))
+            .execute(&pool)
+            .await;
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn wait_for_port(port: u16, timeout: Duration) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < timeout, "port {port} did not open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A private redis-server a test may stop and start.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            child: None,
+        };
+        redis.resume();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A private mariadbd with its own data directory, which a test may kill and restart.
+pub struct PrivateMariadb {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateMariadb {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let status = Command::new("mariadb-install-db")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg("--auth-root-authentication-method=normal")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("mariadb-install-db: {e}"));
+        assert!(status.success(), "mariadb-install-db failed");
+        let mut db = Self {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        db.resume();
+        db
+    }
+
+    pub fn server_url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}", self.port)
+    }
+
+    pub fn resume(&mut self) {
+        let data = self.dir.path().join("data");
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--port={}", self.port))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!(
+                "--socket={}",
+                self.dir.path().join("sock").display()
+            ))
+            .arg("--user=root")
+            .arg("--innodb-buffer-pool-size=64M")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("mariadbd: {e}"));
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(30));
+    }
+
+    /// SIGKILL: no chance to close connections cleanly.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateMariadb {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A coupon drain wired to a running ranking-log writer, as the daemon wires them.
+pub struct Pipeline {
+    pub drain: commerce_worker::coupon::CouponDrain,
+    pub metrics: commerce_worker::metrics::Metrics,
+    log_stop: tokio_util::sync::CancellationToken,
+    log_task: tokio::task::JoinHandle<commerce_worker::ranking_log::WriterReport>,
+}
+
+impl TestEnv {
+    pub fn pipeline(&self) -> Pipeline {
+        let metrics = commerce_worker::metrics::Metrics::new();
+        let (sender, writer) = commerce_worker::ranking_log::channel(
+            &self.config.ranking_log,
+            self.mysql.clone(),
+            metrics.clone(),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let log_stop = tokio_util::sync::CancellationToken::new();
+        let log_task =
+            tokio::spawn(writer.run(log_stop.clone(), tokio_util::sync::CancellationToken::new()));
+        let drain = commerce_worker::coupon::CouponDrain::new(
+            self.redis.clone(),
+            self.mysql.clone(),
+            &self.config.keys,
+            self.config.coupon.batch_size.get(),
+            sender,
+            metrics.clone(),
+        );
+        Pipeline {
+            drain,
+            metrics,
+            log_stop,
+            log_task,
+        }
+    }
+
+    pub async fn enqueue(&self, entries: &[(f64, String)]) {
+        for chunk in entries.chunks(1000) {
+            let _: i64 = self
+                .redis
+                .zadd(
+                    &self.keys().queue,
+                    Some(SetOptions::NX),
+                    None,
+                    false,
+                    false,
+                    chunk.to_vec(),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    pub async fn set_stock(&self, coupon_id: i64, stock: &str) {
+        let _: () = self
+            .redis
+            .set(self.keys().stock(coupon_id), stock, None, None, false)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+impl Pipeline {
+    /// Stops the log writer after it wrote everything; returns rows written.
+    pub async fn finish(self) -> u64 {
+        drop(self.drain);
+        self.log_stop.cancel();
+        self.log_task
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .rows_written
+    }
+}

@@ -1,0 +1,430 @@
+//! The coupon drain against real Redis and MariaDB (CONTRACT.md §2).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use commerce_worker::coupon::{StopReason, requeue_dead};
+use fred::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::TestEnv;
+
+fn member(user: i64, coupon: i64) -> String {
+    format!("{user}:{coupon}")
+}
+
+async fn issued_set(env: &TestEnv, coupon: i64) -> HashSet<String> {
+    env.redis
+        .smembers(env.keys().issued(coupon))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn stock(env: &TestEnv, coupon: i64) -> i64 {
+    env.redis
+        .get(env.keys().stock(coupon))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn results(env: &TestEnv, coupon: i64) -> HashMap<String, String> {
+    env.redis
+        .hgetall(env.keys().result(coupon))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn rows_for(env: &TestEnv, coupon: i64) -> Vec<i64> {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT user_id FROM user_coupon WHERE coupon_id = ? ORDER BY user_id",
+    )
+    .bind(coupon)
+    .fetch_all(&env.mysql)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn dead_entries(env: &TestEnv) -> Vec<HashMap<String, String>> {
+    let entries: Vec<(String, HashMap<String, String>)> = env
+        .redis
+        .xrange(&env.keys().dead, "-", "+", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    entries.into_iter().map(|(_, fields)| fields).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_stock_requests_by_score_get_the_coupon() {
+    let env = TestEnv::new().await;
+    env.set_stock(7, "5").await;
+    // Enqueued out of member order; scores decide. Two ties at score 3 go by member order.
+    let mut entries: Vec<(f64, String)> = (1..=20)
+        .map(|u| (f64::from(100 - u as i32), member(u, 7)))
+        .collect();
+    entries.push((3.0, member(500, 7)));
+    entries.push((3.0, member(400, 7)));
+    env.enqueue(&entries).await;
+
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain
+        .drain_to_empty(&CancellationToken::new())
+        .await;
+    assert_eq!(report.issued, 5);
+    assert_eq!(report.sold_out, 17);
+    // Lowest scores: 400 and 500 (tied at 3, member order), then users 20, 19, 18.
+    assert_eq!(rows_for(&env, 7).await, vec![18, 19, 20, 400, 500]);
+    let rows = pipeline.finish().await;
+    assert_eq!(rows, 22);
+    let ranks: Vec<(i64, i32)> =
+        sqlx::query_as("SELECT user_id, `rank` FROM ranking_logs ORDER BY `rank` LIMIT 3")
+            .fetch_all(&env.mysql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ranks, vec![(400, 1), (500, 2), (20, 3)]);
+    assert_eq!(stock(&env, 7).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_outcome_is_recorded_in_redis_mysql_and_the_ranking_log() {
+    let env = TestEnv::new().await;
+    env.set_stock(1, "2").await;
+    env.set_stock(2, "0").await;
+    let pipeline = env.pipeline();
+    let stop = CancellationToken::new();
+
+    env.enqueue(&[
+        (1.0, member(10, 1)),
+        (2.0, member(11, 2)),
+        (3.0, member(12, 3)),
+    ])
+    .await;
+    let first = pipeline
+        .drain
+        .tick(Duration::from_secs(10), &stop)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        (first.issued, first.sold_out, first.unknown_coupon),
+        (1, 1, 1)
+    );
+
+    // Duplicate across ticks: user 10 asks again for coupon 1; user 13 gets the last one.
+    env.enqueue(&[
+        (4.0, member(10, 1)),
+        (5.0, member(13, 1)),
+        (6.0, member(14, 1)),
+    ])
+    .await;
+    let second = pipeline
+        .drain
+        .tick(Duration::from_secs(10), &stop)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        (second.issued, second.duplicate, second.sold_out),
+        (1, 1, 1)
+    );
+    assert_eq!(second.stopped, StopReason::QueueEmpty);
+
+    let res = results(&env, 1).await;
+    assert_eq!(
+        res.get("10").map(String::as_str),
+        Some("ISSUED"),
+        "ISSUED is never overwritten by DUPLICATE"
+    );
+    assert_eq!(res.get("13").map(String::as_str), Some("ISSUED"));
+    assert_eq!(res.get("14").map(String::as_str), Some("SOLD_OUT"));
+    assert_eq!(
+        results(&env, 2).await.get("11").map(String::as_str),
+        Some("SOLD_OUT")
+    );
+    assert_eq!(
+        results(&env, 3).await.get("12").map(String::as_str),
+        Some("UNKNOWN_COUPON")
+    );
+    let seq: i64 = env
+        .redis
+        .get(env.keys().seq(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(seq, 4, "four requests for coupon 1 were decided");
+    assert_eq!(stock(&env, 1).await, 0);
+    assert_eq!(stock(&env, 2).await, 0, "stock never goes below 0");
+
+    assert!(
+        rows_for(&env, 1).await.is_empty(),
+        "a tick only decides; the persister writes rows"
+    );
+    let persisted = pipeline
+        .drain
+        .persister()
+        .persist_all()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(persisted, 2);
+    assert_eq!(rows_for(&env, 1).await, vec![10, 13]);
+    let outbox: u64 = env
+        .redis
+        .zcard(&env.keys().outbox)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outbox, 0, "persisted entries are acknowledged");
+    assert_eq!(pipeline.finish().await, 6);
+    let log: Vec<(i64, String, i32, String, Option<String>)> = sqlx::query_as(
+        "SELECT user_id, coupon_type, `rank`, status, reason FROM ranking_logs ORDER BY coupon_type, `rank`",
+    )
+    .fetch_all(&env.mysql)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let expected: Vec<(i64, String, i32, String, Option<String>)> = vec![
+        (10, "1".into(), 1, "ISSUED".into(), None),
+        (10, "1".into(), 2, "FAILED".into(), Some("DUPLICATE".into())),
+        (13, "1".into(), 3, "ISSUED".into(), None),
+        (14, "1".into(), 4, "FAILED".into(), Some("SOLD_OUT".into())),
+        (11, "2".into(), 1, "FAILED".into(), Some("SOLD_OUT".into())),
+        (
+            12,
+            "3".into(),
+            1,
+            "FAILED".into(),
+            Some("UNKNOWN_COUPON".into()),
+        ),
+    ];
+    assert_eq!(log, expected);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_members_are_dead_lettered_while_the_rest_of_the_batch_is_issued() {
+    let env = TestEnv::new().await;
+    env.set_stock(5, "100").await;
+    let malformed = [
+        "garbage",
+        "12",
+        "12:",
+        ":5",
+        "0:5",
+        "12:0",
+        "012:5",
+        "-1:5",
+        "1:5:5",
+        "9223372036854775808:5",
+        "a:5",
+    ];
+    let mut entries: Vec<(f64, String)> = malformed
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (i as f64 * 2.0, m.to_string()))
+        .collect();
+    entries.extend((1..=10).map(|u| (u as f64 * 2.0 + 1.0, member(u, 5))));
+    env.enqueue(&entries).await;
+
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain
+        .drain_to_empty(&CancellationToken::new())
+        .await;
+    assert_eq!(report.dead_lettered, malformed.len() as u64);
+    assert_eq!(report.issued, 10);
+    let dead = dead_entries(&env).await;
+    let dead_members: HashSet<&str> = dead
+        .iter()
+        .filter_map(|f| f.get("member").map(String::as_str))
+        .collect();
+    assert_eq!(dead_members, malformed.iter().copied().collect());
+    assert!(dead.iter().all(|f| {
+        f.get("reason")
+            .is_some_and(|r| r.starts_with("malformed member"))
+    }));
+    assert_eq!(
+        dead.iter()
+            .find(|f| f["member"] == "garbage")
+            .map(|f| f["score"].as_str()),
+        Some("0")
+    );
+    let queue_len: u64 = env
+        .redis
+        .zcard(&env.keys().queue)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(queue_len, 0, "no entry is left at the head of the queue");
+    assert_eq!(rows_for(&env, 5).await.len(), 10);
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_stock_and_wrong_key_types_dead_letter_and_requeue_dead_brings_them_back() {
+    let env = TestEnv::new().await;
+    env.set_stock(1, "ten").await;
+    env.set_stock(2, "3").await;
+    // The issued key of coupon 2 is a string: its requests cannot be decided.
+    let _: () = env
+        .redis
+        .set(env.keys().issued(2), "oops", None, None, false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.set_stock(3, "1").await;
+    env.enqueue(&[
+        (10.0, member(1, 1)),
+        (11.0, member(2, 2)),
+        (12.0, member(3, 3)),
+    ])
+    .await;
+
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain
+        .drain_to_empty(&CancellationToken::new())
+        .await;
+    assert_eq!((report.dead_lettered, report.issued), (2, 1));
+    let dead = dead_entries(&env).await;
+    let reasons: HashMap<&str, &str> = dead
+        .iter()
+        .map(|f| (f["member"].as_str(), f["reason"].as_str()))
+        .collect();
+    assert!(
+        reasons["1:1"].contains("stock is not a non-negative integer"),
+        "{reasons:?}"
+    );
+    assert!(reasons["2:2"].contains("wrong type"), "{reasons:?}");
+    let untouched: String = env
+        .redis
+        .get(env.keys().stock(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        untouched, "ten",
+        "nothing is written for an undecidable coupon"
+    );
+
+    // The operator fixes the data, then requeues: original scores, then decided normally.
+    env.set_stock(1, "4").await;
+    let _: i64 = env
+        .redis
+        .del(env.keys().issued(2))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let requeued = requeue_dead(&env.redis, env.keys())
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(requeued.requeued, 2);
+    let scores: Vec<(String, f64)> = env
+        .redis
+        .zrange(&env.keys().queue, 0, -1, None, false, None, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        scores,
+        vec![("1:1".to_string(), 10.0), ("2:2".to_string(), 11.0)]
+    );
+    assert!(dead_entries(&env).await.is_empty());
+    let again = pipeline
+        .drain
+        .drain_to_empty(&CancellationToken::new())
+        .await;
+    assert_eq!(again.issued, 2);
+    assert_eq!(stock(&env, 1).await, 3);
+    assert_eq!(stock(&env, 2).await, 2);
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_budget_stops_the_tick_before_the_next_batch() {
+    let env = TestEnv::new().await;
+    env.set_stock(1, "10").await;
+    env.enqueue(&[(1.0, member(1, 1))]).await;
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain
+        .tick(Duration::ZERO, &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(report.stopped, StopReason::BudgetSpent);
+    assert_eq!((report.decided(), report.queue_depth), (0, 1));
+    let stop = CancellationToken::new();
+    stop.cancel();
+    let report = pipeline
+        .drain
+        .tick(Duration::from_secs(5), &stop)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(report.stopped, StopReason::ShutdownRequested);
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
+/// Conservation under replicas: initial = remaining + |issued| = rows, nobody twice, and every
+/// request has exactly one outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_concurrent_drainers_conserve_stock_and_decide_every_request_once() {
+    let mut env = TestEnv::new().await;
+    env.config.coupon.batch_size =
+        std::num::NonZeroUsize::new(50).unwrap_or(std::num::NonZeroUsize::MIN);
+    let coupons = [1i64, 2, 3];
+    let initial = 300i64;
+    for c in coupons {
+        env.set_stock(c, &initial.to_string()).await;
+    }
+    // 3 coupons × 400 users for 300 coupons each.
+    let mut entries = Vec::new();
+    for u in 1..=400i64 {
+        for c in coupons {
+            entries.push(((u * 3 + c) as f64, member(u, c)));
+        }
+    }
+    env.enqueue(&entries).await;
+    let total_requests = entries.len() as u64;
+
+    let pipelines: Vec<_> = (0..4).map(|_| env.pipeline()).collect();
+    let mut handles = Vec::new();
+    for p in &pipelines {
+        let drain = p.drain.clone();
+        handles.push(tokio::spawn(async move {
+            drain.drain_to_empty(&CancellationToken::new()).await
+        }));
+    }
+    let mut decided = 0;
+    let mut issued = 0;
+    for h in handles {
+        let report = h.await.unwrap_or_else(|e| panic!("{e}"));
+        decided += report.decided();
+        issued += report.issued;
+    }
+    let mut logged = 0;
+    for p in pipelines {
+        logged += p.finish().await;
+    }
+    assert_eq!(
+        decided, total_requests,
+        "every request decided exactly once across replicas"
+    );
+    assert_eq!(
+        logged, total_requests,
+        "one ranking-log row per decided request"
+    );
+    assert_eq!(issued, 3 * initial as u64);
+    for c in coupons {
+        let remaining = stock(&env, c).await;
+        let holders = issued_set(&env, c).await.len() as i64;
+        let rows = rows_for(&env, c).await;
+        let distinct: HashSet<i64> = rows.iter().copied().collect();
+        assert_eq!(initial, remaining + holders, "coupon {c}");
+        assert_eq!(holders, rows.len() as i64, "coupon {c}");
+        assert_eq!(distinct.len(), rows.len(), "nobody holds coupon {c} twice");
+        let seq: i64 = env
+            .redis
+            .get(env.keys().seq(c))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(seq, 400);
+    }
+    let ranks: i64 = env
+        .count("SELECT COUNT(*) FROM (SELECT coupon_type, `rank` FROM ranking_logs GROUP BY coupon_type, `rank` HAVING COUNT(*) > 1) d")
+        .await;
+    assert_eq!(ranks, 0, "every rank is given once per coupon");
+    env.cleanup().await;
+}
