@@ -106,7 +106,12 @@ pub struct RankingRebuild {
 
 /// Today in `timezone`: the day a rebuild running now is for.
 pub fn today(timezone: Tz) -> NaiveDate {
-    Utc::now().with_timezone(&timezone).date_naive()
+    day_at(Utc::now(), timezone)
+}
+
+/// The calendar day `instant` falls on in `timezone`.
+pub fn day_at(instant: DateTime<Utc>, timezone: Tz) -> NaiveDate {
+    instant.with_timezone(&timezone).date_naive()
 }
 
 /// The instant `day` starts in `timezone` (the first valid local time when midnight falls in a
@@ -356,6 +361,11 @@ impl RankingRebuild {
                 *key_day + Days::new(u64::from(self.config.window_days) + 1),
                 self.config.timezone,
             );
+            // A rebuild for a past `--date` would otherwise set an expiry in the past, which
+            // deletes the key at once.
+            if expires <= Utc::now() {
+                continue;
+            }
             let _: bool = self
                 .client
                 .expire_at(self.keys.ranking_day(*key_day), expires.timestamp(), None)

@@ -3,3 +3,4 @@
 
 mod common;
 mod coupon_drain;
+mod ranking;

@@ -1,0 +1,303 @@
+//! The ranking rebuild against real Redis (CONTRACT.md §3).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use commerce_worker::metrics::Metrics;
+use commerce_worker::ranking::{RankingRebuild, Strategy, WhenLocked, day_at};
+use fred::prelude::*;
+
+use crate::common::TestEnv;
+
+fn day(text: &str) -> NaiveDate {
+    text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
+async fn add_sales(env: &TestEnv, on: &str, sales: &[(&str, f64)]) {
+    let entries: Vec<(f64, String)> = sales.iter().map(|(p, s)| (*s, p.to_string())).collect();
+    let _: i64 = env
+        .redis
+        .zadd(
+            env.keys().ranking_day(day(on)),
+            None,
+            None,
+            false,
+            false,
+            entries,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+async fn ranking(env: &TestEnv) -> HashMap<String, f64> {
+    let all: Vec<(String, f64)> = env
+        .redis
+        .zrange(&env.keys().ranking_window, 0, -1, None, false, None, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    all.into_iter().collect()
+}
+
+fn rebuilder(env: &TestEnv) -> RankingRebuild {
+    RankingRebuild::new(
+        env.redis.clone(),
+        env.keys().clone(),
+        env.config.ranking.clone(),
+        Metrics::new(),
+    )
+}
+
+async fn exists(env: &TestEnv, key: String) -> bool {
+    env.redis
+        .exists::<u64, _>(key)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ranking_is_the_exact_sum_of_the_window_and_older_days_are_pruned() {
+    let env = TestEnv::new().await;
+    add_sales(&env, "2026-11-23", &[("p1", 5.0), ("p2", 1.0)]).await;
+    add_sales(&env, "2026-11-22", &[("p1", 2.0), ("p3", 7.0)]).await;
+    add_sales(&env, "2026-11-21", &[("p2", 4.0)]).await;
+    // Outside the window, including days missed while the worker was down.
+    for old in ["2026-11-20", "2026-11-15", "2026-10-01"] {
+        add_sales(&env, old, &[("p9", 100.0)]).await;
+    }
+    let report = rebuilder(&env)
+        .rebuild(day("2026-11-23"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let expected: HashMap<String, f64> = [("p1", 7.0), ("p2", 5.0), ("p3", 7.0)]
+        .into_iter()
+        .map(|(p, s)| (p.to_string(), s))
+        .collect();
+    assert_eq!(ranking(&env).await, expected);
+    assert_eq!(report.products, 3);
+    assert_eq!(report.pruned, 3);
+    assert_eq!(
+        report.window,
+        vec![day("2026-11-21"), day("2026-11-22"), day("2026-11-23")]
+    );
+    for old in ["2026-11-20", "2026-11-15", "2026-10-01"] {
+        assert!(
+            !exists(&env, env.keys().ranking_day(day(old))).await,
+            "{old} pruned"
+        );
+    }
+    assert!(exists(&env, env.keys().ranking_day(day("2026-11-21"))).await);
+    let ttl: i64 = env
+        .redis
+        .ttl(env.keys().ranking_day(day("2026-11-21")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(ttl > 0, "window keys get a safety-net expiry");
+    let ranking_ttl: i64 = env
+        .redis
+        .ttl(&env.keys().ranking_window)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ranking_ttl, -1, "the ranking itself does not expire");
+
+    // Idempotent: again (and with the chunked strategy) gives the same ranking, no inflation.
+    rebuilder(&env)
+        .rebuild(day("2026-11-23"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(ranking(&env).await, expected);
+    rebuilder(&env)
+        .with_strategy(Strategy::Chunked)
+        .rebuild(day("2026-11-23"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(ranking(&env).await, expected);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_apply_newest_day_first() {
+    let mut env = TestEnv::new().await;
+    env.config.ranking.weights = Some(vec![1.0, 0.5, 0.25]);
+    add_sales(&env, "2026-03-03", &[("p", 8.0)]).await;
+    add_sales(&env, "2026-03-02", &[("p", 8.0)]).await;
+    add_sales(&env, "2026-03-01", &[("p", 8.0)]).await;
+    for strategy in [Strategy::Zunionstore, Strategy::Chunked] {
+        rebuilder(&env)
+            .with_strategy(strategy)
+            .rebuild(day("2026-03-03"), WhenLocked::Wait)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(ranking(&env).await.get("p"), Some(&14.0), "{strategy:?}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_window_gives_an_empty_ranking_with_either_strategy() {
+    let env = TestEnv::new().await;
+    add_sales(&env, "2026-01-01", &[("old", 1.0)]).await;
+    for strategy in [Strategy::Zunionstore, Strategy::Chunked] {
+        let report = rebuilder(&env)
+            .with_strategy(strategy)
+            .rebuild(day("2026-02-01"), WhenLocked::Wait)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(report.products, 0);
+        assert!(ranking(&env).await.is_empty());
+    }
+    env.cleanup().await;
+}
+
+#[test]
+fn the_same_instant_is_a_different_day_in_utc_and_seoul() {
+    // 2026-11-22 16:30 UTC is 2026-11-23 01:30 in Seoul.
+    let instant: DateTime<Utc> = "2026-11-22T16:30:00Z"
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(day_at(instant, chrono_tz::UTC), day("2026-11-22"));
+    assert_eq!(day_at(instant, chrono_tz::Asia::Seoul), day("2026-11-23"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_reader_never_sees_the_ranking_missing_empty_or_partial() {
+    let env = TestEnv::new().await;
+    let products: Vec<(String, f64)> = (0..20_000).map(|i| (format!("p{i}"), 1.0)).collect();
+    for d in ["2026-05-01", "2026-05-02", "2026-05-03"] {
+        let refs: Vec<(&str, f64)> = products.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+        add_sales(&env, d, &refs).await;
+    }
+    rebuilder(&env)
+        .rebuild(day("2026-05-03"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let done = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (client, key, done, reads) = (
+            env.redis.clone(),
+            env.keys().ranking_window.clone(),
+            done.clone(),
+            reads.clone(),
+        );
+        tokio::spawn(async move {
+            let mut bad = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let card: u64 = client.zcard(&key).await.unwrap_or(0);
+                reads.fetch_add(1, Ordering::Relaxed);
+                if card != 20_000 {
+                    bad.push(card);
+                }
+            }
+            bad
+        })
+    };
+    for strategy in [
+        Strategy::Zunionstore,
+        Strategy::Chunked,
+        Strategy::Zunionstore,
+        Strategy::Chunked,
+    ] {
+        rebuilder(&env)
+            .with_strategy(strategy)
+            .rebuild(day("2026-05-03"), WhenLocked::Wait)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    done.store(true, Ordering::Relaxed);
+    let bad = reader.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        reads.load(Ordering::Relaxed) > 10,
+        "the reader ran during the rebuilds"
+    );
+    assert!(bad.is_empty(), "reader saw sizes {bad:?}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chunked_strategy_gives_the_same_result_as_zunionstore() {
+    let env = TestEnv::new().await;
+    // Overlapping product sets with varied scores across three days.
+    for (offset, d) in ["2026-07-01", "2026-07-02", "2026-07-03"]
+        .iter()
+        .enumerate()
+    {
+        let sales: Vec<(String, f64)> = (0..5000)
+            .map(|i| {
+                (
+                    format!("p{}", i * (offset + 1) % 7000),
+                    ((i * 37 + offset * 11) % 97) as f64 + 1.0,
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, f64)> = sales.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+        add_sales(&env, d, &refs).await;
+    }
+    rebuilder(&env)
+        .with_strategy(Strategy::Zunionstore)
+        .rebuild(day("2026-07-03"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let by_union = ranking(&env).await;
+    rebuilder(&env)
+        .with_strategy(Strategy::Chunked)
+        .rebuild(day("2026-07-03"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let by_chunks = ranking(&env).await;
+    assert!(by_union.len() > 5000, "{}", by_union.len());
+    assert_eq!(by_chunks.len(), by_union.len());
+    assert!(by_chunks == by_union, "the two strategies disagree");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_finding_the_lock_held_skips_the_rebuild() {
+    let env = TestEnv::new().await;
+    let _: () = env
+        .redis
+        .set(
+            env.keys().ranking_lock(),
+            "other-replica",
+            None,
+            None,
+            false,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let report = rebuilder(&env)
+        .rebuild(day("2026-01-03"), WhenLocked::Skip)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(report.skipped_locked);
+    let held: String = env
+        .redis
+        .get(env.keys().ranking_lock())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        held, "other-replica",
+        "another replica's lock is not released by us"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilding_a_past_date_keeps_that_windows_daily_keys() {
+    let env = TestEnv::new().await;
+    add_sales(&env, "2025-01-10", &[("p", 1.0)]).await;
+    rebuilder(&env)
+        .rebuild(day("2025-01-10"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(exists(&env, env.keys().ranking_day(day("2025-01-10"))).await);
+    let ttl: i64 = env
+        .redis
+        .ttl(env.keys().ranking_day(day("2025-01-10")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ttl, -1, "no expiry in the past");
+    env.cleanup().await;
+}
