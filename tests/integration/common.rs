@@ -96,7 +96,7 @@ impl TestEnv {
     }
 
     /// Writes the config to a file for tests that run the binary.
-    pub fn config_file(&self) -> PathBuf {
+    pub fn config_file(&self, http_port: u16) -> PathBuf {
         let path = self.dir.path().join("worker.toml");
         let keys: String = self
             .config
@@ -106,7 +106,7 @@ impl TestEnv {
             .map(|(k, v)| format!("{k} = {v:?}\n"))
             .collect();
         let text = format!(
-            "[redis]\nurl = {:?}\n[mysql]\nurl = {:?}\n[keys]\n{keys}[ranking_log]\nspill_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"text\"\n",
+            "[redis]\nurl = {:?}\n[mysql]\nurl = {:?}\n[keys]\n{keys}[ranking_log]\nspill_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[log]\nformat = \"text\"\n",
             self.config.redis.url.expose(),
             self.config.mysql.url.expose(),
             self.config.ranking_log.spill_dir.display().to_string(),

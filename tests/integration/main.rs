@@ -3,4 +3,5 @@
 
 mod common;
 mod coupon_drain;
+mod daemon;
 mod ranking;

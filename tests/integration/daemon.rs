@@ -1,0 +1,197 @@
+//! The binary and the daemon as operators see them: exit codes, SIGTERM, HTTP probes, migrations.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use commerce_worker::app;
+use commerce_worker::config::SecretUrl;
+
+use crate::common::{PrivateRedis, TestEnv, eventually, free_port};
+
+const BIN: &str = env!("CARGO_BIN_EXE_commerce-worker");
+
+/// `GET path` on 127.0.0.1:port; the status code, or 0 when nothing answers.
+fn http_status(port: u16, path: &str) -> u16 {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn check_config_reports_every_problem_with_file_and_key_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[coupon]\nbatch_size = 0\nschedul = \"* * * * * *\"\n[ranking]\ntimezone = \"Nowhere/City\"\n[log]\nformat = \"xml\"\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "bad.toml",
+        "coupon.batch_size",
+        "coupon.schedul",
+        "ranking.timezone",
+        "log.format",
+        "4 problems",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing from: {stderr}");
+    }
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_env_overrides_and_no_passwords() {
+    let out = Command::new(BIN)
+        .args(["--config", "worker.toml", "check-config"])
+        .env(
+            "DATABASE_URL",
+            "mysql://app:topsecret@db.internal:3306/shop",
+        )
+        .env("REDIS_URL", "redis://:alsosecret@cache.internal:6379")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("mysql://app:***@db.internal:3306/shop"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("cache.internal"), "{stdout}");
+    assert!(
+        !stdout.contains("topsecret") && !stdout.contains("alsosecret"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn an_unreachable_redis_at_start_exits_69_naming_it() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(BIN)
+        .arg("drain")
+        .env("WORKER_CONFIG", "worker.toml")
+        .env("REDIS_URL", format!("redis://127.0.0.1:{}", free_port()))
+        .env("RUST_LOG", "off")
+        .current_dir(dir.path())
+        .arg("--config")
+        .arg(
+            std::env::current_dir()
+                .unwrap_or_default()
+                .join("worker.toml"),
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("redis is unavailable"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_twice_is_harmless() {
+    let env = TestEnv::new().await;
+    let again = commerce_worker::backends::migrate(&env.config.mysql)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(again, 0);
+    assert_eq!(env.count("SELECT COUNT(*) FROM user_coupon").await, 0);
+    assert_eq!(
+        env.count("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+            .await,
+        3
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_daemon_cleanly_with_exit_0_within_the_deadline() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let config = env.config_file(port);
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually(Duration::from_secs(30), "healthz answers", async || {
+        http_status(port, "/healthz") == 200
+    })
+    .await;
+    assert_eq!(http_status(port, "/readyz"), 200);
+    let metrics_ok = http_status(port, "/metrics") == 200;
+    assert!(metrics_ok);
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(sent.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "did not exit within the 25 s deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_while_redis_is_down_and_200_when_it_returns() {
+    let mut redis = PrivateRedis::start();
+    let mut env = TestEnv::new().await;
+    env.config.redis.url = SecretUrl::new(redis.url());
+    let port = free_port();
+    env.config.http.listen = ([127, 0, 0, 1], port).into();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(app::run(env.config.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    eventually(Duration::from_secs(20), "ready", async || {
+        http_status(port, "/readyz") == 200
+    })
+    .await;
+    redis.stop();
+    eventually(Duration::from_secs(20), "not ready", async || {
+        http_status(port, "/readyz") == 503
+    })
+    .await;
+    assert_eq!(
+        http_status(port, "/healthz"),
+        200,
+        "alive while Redis is down"
+    );
+    redis.resume();
+    eventually(Duration::from_secs(30), "ready again", async || {
+        http_status(port, "/readyz") == 200
+    })
+    .await;
+    let _ = stop_tx.send(());
+    let result = daemon.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(result.is_ok(), "{result:?}");
+    env.cleanup().await;
+}
