@@ -235,7 +235,7 @@ impl LogWriter {
             match self.write_batch(&id, &mut batch, &abort).await {
                 Ok(written) => report.rows_written += written,
                 Err(WriteFailure::Aborted) => {
-                    report.rows_left_spilled += self.spill_leftovers(batch);
+                    self.spill_leftovers(batch);
                     break;
                 }
             }
@@ -252,8 +252,9 @@ impl LogWriter {
         while let Ok(row) = self.rx.try_recv() {
             rest.push(row);
         }
-        report.rows_left_spilled += self.spill_leftovers(rest);
-        report.rows_left_spilled += self.spill.pending_rows();
+        self.spill_leftovers(rest);
+        // Everything not written is on disk now, spilled at any time during the run.
+        report.rows_left_spilled = self.spill.pending_rows();
         self.metrics.ranking_log_channel_depth.set(0);
         report
     }
@@ -279,21 +280,19 @@ impl LogWriter {
         }
     }
 
-    fn spill_leftovers(&self, rows: Vec<LogRow>) -> u64 {
+    fn spill_leftovers(&self, rows: Vec<LogRow>) {
         if rows.is_empty() {
-            return 0;
+            return;
         }
         let count = rows.len() as u64;
         match self.spill.append_spill(&rows) {
             Ok(()) => {
                 self.metrics.ranking_log_rows_spilled.inc_by(count);
-                count
             }
             Err(e) => {
                 self.metrics.ranking_log_rows_given_up.inc_by(count);
                 tracing::error!(rows = count, error = %format!("{e:#}"),
                     "could not spill unwritten ranking-log rows at shutdown: rows lost");
-                0
             }
         }
     }
@@ -310,6 +309,11 @@ impl LogWriter {
                 }
             };
             let mut rows = chunk.rows;
+            if rows.is_empty() {
+                // Only unreadable lines (reported when read): nothing to write.
+                let _ = self.spill.finish_replay_chunk(chunk.end_offset);
+                continue;
+            }
             match self.write_batch(&chunk.batch_id, &mut rows, abort).await {
                 Ok(written) => {
                     report.rows_written += written;
@@ -402,6 +406,9 @@ const ROWS_PER_STATEMENT: usize = 5000;
 
 /// Inserts `rows` and the batch marker in one transaction; 0 if the marker was already there.
 async fn insert_batch(pool: &MySqlPool, batch_id: &str, rows: &[LogRow]) -> sqlx::Result<u64> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
     let mut tx = pool.begin().await?;
     let marker = sqlx::query("INSERT IGNORE INTO ranking_log_batches (batch_id) VALUES (?)")
         .bind(batch_id)

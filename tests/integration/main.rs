@@ -5,3 +5,4 @@ mod common;
 mod coupon_drain;
 mod daemon;
 mod ranking;
+mod ranking_log;
