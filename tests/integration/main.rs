@@ -4,5 +4,6 @@
 mod common;
 mod coupon_drain;
 mod daemon;
+mod drain_faults;
 mod ranking;
 mod ranking_log;
