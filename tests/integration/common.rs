@@ -292,7 +292,6 @@ pub async fn eventually(timeout: Duration, what: &str, mut check: impl AsyncFnMu
 /// A coupon drain wired to a running ranking-log writer, as the daemon wires them.
 pub struct Pipeline {
     pub drain: commerce_worker::coupon::CouponDrain,
-    pub metrics: commerce_worker::metrics::Metrics,
     log_stop: tokio_util::sync::CancellationToken,
     log_task: tokio::task::JoinHandle<commerce_worker::ranking_log::WriterReport>,
 }
@@ -319,7 +318,6 @@ impl TestEnv {
         );
         Pipeline {
             drain,
-            metrics,
             log_stop,
             log_task,
         }
