@@ -8,7 +8,7 @@ use commerce_worker::metrics::Metrics;
 use commerce_worker::ranking_log::{LogOutcome, LogRow, channel};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{PrivateMariadb, TestEnv, redis_url};
+use crate::common::{PrivateMariadb, TestEnv, eventually, redis_url};
 
 fn rows(coupon: i64, from: i64, count: i64) -> Vec<LogRow> {
     (from..from + count)
@@ -112,7 +112,8 @@ async fn mariadb_killed_while_rows_flow_then_restarted_every_row_lands_once() {
     let mut env = TestEnv::with_servers(&redis_url(), &db.server_url()).await;
     env.config.ranking_log.batch_size = nz(50);
     env.config.ranking_log.channel_capacity = nz(200);
-    let (sender, writer) = channel(&env.config.ranking_log, env.mysql.clone(), Metrics::new())
+    let metrics = Metrics::new();
+    let (sender, writer) = channel(&env.config.ranking_log, env.mysql.clone(), metrics.clone())
         .unwrap_or_else(|e| panic!("{e:#}"));
     let stop = CancellationToken::new();
     let task = tokio::spawn(writer.run(stop.clone(), CancellationToken::new()));
@@ -124,6 +125,14 @@ async fn mariadb_killed_while_rows_flow_then_restarted_every_row_lands_once() {
             db.kill();
         }
         if round == 20 {
+            // Down until a write attempt has really failed (the pool may first wait out its
+            // acquire timeout), then back.
+            eventually(
+                Duration::from_secs(60),
+                "a failed write attempt",
+                async || metrics.ranking_log_rows_retried.get() > 0,
+            )
+            .await;
             db.resume();
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
