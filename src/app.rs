@@ -446,3 +446,48 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tick_that_finds_the_previous_run_going_is_skipped_and_counted() {
+        let metrics = Metrics::new();
+        let job = GuardedJob::new("coupon_drain", &metrics, &TaskTracker::new());
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let slow = {
+            let job = job.clone();
+            tokio::spawn(async move {
+                job.run(|| async move {
+                    let _ = started_tx.send(());
+                    let _ = release_rx.await;
+                    Ok(())
+                })
+                .await
+            })
+        };
+        let _ = started_rx.await;
+        let mut ran_second = false;
+        job.run(|| async {
+            ran_second = true;
+            Ok(())
+        })
+        .await;
+        assert!(!ran_second, "the second run must not overlap the first");
+        let _ = release_tx.send(());
+        let _ = slow.await;
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"commerce_worker_job_runs_total{job="coupon_drain",result="skipped"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"commerce_worker_job_runs_total{job="coupon_drain",result="ok"} 1"#),
+            "{text}"
+        );
+    }
+}

@@ -164,6 +164,14 @@ fn wait_for_port(port: u16, timeout: Duration) {
     }
 }
 
+/// SIGKILLs a private server and reaps it.
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// A private redis-server a test may stop and start.
 pub struct PrivateRedis {
     pub port: u16,
@@ -196,10 +204,7 @@ impl PrivateRedis {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
     }
 }
 
@@ -264,10 +269,7 @@ impl PrivateMariadb {
 
     /// SIGKILL: no chance to close connections cleanly.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
     }
 }
 
