@@ -11,13 +11,23 @@ use std::time::Duration;
 /// failed together do not retry in lockstep.
 #[derive(Debug, Clone)]
 pub struct Backoff {
+    initial: Duration,
     next: Duration,
     max: Duration,
 }
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { next: initial, max }
+        Self {
+            initial,
+            next: initial,
+            max,
+        }
+    }
+
+    /// Back to the initial delay, after a success.
+    pub fn reset(&mut self) {
+        self.next = self.initial;
     }
 
     pub fn next_delay(&mut self) -> Duration {

@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use dead::{RequeueReport, requeue_dead};
-pub use decide::{Decider, Decision, Outcome, format_score};
+pub use decide::{Decider, Decision, Outcome};
 pub use outbox::Persister;
 
 use crate::keys::KeyTemplates;
@@ -245,7 +245,7 @@ impl CouponDrain {
                     }
                 }
                 Ok(_) => {
-                    backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+                    backoff.reset();
                     if stop.is_cancelled() {
                         break;
                     }

@@ -24,7 +24,6 @@
 
 mod spill;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -198,10 +197,6 @@ enum WriteFailure {
 }
 
 impl LogWriter {
-    pub fn spill_dir(&self) -> PathBuf {
-        self.spill.dir().to_owned()
-    }
-
     /// Writes rows until `stop` fires and everything buffered and spilled is written, or until
     /// `abort` fires, when what is left goes to the spill file.
     pub async fn run(mut self, stop: CancellationToken, abort: CancellationToken) -> WriterReport {

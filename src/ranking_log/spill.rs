@@ -67,10 +67,6 @@ impl SpillFiles {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn rejected_path(&self) -> PathBuf {
         self.dir.join(REJECTED_FILE)
     }
