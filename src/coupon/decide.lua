@@ -3,17 +3,23 @@
 --
 -- KEYS[1] queue ZSET, KEYS[2] dead-letter STREAM, KEYS[3] outbox ZSET, then for each coupon c
 -- (1-based) four keys at 3 + 4(c-1) + 1..4: stock STRING, issued SET, seq STRING, result HASH.
--- ARGV[1] number of coupons, ARGV[2] number of entries, then 5 arguments per entry:
--- member, score, coupon index (0 = malformed), userId, reason (for malformed entries).
+-- ARGV[1] number of coupons, ARGV[2] number of entries, then 3 arguments per entry:
+-- member, coupon index (0 = malformed), and the userId (or, for a malformed entry, the reason).
 --
--- Returns a flat array, 3 items per entry in input order: member, outcome, rank. Outcome is
--- ISSUED, DUPLICATE, SOLD_OUT, UNKNOWN_COUPON, DEAD (moved to the dead-letter stream) or GONE
--- (no longer in the queue: another replica decided it first). Rank is 0 unless decided.
+-- Returns an array: first a string with one character per entry, in input order — I(ssued),
+-- D(uplicate), S(old out), U(nknown coupon), X (dead-lettered: moved to the stream) or G(one: no
+-- longer in the queue, another replica decided it first) — then one rank per entry (1-based
+-- arrival order among the coupon's decided requests; 0 unless decided).
 --
 -- All-or-nothing: a failing redis.call does not undo the writes before it, so every check that
 -- could fail (key types, stock and seq values) runs before the first write. Key names arrive in
 -- KEYS, never built here, so the script works on Redis Cluster when they share a hash slot.
 -- userIds stay strings: Lua numbers are doubles and cannot hold every i64.
+--
+-- Speed: Redis commands are issued in bulk (ZMSCORE, SMISMEMBER, then one ZREM, SADD, HSET,
+-- ZADD per key) rather than per entry; inside one script nothing can interleave, so reading
+-- the whole batch first and writing it after is the same as deciding entry by entry. A member is
+-- unique in the queue, so a batch holds at most one request per (user, coupon).
 
 local queue, dead, outbox = KEYS[1], KEYS[2], KEYS[3]
 local ncoupons = tonumber(ARGV[1])
@@ -78,48 +84,113 @@ for c = 1, ncoupons do
   coupons[c] = info
 end
 
-local out = {}
-for i = 0, nentries - 1 do
-  local a = 2 + i * 5
-  local member, score = ARGV[a + 1], ARGV[a + 2]
-  local cidx, user, reason = tonumber(ARGV[a + 3]), ARGV[a + 4], ARGV[a + 5]
-  local outcome, rank = 'GONE', 0
-  -- Removing first doubles as the claim: 0 means another replica got here first.
-  if redis.call('ZREM', queue, member) == 1 then
-    local info = coupons[cidx]
-    if info ~= nil and info.dead ~= nil then reason = info.dead end
-    if cidx == 0 or info.dead ~= nil then
-      redis.call('XADD', dead, '*', 'member', member, 'score', score, 'reason', reason)
-      outcome = 'DEAD'
+-- Variadic commands in slices: unpack() can spread at most ~8000 values onto Lua's stack.
+local SLICE = 4000
+local function bulk(command, key, option, items, step)
+  local replies = nil
+  local size = SLICE - SLICE % step
+  for first = 1, #items, size do
+    local last = math.min(first + size - 1, #items)
+    local reply
+    if option then
+      reply = redis.call(command, key, option, unpack(items, first, last))
+    else
+      reply = redis.call(command, key, unpack(items, first, last))
+    end
+    if replies == nil then
+      replies = reply
+    elseif type(reply) == 'table' then
+      for _, value in ipairs(reply) do replies[#replies + 1] = value end
+    end
+  end
+  return replies or {}
+end
+
+-- Read: which entries are still queued, and which requesters already hold their coupon.
+local members, cidx, user_or_reason = {}, {}, {}
+for i = 1, nentries do
+  local a = 2 + (i - 1) * 3
+  members[i], cidx[i], user_or_reason[i] = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
+end
+local scores = bulk('ZMSCORE', queue, nil, members, 1)
+
+local entries_of, users_of = {}, {}
+for c = 1, ncoupons do entries_of[c], users_of[c] = {}, {} end
+for i = 1, nentries do
+  local c = cidx[i]
+  if c > 0 and scores[i] then
+    local entries = entries_of[c]
+    entries[#entries + 1] = i
+    users_of[c][#entries] = user_or_reason[i]
+  end
+end
+local holds = {}
+for c = 1, ncoupons do
+  local info, entries, users = coupons[c], entries_of[c], users_of[c]
+  info.new_holders, info.results = {}, {}
+  if info.dead == nil then
+    if #users > 0 then
+      local held = bulk('SMISMEMBER', info.issued_key, nil, users, 1)
+      for k, i in ipairs(entries) do holds[i] = held[k] == 1 end
+    end
+  end
+end
+
+-- Decide, in queue order.
+local codes, ranks, claimed, outbox_adds = {}, {}, {}, {}
+for i = 1, nentries do
+  local member, user, info = members[i], user_or_reason[i], coupons[cidx[i]]
+  local code, rank = 'G', 0
+  if scores[i] then
+    claimed[#claimed + 1] = member
+    if info == nil or info.dead ~= nil then
+      local reason = user
+      if info ~= nil then reason = info.dead end
+      redis.call('XADD', dead, '*', 'member', member, 'score', scores[i], 'reason', reason)
+      code = 'X'
     else
       info.decided = info.decided + 1
       rank = info.seq + info.decided
+      local outcome
       if info.unknown then
-        outcome = 'UNKNOWN_COUPON'
-      elseif redis.call('SISMEMBER', info.issued_key, user) == 1 then
-        outcome = 'DUPLICATE'
+        code, outcome = 'U', 'UNKNOWN_COUPON'
+      elseif holds[i] then
+        code, outcome = 'D', 'DUPLICATE'
       elseif info.stock - info.taken <= 0 then
-        outcome = 'SOLD_OUT'
+        code, outcome = 'S', 'SOLD_OUT'
       else
-        outcome = 'ISSUED'
+        code, outcome = 'I', 'ISSUED'
         info.taken = info.taken + 1
-        redis.call('SADD', info.issued_key, user)
-        redis.call('ZADD', outbox, 'NX', issued_at_ms, member)
+        info.new_holders[#info.new_holders + 1] = user
+        outbox_adds[#outbox_adds + 1] = issued_at_ms
+        outbox_adds[#outbox_adds + 1] = member
       end
-      if outcome == 'ISSUED' or redis.call('HGET', info.result_key, user) ~= 'ISSUED' then
-        redis.call('HSET', info.result_key, user, outcome)
+      if holds[i] then
+        -- A holder's result is ISSUED (written with the SADD that made them one) and ISSUED is
+        -- never overwritten; HSETNX covers holders added by other means, who have none.
+        redis.call('HSETNX', info.result_key, user, outcome)
+      else
+        local results = info.results
+        results[#results + 1] = user
+        results[#results + 1] = outcome
       end
     end
   end
-  out[#out + 1] = member
-  out[#out + 1] = outcome
-  out[#out + 1] = rank
+  codes[i] = code
+  ranks[i] = rank
 end
 
+-- Write.
+bulk('ZREM', queue, nil, claimed, 1)
+bulk('ZADD', outbox, 'NX', outbox_adds, 2)
 for c = 1, ncoupons do
   local info = coupons[c]
+  bulk('SADD', info.issued_key, nil, info.new_holders, 1)
+  bulk('HSET', info.result_key, nil, info.results, 2)
   if info.taken > 0 then redis.call('DECRBY', info.stock_key, info.taken) end
   if info.decided > 0 then redis.call('INCRBY', info.seq_key, info.decided) end
 end
 
+local out = { table.concat(codes) }
+for i = 1, nentries do out[i + 1] = ranks[i] end
 return out

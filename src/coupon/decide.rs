@@ -29,14 +29,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn from_reply(text: &str) -> Option<Self> {
-        Some(match text {
-            "ISSUED" => Self::Issued,
-            "DUPLICATE" => Self::Duplicate,
-            "SOLD_OUT" => Self::SoldOut,
-            "UNKNOWN_COUPON" => Self::UnknownCoupon,
-            "DEAD" => Self::DeadLettered,
-            "GONE" => Self::Gone,
+    /// The one-letter code `decide.lua` returns.
+    fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            b'I' => Self::Issued,
+            b'D' => Self::Duplicate,
+            b'S' => Self::SoldOut,
+            b'U' => Self::UnknownCoupon,
+            b'X' => Self::DeadLettered,
+            b'G' => Self::Gone,
             _ => return None,
         })
     }
@@ -67,6 +68,9 @@ pub struct Decision {
     pub enqueued_ms: f64,
 }
 
+/// Queue entries `(member, score)` in queue order.
+pub type Head = Vec<(String, f64)>;
+
 /// Decides batches from the head of the queue.
 #[derive(Clone)]
 pub struct Decider {
@@ -86,10 +90,9 @@ impl Decider {
         }
     }
 
-    /// Decides up to `batch_size` entries from the head of the queue. An empty result means the
-    /// queue was empty.
-    pub async fn decide_batch(&self) -> anyhow::Result<Vec<Decision>> {
-        let head: Vec<(String, f64)> = self
+    /// The first `batch_size` entries of the queue with their scores.
+    pub async fn read_head(&self) -> anyhow::Result<Head> {
+        Ok(self
             .client
             .zrange(
                 &self.keys.queue,
@@ -100,9 +103,21 @@ impl Decider {
                 None,
                 true,
             )
-            .await?;
+            .await?)
+    }
+
+    /// Decides `head` (as read by [`read_head`](Self::read_head)). With `read_next`, the next
+    /// head is read in the same round trip: the ZRANGE is sent right behind the script on the
+    /// same connection, so Redis runs it just after the script and it sees the queue without this
+    /// batch. (If the script had to be reloaded, the ZRANGE ran first and the next head repeats
+    /// entries decided here; the next script finds them gone and leaves them alone.)
+    pub async fn decide_head(
+        &self,
+        head: Head,
+        read_next: bool,
+    ) -> anyhow::Result<(Vec<Decision>, Option<Head>)> {
         if head.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
 
         // Coupons in first-seen order; the script gets their keys in that order.
@@ -130,66 +145,61 @@ impl Decider {
         }
         args.push(coupon_index.len().to_string());
         args.push(head.len().to_string());
-        for ((member, score), request) in head.iter().zip(&parsed) {
+        for ((member, _), request) in head.iter().zip(&parsed) {
             args.push(member.clone());
-            args.push(format_score(*score));
             match request {
                 Ok(r) => {
-                    args.push(
-                        coupon_index
-                            .get(&r.coupon_id)
-                            .copied()
-                            .unwrap_or(0)
-                            .to_string(),
-                    );
+                    let index = coupon_index.get(&r.coupon_id).copied().unwrap_or(0);
+                    args.push(index.to_string());
                     args.push(r.user_id.to_string());
-                    args.push(String::new());
                 }
                 Err(reason) => {
                     args.push("0".to_owned());
-                    args.push(String::new());
                     args.push((*reason).to_owned());
                 }
             }
         }
 
-        let reply: Vec<Value> = self
+        let decide = self
             .script
-            .evalsha_with_reload(&self.client, keys, args)
-            .await?;
-        if reply.len() != head.len() * 3 {
+            .evalsha_with_reload::<Vec<Value>, _, _>(&self.client, keys, args);
+        let (reply, next) = if read_next {
+            let (reply, next) = tokio::join!(decide, self.read_head());
+            (reply?, next.ok())
+        } else {
+            (decide.await?, None)
+        };
+        let codes = reply
+            .first()
+            .and_then(|v| v.as_bytes())
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        if codes.len() != head.len() || reply.len() != head.len() + 1 {
             anyhow::bail!(
-                "decide script returned {} items for {} entries",
+                "decide script returned {} outcomes and {} items for {} entries",
+                codes.len(),
                 reply.len(),
                 head.len()
             );
         }
         let mut decisions = Vec::with_capacity(head.len());
-        for (((member, score), request), item) in
-            head.into_iter().zip(parsed).zip(reply.chunks_exact(3))
+        for ((((member, score), request), code), rank) in
+            head.into_iter().zip(parsed).zip(codes).zip(&reply[1..])
         {
-            let outcome_text = item[1].as_str().unwrap_or_default();
-            let outcome = Outcome::from_reply(&outcome_text).ok_or_else(|| {
-                anyhow::anyhow!("decide script returned an unknown outcome {outcome_text:?}")
+            let outcome = Outcome::from_code(code).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "decide script returned an unknown outcome {:?}",
+                    char::from(code)
+                )
             })?;
             decisions.push(Decision {
                 member,
                 request: request.ok(),
                 outcome,
-                rank: item[2].as_i64().unwrap_or(0),
+                rank: rank.as_i64().unwrap_or(0),
                 enqueued_ms: score,
             });
         }
-        Ok(decisions)
-    }
-}
-
-/// A score as Redis would accept it back (`ZADD`), exactly: Rust prints the shortest string
-/// that round-trips, and queue scores are integral milliseconds anyway.
-pub fn format_score(score: f64) -> String {
-    if score.fract() == 0.0 && score.abs() < 1e15 {
-        format!("{score:.0}")
-    } else {
-        format!("{score}")
+        Ok((decisions, next))
     }
 }

@@ -197,6 +197,90 @@ async fn each_outcome_is_recorded_in_redis_mysql_and_the_ranking_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_of_holders_stay_issued_and_holders_added_elsewhere_get_duplicate() {
+    let env = TestEnv::new().await;
+    let pipeline = env.pipeline();
+    let stop = CancellationToken::new();
+    env.set_stock(1, "5").await;
+    // User 20 holds coupon 1 without a result (imported from an older system).
+    let _: i64 = env
+        .redis
+        .sadd(env.keys().issued(1), "20")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.enqueue(&[(1.0, member(20, 1)), (2.0, member(21, 1))])
+        .await;
+    let first = pipeline
+        .drain
+        .tick(Duration::from_secs(10), &stop)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!((first.duplicate, first.issued), (1, 1));
+
+    // Coupon 1 is retired (its stock key deleted); its holder and a newcomer ask again.
+    let _: i64 = env
+        .redis
+        .del(env.keys().stock(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.enqueue(&[(3.0, member(21, 1)), (4.0, member(22, 1))])
+        .await;
+    let second = pipeline
+        .drain
+        .tick(Duration::from_secs(10), &stop)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(second.unknown_coupon, 2);
+
+    let res = results(&env, 1).await;
+    assert_eq!(res.get("20").map(String::as_str), Some("DUPLICATE"));
+    assert_eq!(
+        res.get("21").map(String::as_str),
+        Some("ISSUED"),
+        "ISSUED is never overwritten, not even by UNKNOWN_COUPON"
+    );
+    assert_eq!(res.get("22").map(String::as_str), Some("UNKNOWN_COUPON"));
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_batch_is_decided_whole_across_the_scripts_command_slices() {
+    // decide.lua spreads at most 4000 values per Redis command; a 5000-entry batch (the largest
+    // allowed) takes two slices of every bulk command.
+    let mut env = TestEnv::new().await;
+    env.config.coupon.batch_size =
+        std::num::NonZeroUsize::new(5000).unwrap_or(std::num::NonZeroUsize::MIN);
+    env.set_stock(1, "4500").await;
+    let entries: Vec<(f64, String)> = (1..=5000).map(|u| (u as f64, member(u, 1))).collect();
+    env.enqueue(&entries).await;
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain
+        .tick(Duration::from_secs(30), &CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        (report.batches, report.issued, report.sold_out),
+        (1, 4500, 500)
+    );
+    assert_eq!(issued_set(&env, 1).await.len(), 4500);
+    let res = results(&env, 1).await;
+    assert_eq!(res.len(), 5000);
+    assert_eq!(res.get("4500").map(String::as_str), Some("ISSUED"));
+    assert_eq!(res.get("4501").map(String::as_str), Some("SOLD_OUT"));
+    assert_eq!(stock(&env, 1).await, 0);
+    let outbox: u64 = env
+        .redis
+        .zcard(&env.keys().outbox)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outbox, 4500);
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_members_are_dead_lettered_while_the_rest_of_the_batch_is_issued() {
     let env = TestEnv::new().await;
     env.set_stock(5, "100").await;

@@ -105,8 +105,11 @@ async fn sigkill_mid_drain_several_times_loses_and_duplicates_nothing() {
     let config = env.dir.path().join("kill.toml");
     std::fs::write(&config, text).unwrap_or_else(|e| panic!("{e}"));
 
+    // Kill at points of progress, not after fixed delays: the drain's speed varies with the
+    // machine, and each kill must land while work is left.
+    let total = (coupons.len() as u64) * users as u64;
     let mut kills = 0;
-    for delay_ms in [150u64, 250, 350, 450] {
+    for round in 1..=4u64 {
         let mut child = Command::new(BIN)
             .args(["drain", "--config"])
             .arg(&config)
@@ -115,7 +118,18 @@ async fn sigkill_mid_drain_several_times_loses_and_duplicates_nothing() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{e}"));
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let kill_below = total - round * total / 10;
+        loop {
+            let left: u64 = env
+                .redis
+                .zcard(&env.keys().queue)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            if left <= kill_below || child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         if child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_none() {
             kills += 1;
         }
