@@ -84,7 +84,8 @@ impl DrainReport {
         *slot += 1;
     }
 
-    fn absorb(&mut self, other: &DrainReport) {
+    /// Adds another tick's counts to these (depth and stop reason: the later tick's).
+    pub fn absorb(&mut self, other: &DrainReport) {
         self.issued += other.issued;
         self.duplicate += other.duplicate;
         self.sold_out += other.sold_out;
@@ -126,7 +127,7 @@ impl CouponDrain {
                 client.clone(),
                 pool,
                 keys.outbox.clone(),
-                batch_size,
+                outbox::ROWS_PER_INSERT,
                 metrics.clone(),
             ),
             client,
@@ -149,6 +150,8 @@ impl CouponDrain {
     ) -> anyhow::Result<DrainReport> {
         let started = Instant::now();
         let mut report = DrainReport::default();
+        // The next batch's head, read in the same round trip as the previous batch's script.
+        let mut next_head = None;
         loop {
             if stop.is_cancelled() {
                 report.stopped = StopReason::ShutdownRequested;
@@ -159,7 +162,12 @@ impl CouponDrain {
                 break;
             }
             let batch_started = Instant::now();
-            let decisions = self.decider.decide_batch().await?;
+            let head = match next_head.take() {
+                Some(head) => head,
+                None => self.decider.read_head().await?,
+            };
+            let (decisions, next) = self.decider.decide_head(head, true).await?;
+            next_head = next;
             if decisions.is_empty() {
                 report.stopped = StopReason::QueueEmpty;
                 break;
@@ -234,8 +242,20 @@ impl CouponDrain {
     /// outbox before returning (entries left are persisted by the next start or a replica).
     pub async fn run_persister(&self, stop: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        // The next batch, read in the same round trip as the previous batch's acknowledgement.
+        let mut next_batch = None;
         loop {
-            match self.persister.persist_batch().await {
+            let persisted = match next_batch.take() {
+                Some(entries) => self.persister.persist_entries(entries, true).await,
+                None => match self.persister.read_batch().await {
+                    Ok(entries) => self.persister.persist_entries(entries, true).await,
+                    Err(e) => Err(e),
+                },
+            };
+            match persisted.map(|(n, next)| {
+                next_batch = next;
+                n
+            }) {
                 Ok(0) => {
                     let _ = self.persister.depth().await;
                     tokio::select! {
