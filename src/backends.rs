@@ -75,7 +75,8 @@ pub async fn connect_mysql(config: &MysqlConfig) -> Result<MySqlPool, Unavailabl
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
-        .map_err(|e| unavailable(e.into()))
+        // sqlx's message already includes its source; `{e}` keeps it from being printed twice.
+        .map_err(|e| unavailable(anyhow::anyhow!("{e}")))
 }
 
 /// Creates the database if it does not exist yet, then applies pending migrations.

@@ -43,4 +43,36 @@ pub enum Command {
     },
     /// Move dead-lettered entries back into the queue with their original score.
     RequeueDead,
+    /// Measure the jobs against their targets, in a private key prefix and database on the
+    /// configured servers (removed afterwards). Build with --release.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The coupon drain vs the naive check-then-act algorithm.
+    Coupon {
+        #[arg(long, default_value_t = 1_000_000)]
+        requests: u64,
+        #[arg(long, default_value_t = 10)]
+        coupons: u64,
+        /// Stock of each coupon.
+        #[arg(long, default_value_t = 10_000)]
+        stock: u64,
+        /// Requests in the naive algorithm's sale (stock scaled to match); 0 skips it.
+        #[arg(long, default_value_t = 1_000_000)]
+        naive_requests: u64,
+    },
+    /// ZUNIONSTORE vs the chunked rebuild: total time and the longest stall of another client.
+    Ranking {
+        /// Products in each daily set.
+        #[arg(long, default_value_t = 1_000_000)]
+        products: u64,
+    },
+    /// The ranking-log writer vs a bare multi-row INSERT loop.
+    RankingLog {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+    },
 }

@@ -15,9 +15,14 @@
 //! Around them: [`config`] (worker.toml → validated config), [`keys`] (key templates),
 //! [`backends`] (clients, migrations), [`app`] (the daemon, its scheduler and shutdown order),
 //! [`http`] (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], [`retry`].
+//!
+//! For measuring and trying it: [`bench`] (the performance targets), [`simulated_api`] (the API's
+//! side of the contract, played by `bench` and `demo`) and [`sandbox`] (a private key prefix and
+//! database on the configured servers).
 
 pub mod app;
 pub mod backends;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod coupon;
@@ -27,4 +32,6 @@ pub mod metrics;
 pub mod ranking;
 pub mod ranking_log;
 pub mod retry;
+pub mod sandbox;
+pub mod simulated_api;
 pub mod telemetry;

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use commerce_worker::app::{self, SetupError, ShutdownTimedOut};
 use commerce_worker::backends::{self, Unavailable};
-use commerce_worker::cli::{Cli, Command};
+use commerce_worker::bench;
+use commerce_worker::cli::{BenchCommand, Cli, Command};
 use commerce_worker::config::{self, Config, ConfigError};
+use commerce_worker::simulated_api::FlashSale;
 use commerce_worker::telemetry;
 
 /// sysexits.h
@@ -27,7 +29,12 @@ fn main() -> ExitCode {
         print!("{}", config.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
-    telemetry::init(&config.log);
+    let mut log = config.log.clone();
+    if let Command::Bench(_) = cli.command {
+        // The report is the output; per-tick INFO lines would bury it (RUST_LOG still wins).
+        log.level = "warn".into();
+    }
+    telemetry::init(&log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,6 +97,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Bench(which) => run_bench(which, &config).await,
         Command::RequeueDead => {
             let report = app::requeue_dead_once(&config).await?;
             println!(
@@ -99,6 +107,54 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_bench(which: BenchCommand, config: &Config) -> anyhow::Result<()> {
+    let probe = commerce_worker::backends::connect_redis(&config.redis).await?;
+    // The server, not the configured database: the benchmarks make their own.
+    let server = config::MysqlConfig {
+        url: config::SecretUrl::new(commerce_worker::sandbox::with_database(
+            config.mysql.url.expose(),
+            "",
+        )?),
+        ..config.mysql.clone()
+    };
+    let pool = backends::connect_mysql(&server).await?;
+    println!(
+        "{} on {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        bench::describe_machine(&probe, &pool).await
+    );
+    pool.close().await;
+    match which {
+        BenchCommand::Coupon {
+            requests,
+            coupons,
+            stock,
+            naive_requests,
+        } => {
+            let sale = FlashSale {
+                coupons,
+                stock,
+                requests,
+            };
+            bench::coupon::run(
+                config,
+                bench::coupon::Options {
+                    sale,
+                    naive_requests,
+                },
+            )
+            .await?;
+        }
+        BenchCommand::Ranking { products } => {
+            bench::ranking::run(config, bench::ranking::Options { products }).await?;
+        }
+        BenchCommand::RankingLog { rows } => {
+            bench::ranking_log::run(config, bench::ranking_log::Options { rows }).await?;
+        }
+    }
+    Ok(())
 }
 
 fn exit_code_for(error: &anyhow::Error) -> ExitCode {

@@ -1,6 +1,7 @@
 //! Integration tests against the machine's real Redis and MariaDB (and private servers for the
 //! fault tests). One binary with a module per job keeps link time down.
 
+mod bench;
 mod common;
 mod coupon_drain;
 mod daemon;

@@ -1,0 +1,229 @@
+//! `commerce-worker bench`: the performance targets of the three jobs, measured against the
+//! configured Redis and MySQL in a [`Sandbox`](crate::sandbox::Sandbox) (private key prefix and
+//! database, removed afterwards).
+//!
+//! Each benchmark runs the worker's real code and, in the same run and on the same data, the
+//! baseline the target is stated against, then prints both figures and their ratio. Nothing here
+//! asserts a time: the figures are for BENCHMARKS.md; the checks a benchmark makes (every request
+//! decided, every row landed) are correctness checks that fail the command.
+//!
+//! - [`coupon`] — the drain vs the naive check-then-act algorithm (issue 3).
+//! - [`ranking`] — ZUNIONSTORE vs the chunked rebuild: total time and the longest stall a
+//!   concurrent client sees (issue 4).
+//! - [`ranking_log`] — the log writer vs a bare multi-row INSERT loop (issue 5).
+
+pub mod coupon;
+pub mod ranking;
+pub mod ranking_log;
+
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use sqlx::MySqlPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::backends;
+use crate::config::RedisConfig;
+
+/// One line describing where the figures were measured.
+pub async fn describe_machine(redis: &Client, mysql: &MySqlPool) -> String {
+    let redis_version = redis
+        .info::<String>(Some(fred::types::InfoKind::Server))
+        .await
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("redis_version:")
+                    .map(|v| v.trim().to_string())
+            })
+        })
+        .unwrap_or_else(|| "?".into());
+    let mysql_version: String = sqlx::query_scalar("SELECT VERSION()")
+        .fetch_one(mysql)
+        .await
+        .unwrap_or_else(|_| "?".into());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let build = if cfg!(debug_assertions) {
+        "DEBUG build: figures are not representative, use --release"
+    } else {
+        "release build"
+    };
+    format!(
+        "{cores} cores ({cpu}), Redis {redis_version}, MySQL {mysql_version}, commerce-worker {} ({build})",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Another client of the same Redis, as the shop's API would be: sends a cheap read every
+/// millisecond on its own connection and records how long each took. A command that blocks
+/// Redis shows up as one long round trip here.
+pub struct StallProbe {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<Latencies>>,
+}
+
+impl StallProbe {
+    /// Starts probing with `ZCARD key` (what the API does to show the ranking's size).
+    pub async fn start(config: &RedisConfig, key: String) -> anyhow::Result<Self> {
+        let client = backends::connect_redis(config).await?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut latencies = Latencies::default();
+                while !stop.is_cancelled() {
+                    let sent = Instant::now();
+                    let _: u64 = client.zcard(&key).await?;
+                    latencies.record(sent.elapsed());
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let _ = client.quit().await;
+                Ok(latencies)
+            }
+        });
+        Ok(Self { stop, task })
+    }
+
+    pub async fn finish(self) -> anyhow::Result<Latencies> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+/// A set of measured durations.
+#[derive(Debug, Default, Clone)]
+pub struct Latencies {
+    samples: Vec<Duration>,
+}
+
+impl Latencies {
+    pub fn record(&mut self, latency: Duration) {
+        self.samples.push(latency);
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    pub fn max(&self) -> Duration {
+        self.samples.iter().copied().max().unwrap_or_default()
+    }
+
+    /// The `p`-th percentile (0..=100), nearest-rank.
+    pub fn percentile(&self, p: f64) -> Duration {
+        if self.samples.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut sorted = self.samples.clone();
+        sorted.sort_unstable();
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[rank.clamp(1, sorted.len()) - 1]
+    }
+
+    pub fn count_over(&self, limit: Duration) -> usize {
+        self.samples.iter().filter(|l| **l > limit).count()
+    }
+}
+
+/// The process's peak resident memory while a future runs, sampled every 10 ms.
+pub struct MemorySampler {
+    stop: CancellationToken,
+    task: JoinHandle<u64>,
+    before: u64,
+}
+
+impl MemorySampler {
+    pub fn start() -> Self {
+        let stop = CancellationToken::new();
+        let before = resident_bytes().unwrap_or(0);
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut peak = 0;
+                while !stop.is_cancelled() {
+                    peak = peak.max(resident_bytes().unwrap_or(0));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                peak
+            }
+        });
+        Self { stop, task, before }
+    }
+
+    /// `(resident before, peak resident during)`, in bytes.
+    pub async fn finish(self) -> (u64, u64) {
+        self.stop.cancel();
+        let peak = self.task.await.unwrap_or(0);
+        (self.before, peak.max(self.before))
+    }
+}
+
+/// Resident set size of this process (Linux; `None` elsewhere).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// `count / elapsed`, per second.
+pub fn rate(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// `123456.7` → `"123 457"`: figures people read, with thin grouping.
+pub fn group(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn millis(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut l = Latencies::default();
+        for ms in 1..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        assert_eq!(l.percentile(50.0), Duration::from_millis(50));
+        assert_eq!(l.percentile(99.0), Duration::from_millis(99));
+        assert_eq!(l.max(), Duration::from_millis(100));
+        assert_eq!(l.count_over(Duration::from_millis(90)), 10);
+        assert_eq!(Latencies::default().percentile(99.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn figures_are_grouped_by_thousands() {
+        assert_eq!(group(0.4), "0");
+        assert_eq!(group(999.0), "999");
+        assert_eq!(group(123_456.7), "123 457");
+        assert_eq!(group(1_000_000.0), "1 000 000");
+    }
+}

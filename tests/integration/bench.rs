@@ -1,0 +1,90 @@
+//! `commerce-worker bench` at a tiny size: each benchmark runs end to end, makes its own
+//! correctness checks (every request decided, every row landed once — a failed check exits
+//! non-zero), prints its figures and ratio, and leaves no sandbox behind. No figure is asserted:
+//! timings belong in BENCHMARKS.md, not in tests.
+
+use std::process::Command;
+
+use fred::prelude::*;
+
+use crate::common::{TestEnv, free_port};
+
+const BIN: &str = env!("CARGO_BIN_EXE_commerce-worker");
+
+fn bench(config: &std::path::Path, args: &[&str]) -> String {
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "bench {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+async fn sandbox_databases(env: &TestEnv) -> Vec<String> {
+    sqlx::query_scalar("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'cw\\_bench\\_%'")
+        .fetch_all(&env.mysql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn sandbox_keys(env: &TestEnv) -> Vec<String> {
+    env.redis
+        .custom(
+            fred::types::CustomCommand::new_static("KEYS", None, false),
+            vec!["cw_bench_*"],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_benchmark_runs_checks_itself_prints_its_ratio_and_cleans_up() {
+    let env = TestEnv::new().await;
+    let config = env.config_file(free_port());
+    let before = sandbox_databases(&env).await;
+    let keys_before = sandbox_keys(&env).await;
+
+    let coupon = bench(
+        &config,
+        &[
+            "coupon",
+            "--requests",
+            "3000",
+            "--coupons",
+            "3",
+            "--stock",
+            "200",
+            "--naive-requests",
+            "600",
+        ],
+    );
+    assert!(coupon.contains("decided 3 000 in"), "{coupon}");
+    assert!(coupon.contains("600 issued coupons in MySQL"), "{coupon}");
+    assert!(coupon.contains("worker / naive ="), "{coupon}");
+
+    let ranking = bench(&config, &["ranking", "--products", "3000"]);
+    assert!(ranking.contains("Zunionstore:"), "{ranking}");
+    assert!(ranking.contains("Chunked:"), "{ranking}");
+    assert!(ranking.contains("longest stall"), "{ranking}");
+
+    let log = bench(&config, &["ranking-log", "--rows", "5000"]);
+    assert!(log.contains("% of the bare loop"), "{log}");
+    assert!(log.contains("writer, burst"), "{log}");
+
+    // Nothing left behind: no sandbox database, no sandbox keys.
+    let mut after = sandbox_databases(&env).await;
+    after.retain(|db| !before.contains(db));
+    assert!(after.is_empty(), "sandbox databases left: {after:?}");
+    let mut leftover = sandbox_keys(&env).await;
+    leftover.retain(|key| !keys_before.contains(key));
+    assert!(leftover.is_empty(), "sandbox keys left: {leftover:?}");
+    env.cleanup().await;
+}
