@@ -228,6 +228,7 @@ impl LogWriter {
             let mut batch = Vec::with_capacity(self.batch_size);
             batch.push(first);
             self.fill_batch(&mut batch).await;
+            self.take_backlog(&mut batch);
             self.metrics
                 .ranking_log_channel_depth
                 .set(self.rx.len() as i64);
@@ -276,6 +277,19 @@ impl LogWriter {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(row)) => batch.push(row),
                 Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
+    /// When more rows are already waiting, takes up to `STATEMENTS_PER_TRANSACTION - 1` more
+    /// statements' worth without waiting: one transaction (BEGIN, marker, COMMIT: three round
+    /// trips and a log flush) then carries several statements, so a backlog drains faster.
+    fn take_backlog(&mut self, batch: &mut Vec<LogRow>) {
+        let limit = self.batch_size * STATEMENTS_PER_TRANSACTION;
+        while batch.len() < limit && self.rx.len() >= self.batch_size.min(limit - batch.len()) {
+            match self.rx.try_recv() {
+                Ok(row) => batch.push(row),
+                Err(_) => break,
             }
         }
     }
@@ -340,7 +354,7 @@ impl LogWriter {
         let mut rejected_attempts = 0u32;
         loop {
             let started = Instant::now();
-            let result = insert_batch(&self.pool, batch_id, rows).await;
+            let result = insert_batch(&self.pool, batch_id, rows, self.batch_size).await;
             self.metrics
                 .ranking_log_batch_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -402,10 +416,18 @@ impl LogWriter {
 }
 
 /// Largest rows per INSERT statement: 7 placeholders a row stays far below MySQL's 65 535.
-const ROWS_PER_STATEMENT: usize = 5000;
+const MAX_ROWS_PER_STATEMENT: usize = 5000;
+
+/// At most this many `batch_size` statements go in one transaction (see `take_backlog`).
+const STATEMENTS_PER_TRANSACTION: usize = 8;
 
 /// Inserts `rows` and the batch marker in one transaction; 0 if the marker was already there.
-async fn insert_batch(pool: &MySqlPool, batch_id: &str, rows: &[LogRow]) -> sqlx::Result<u64> {
+async fn insert_batch(
+    pool: &MySqlPool,
+    batch_id: &str,
+    rows: &[LogRow],
+    rows_per_statement: usize,
+) -> sqlx::Result<u64> {
     if rows.is_empty() {
         return Ok(0);
     }
@@ -419,7 +441,7 @@ async fn insert_batch(pool: &MySqlPool, batch_id: &str, rows: &[LogRow]) -> sqlx
         tx.rollback().await?;
         return Ok(0);
     }
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+    for chunk in rows.chunks(rows_per_statement.clamp(1, MAX_ROWS_PER_STATEMENT)) {
         insert_statement(chunk).build().execute(&mut *tx).await?;
     }
     tx.commit().await?;

@@ -53,9 +53,10 @@ async fn rows_arrive_with_their_fields_in_batches() {
     assert_eq!(report.rows_written, 35);
     assert_eq!(landed(&env).await, (35, 0));
     let batches = env.count("SELECT COUNT(*) FROM ranking_log_batches").await;
+    // Statements of at most 10 rows; a backlog shares a transaction (up to 8 statements).
     assert!(
-        batches >= 4,
-        "35 rows in batches of at most 10: {batches} batches"
+        (1..=4).contains(&batches),
+        "35 waiting rows go in a few transactions, not row by row: {batches} batches"
     );
     let row: (i64, String, i32, String, Option<String>, i32) = sqlx::query_as(
         "SELECT user_id, coupon_type, `rank`, status, reason, retry_count FROM ranking_logs WHERE `rank` = 4",
