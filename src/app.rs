@@ -227,11 +227,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut scheduler =
         schedule_jobs(&config, &drain, &rebuild, &drain_job, &rebuild_job, &stop).await?;
     catch_up_ranking(&config, &rebuild, &rebuild_job);
+    crate::systemd::ready();
     tracing::info!(listen = %config.http.listen, coupon_schedule = config.coupon.schedule.as_str(),
         ranking_schedule = config.ranking.schedule.as_str(), timezone = %config.ranking.timezone,
         "commerce-worker running");
 
     shutdown.await;
+    crate::systemd::stopping();
     let deadline = tokio::time::Instant::now() + config.shutdown.timeout;
     tracing::info!(
         timeout_secs = config.shutdown.timeout.as_secs(),
@@ -352,6 +354,21 @@ async fn schedule_jobs(
                 .context("ranking.schedule")?,
             )
             .await?;
+    }
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        // Pinged by the scheduler itself: if its loop stops, so do the pings.
+        scheduler
+            .add(
+                Job::new_repeated_async(interval, |_id, _sched| {
+                    Box::pin(async { crate::systemd::watchdog_ping() })
+                })
+                .context("watchdog job")?,
+            )
+            .await?;
+        tracing::info!(
+            interval_ms = interval.as_millis() as u64,
+            "systemd watchdog enabled"
+        );
     }
     scheduler.start().await.context("starting the scheduler")?;
     Ok(scheduler)

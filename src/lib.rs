@@ -14,9 +14,11 @@
 //!
 //! Around them: [`config`] (worker.toml → validated config), [`keys`] (key templates),
 //! [`backends`] (clients, migrations), [`app`] (the daemon, its scheduler and shutdown order),
-//! [`http`] (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], [`retry`].
+//! [`http`] (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], [`retry`],
+//! [`systemd`] (readiness and watchdog notifications).
 //!
-//! For measuring and trying it: [`bench`] (the performance targets), [`simulated_api`] (the API's
+//! For trying and measuring it: [`demo`] (the main job end to end, with a report), [`bench`]
+//! (the performance targets), [`simulated_api`] (the API's
 //! side of the contract, played by `bench` and `demo`) and [`sandbox`] (a private key prefix and
 //! database on the configured servers).
 
@@ -26,6 +28,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod coupon;
+pub mod demo;
 pub mod http;
 pub mod keys;
 pub mod metrics;
@@ -34,4 +37,5 @@ pub mod ranking_log;
 pub mod retry;
 pub mod sandbox;
 pub mod simulated_api;
+pub mod systemd;
 pub mod telemetry;

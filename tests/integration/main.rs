@@ -5,6 +5,7 @@ mod bench;
 mod common;
 mod coupon_drain;
 mod daemon;
+mod deploy;
 mod drain_faults;
 mod ranking;
 mod ranking_log;

@@ -1,0 +1,495 @@
+//! `commerce-worker demo`: the worker's main job end to end, for a newcomer, against the
+//! configured Redis and MySQL, in a [`Sandbox`] (private key prefix and database, removed after).
+//!
+//! It plays the API's part ([`simulated_api`](crate::simulated_api)): a few days of orders for the
+//! ranking (one day older than the window, so pruning shows), then a flash sale enqueued in waves
+//! — random users asking for random coupons, so some ask twice (duplicates), plus a few malformed
+//! entries — while the real jobs run: the coupon drain ticking, the outbox persister, the
+//! ranking-log writer, and at the end the ranking rebuild. Progress bars show the flow; the report
+//! gives outcomes, throughput, latency from enqueue to row in MySQL, the top-10 products, and the
+//! checks it verified. A failed check makes the command fail.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{Days, Utc};
+use fred::prelude::*;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use crate::bench::{Latencies, group, millis};
+use crate::config::Config;
+use crate::coupon::{CouponDrain, DrainReport, StopReason};
+use crate::metrics::Metrics;
+use crate::ranking::{RankingRebuild, WhenLocked, today};
+use crate::ranking_log;
+use crate::sandbox::Sandbox;
+use crate::simulated_api::write_day_sales;
+
+/// The demo's sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub coupons: u64,
+    pub stock: u64,
+    pub users: u64,
+    pub requests: u64,
+    pub malformed: u64,
+    pub products: u64,
+    pub waves: u64,
+    /// Keep the sandbox's keys and database for a look around.
+    pub keep: bool,
+}
+
+/// A check the demo verified, and whether it held.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+}
+
+/// What the demo saw.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub accepted: u64,
+    pub drain: DrainReport,
+    /// Time in drain ticks that decided something.
+    pub drain_elapsed: Duration,
+    pub latency: Latencies,
+    pub top: Vec<(String, f64)>,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn all_passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+}
+
+const MALFORMED_SAMPLES: [&str; 6] = [
+    "abc:1",
+    "0:1",
+    "12:-3",
+    "99999999999999999999:1",
+    "7:",
+    "007:1",
+];
+
+pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
+    let sandbox = Sandbox::create(config, "demo").await?;
+    println!(
+        "demo sandbox: keys under {}:*, database {} (removed at the end{})",
+        sandbox.name,
+        sandbox.name,
+        if options.keep { " unless --keep" } else { "" }
+    );
+    let result = tokio::select! {
+        report = run_in(&sandbox, options) => report,
+        _ = crate::app::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if options.keep {
+        println!(
+            "kept: redis-cli --scan --pattern '{}:*'; mysql {}",
+            sandbox.name, sandbox.name
+        );
+    } else {
+        sandbox.cleanup().await?;
+    }
+    result
+}
+
+async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Report> {
+    let config = &sandbox.config;
+    let keys = &config.keys;
+    let mut rng = fastrand::Rng::with_seed(20261123);
+    let mut report = Report::default();
+
+    // 1. Orders: window_days + 1 days, the oldest outside the window.
+    let day = today(config.ranking.timezone);
+    let window_days = u64::from(config.ranking.window_days);
+    let mut expected_ranking: HashMap<String, f64> = HashMap::new();
+    let mut stale_day = day;
+    for back in 0..=window_days {
+        let Some(date) = day.checked_sub_days(Days::new(back)) else {
+            continue;
+        };
+        let mut sales: BTreeMap<u64, f64> = BTreeMap::new();
+        for _ in 0..options.products * 5 {
+            // A skewed catalog: low ids sell more, as best sellers do.
+            let product = (rng.f64().powi(3) * options.products as f64) as u64 + 1;
+            *sales.entry(product).or_default() += f64::from(rng.u32(1..=3));
+        }
+        if back < window_days {
+            let weight = config
+                .ranking
+                .weights
+                .as_ref()
+                .and_then(|w| w.get(back as usize).copied())
+                .unwrap_or(1.0);
+            for (product, qty) in &sales {
+                *expected_ranking.entry(product.to_string()).or_default() += weight * qty;
+            }
+        } else {
+            stale_day = date;
+        }
+        write_day_sales(
+            &sandbox.redis,
+            keys,
+            date,
+            sales.into_iter().map(|(p, q)| (q, p.to_string())),
+        )
+        .await?;
+    }
+    println!(
+        "orders: {} days of sales for {} products written to {} .. {}",
+        window_days + 1,
+        options.products,
+        keys.ranking_day(stale_day),
+        keys.ranking_day(day)
+    );
+
+    // 2. The jobs, running while the sale comes in.
+    for coupon_id in 1..=options.coupons as i64 {
+        let _: () = sandbox
+            .redis
+            .set(keys.stock(coupon_id), options.stock, None, None, false)
+            .await?;
+    }
+    let metrics = Metrics::new();
+    let (log, writer) =
+        ranking_log::channel(&config.ranking_log, sandbox.mysql.clone(), metrics.clone())?;
+    let log_stop = CancellationToken::new();
+    let log_task = tokio::spawn(writer.run(log_stop.clone(), CancellationToken::new()));
+    let drain = CouponDrain::new(
+        sandbox.redis.clone(),
+        sandbox.mysql.clone(),
+        keys,
+        config.coupon.batch_size.get(),
+        log,
+        metrics.clone(),
+    );
+    let persister_stop = CancellationToken::new();
+    let persister = tokio::spawn({
+        let drain = drain.clone();
+        let stop = persister_stop.clone();
+        async move { drain.run_persister(stop).await }
+    });
+    let sale_over = CancellationToken::new();
+    let draining = tokio::spawn({
+        let drain = drain.clone();
+        let sale_over = sale_over.clone();
+        let budget = config.coupon.tick_budget;
+        async move {
+            // Time spent in ticks that decided something: the drain's own speed, without the
+            // pauses between waves.
+            let mut busy = Duration::ZERO;
+            let mut total = DrainReport::default();
+            let never = CancellationToken::new();
+            loop {
+                // The daemon ticks every 5 s; the demo ticks as soon as the last one emptied
+                // the queue, so the run takes seconds.
+                let tick = drain.tick(budget, &never).await?;
+                if tick.decided() > 0 {
+                    busy += tick.elapsed;
+                }
+                total.absorb(&tick);
+                if tick.stopped == StopReason::QueueEmpty {
+                    if sale_over.is_cancelled() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            anyhow::Ok((total, busy))
+        }
+    });
+
+    // Progress: read off the worker's own metrics, so watching costs the servers nothing.
+    let bars = MultiProgress::new();
+    let style =
+        ProgressStyle::with_template("{prefix:>22} {bar:40.cyan/blue} {pos:>7}/{len:7} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = |name: &str, len: u64| {
+        let bar = bars.add(ProgressBar::new(len));
+        bar.set_style(style.clone());
+        bar.set_prefix(name.to_string());
+        bar
+    };
+    let enqueued_bar = bar("API: requests queued", options.requests + options.malformed);
+    let decided_bar = bar("drain: decided", options.requests + options.malformed);
+    let persisted_bar = bar("MySQL: coupons", options.coupons * options.stock);
+    let logged_bar = bar("MySQL: ranking log", options.requests);
+    let watching = CancellationToken::new();
+    let watcher = tokio::spawn({
+        let metrics = metrics.clone();
+        let (decided_bar, persisted_bar, logged_bar) = (
+            decided_bar.clone(),
+            persisted_bar.clone(),
+            logged_bar.clone(),
+        );
+        let watching = watching.clone();
+        async move {
+            while !watching.is_cancelled() {
+                let decided: u64 = [
+                    "issued",
+                    "duplicate",
+                    "sold_out",
+                    "unknown_coupon",
+                    "dead_lettered",
+                ]
+                .iter()
+                .map(|o| metrics.outcome(o).get())
+                .sum();
+                decided_bar.set_position(decided);
+                persisted_bar.set_position(metrics.coupon_rows_persisted.get());
+                logged_bar.set_position(metrics.ranking_log_rows_written.get());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+
+    // Row arrival in MySQL, observed by polling (the latency's resolution is the poll period).
+    let arrivals_stop = CancellationToken::new();
+    let arrivals = tokio::spawn({
+        let pool = sandbox.mysql.clone();
+        let stop = arrivals_stop.clone();
+        async move {
+            let mut seen: Vec<(i64, i64, i64)> = Vec::new();
+            let mut last_id = 0i64;
+            loop {
+                let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+                    "SELECT id, user_id, coupon_id FROM user_coupon WHERE id > ? ORDER BY id",
+                )
+                .bind(last_id)
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default();
+                let now = Utc::now().timestamp_millis();
+                for (id, user, coupon) in rows {
+                    last_id = last_id.max(id);
+                    seen.push((user, coupon, now));
+                }
+                if stop.is_cancelled() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seen
+        }
+    });
+
+    // 3. The sale, in waves.
+    let mut first_enqueued: HashMap<(i64, i64), i64> = HashMap::new();
+    let per_wave = options.requests.div_ceil(options.waves.max(1));
+    let mut sent = 0u64;
+    for wave in 0..options.waves.max(1) {
+        let mut entries: Vec<(f64, String)> = Vec::new();
+        let now = Utc::now().timestamp_millis();
+        if wave == 0 {
+            for i in 0..options.malformed {
+                let sample = MALFORMED_SAMPLES[i as usize % MALFORMED_SAMPLES.len()];
+                entries.push((
+                    now as f64,
+                    format!("{sample}{}", "0".repeat((i / 6) as usize)),
+                ));
+            }
+        }
+        for _ in 0..per_wave.min(options.requests - sent) {
+            let user = rng.i64(1..=options.users as i64);
+            let coupon = rng.i64(1..=options.coupons as i64);
+            first_enqueued.entry((user, coupon)).or_insert(now);
+            entries.push((now as f64, format!("{user}:{coupon}")));
+            sent += 1;
+        }
+        let wave_size = entries.len() as u64;
+        // As the API does. A request already queued (asked twice before the drain got to it)
+        // is not added again: ZADD NX keeps the first.
+        let added: i64 = sandbox
+            .redis
+            .zadd(
+                &keys.queue,
+                Some(SetOptions::NX),
+                None,
+                false,
+                false,
+                entries,
+            )
+            .await?;
+        report.accepted += added as u64;
+        enqueued_bar.inc(wave_size);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sale_over.cancel();
+    let (drain_report, drain_elapsed) = draining.await??;
+    report.drain = drain_report;
+    report.drain_elapsed = drain_elapsed;
+    drain.persister().persist_all().await?;
+    persister_stop.cancel();
+    persister.await?;
+    drop(drain);
+    log_stop.cancel();
+    let log_report = log_task.await?;
+    arrivals_stop.cancel();
+    let seen = arrivals.await?;
+    watching.cancel();
+    watcher.await?;
+    for b in [&enqueued_bar, &decided_bar, &persisted_bar, &logged_bar] {
+        b.finish();
+    }
+    for (user, coupon, landed_ms) in &seen {
+        if let Some(enqueued) = first_enqueued.get(&(*user, *coupon)) {
+            report
+                .latency
+                .record(Duration::from_millis((landed_ms - enqueued).max(0) as u64));
+        }
+    }
+
+    // 4. The ranking rebuild.
+    let rebuild = RankingRebuild::new(
+        sandbox.redis.clone(),
+        keys.clone(),
+        config.ranking.clone(),
+        metrics.clone(),
+    )
+    .rebuild(day, WhenLocked::Wait)
+    .await?;
+    let top: Vec<(String, f64)> = sandbox
+        .redis
+        .zrange(&keys.ranking_window, 0, 9, None, true, None, true)
+        .await?;
+    report.top = top.clone();
+    let stale_left: bool = sandbox.redis.exists(keys.ranking_day(stale_day)).await?;
+
+    // 5. Checks.
+    let mut checks = Vec::new();
+    let mut check = |name: String, passed: bool| checks.push(Check { name, passed });
+    let queue_left: u64 = sandbox.redis.zcard(&keys.queue).await?;
+    check(
+        format!(
+            "every accepted request has exactly one outcome ({} accepted = {} decided + {} dead-lettered; queue empty)",
+            group(report.accepted as f64),
+            group((report.drain.decided() - report.drain.dead_lettered) as f64),
+            report.drain.dead_lettered
+        ),
+        report.drain.decided() == report.accepted && queue_left == 0,
+    );
+    check(
+        format!(
+            "every malformed entry dead-lettered with its reason ({} of {})",
+            report.drain.dead_lettered, options.malformed
+        ),
+        report.drain.dead_lettered == options.malformed,
+    );
+    let mut conserved = true;
+    for coupon_id in 1..=options.coupons as i64 {
+        let remaining: i64 = sandbox.redis.get(keys.stock(coupon_id)).await?;
+        let holders: i64 = sandbox.redis.scard(keys.issued(coupon_id)).await?;
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM user_coupon WHERE coupon_id = ?")
+            .bind(coupon_id)
+            .fetch_one(&sandbox.mysql)
+            .await?;
+        conserved &= options.stock as i64 == remaining + holders && holders == rows;
+    }
+    check(
+        "conservation, per coupon: initial stock = remaining + holders = rows in user_coupon"
+            .into(),
+        conserved,
+    );
+    let doubled: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT user_id, coupon_id FROM user_coupon GROUP BY user_id, coupon_id HAVING COUNT(*) > 1) d",
+    )
+    .fetch_one(&sandbox.mysql)
+    .await?;
+    check("no user holds a coupon twice".into(), doubled == 0);
+    let logged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ranking_logs")
+        .fetch_one(&sandbox.mysql)
+        .await?;
+    let decided_not_dead = report.drain.decided() - report.drain.dead_lettered;
+    check(
+        format!(
+            "one ranking-log row per decided request ({} rows, {} spilled and replayed)",
+            group(logged as f64),
+            metrics.ranking_log_rows_spilled.get()
+        ),
+        logged as u64 == decided_not_dead && log_report.rows_left_spilled == 0,
+    );
+    let mut expected: Vec<(String, f64)> = expected_ranking.into_iter().collect();
+    expected.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+    let top_scores: Vec<f64> = top.iter().map(|(_, s)| *s).collect();
+    let expected_scores: Vec<f64> = expected.iter().take(10).map(|(_, s)| *s).collect();
+    check(
+        format!(
+            "ranking = sum of the {window_days} days in the window ({} products), top-10 as computed here",
+            rebuild.products
+        ),
+        rebuild.products == expected.len() as u64 && top_scores == expected_scores,
+    );
+    check(
+        format!("the day before the window ({stale_day}) was pruned"),
+        !stale_left,
+    );
+    report.checks = checks;
+    print_report(&report, options, &rebuild);
+    Ok(report)
+}
+
+fn print_report(report: &Report, options: Options, rebuild: &crate::ranking::RebuildReport) {
+    let d = &report.drain;
+    println!();
+    println!(
+        "flash sale: {} requests ({} malformed) for {} coupons x {} stock from {} users, in {} waves",
+        group((options.requests + options.malformed) as f64),
+        options.malformed,
+        options.coupons,
+        options.stock,
+        group(options.users as f64),
+        options.waves
+    );
+    println!(
+        "  accepted by ZADD NX: {} (the rest were already queued: asked twice before the drain got to them)",
+        group(report.accepted as f64)
+    );
+    println!(
+        "  outcomes: {} issued, {} duplicate, {} sold out, {} unknown coupon, {} dead-lettered",
+        group(d.issued as f64),
+        group(d.duplicate as f64),
+        group(d.sold_out as f64),
+        d.unknown_coupon,
+        d.dead_lettered
+    );
+    println!(
+        "  throughput: {} requests decided in {:.3} s of drain ticks ({} batches) = {} decided/s",
+        group(d.decided() as f64),
+        report.drain_elapsed.as_secs_f64(),
+        d.batches,
+        group(crate::bench::rate(d.decided(), report.drain_elapsed))
+    );
+    println!(
+        "  latency, enqueue to row in user_coupon ({} coupons; MySQL polled every 10 ms): p50 {}, p99 {}, max {}",
+        group(report.latency.len() as f64),
+        millis(report.latency.percentile(50.0)),
+        millis(report.latency.percentile(99.0)),
+        millis(report.latency.max())
+    );
+    let strategy = match rebuild.strategy {
+        Some(crate::ranking::Strategy::Zunionstore) => "ZUNIONSTORE",
+        Some(crate::ranking::Strategy::Chunked) => "chunked",
+        None => "nothing to sum",
+    };
+    println!(
+        "ranking for {} (window {} .. {}): {} products, {} old daily key(s) pruned, {strategy}, {:.0} ms",
+        rebuild.day,
+        rebuild.window.first().unwrap_or(&rebuild.day),
+        rebuild.window.last().unwrap_or(&rebuild.day),
+        rebuild.products,
+        rebuild.pruned,
+        rebuild.elapsed.as_secs_f64() * 1000.0
+    );
+    println!("  top 10:");
+    for (i, (product, score)) in report.top.iter().enumerate() {
+        println!("  {:>4}. product {product:<8} {score:>8.0} sold", i + 1);
+    }
+    println!("checks:");
+    for c in &report.checks {
+        println!("  [{}] {}", if c.passed { "ok" } else { "FAILED" }, c.name);
+    }
+}
