@@ -122,3 +122,39 @@ pub async fn check_migrated(pool: &MySqlPool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Every key matching `pattern`, found with SCAN (never KEYS) — on each primary of a cluster.
+pub async fn scan_keys(client: &Client, pattern: &str) -> anyhow::Result<Vec<String>> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let keys = if client.is_clustered() {
+        client
+            .scan_cluster_buffered(pattern.to_owned(), Some(1000), None)
+            .boxed()
+    } else {
+        client
+            .scan_buffered(pattern.to_owned(), Some(1000), None)
+            .boxed()
+    };
+    Ok(keys
+        .try_filter_map(|key| async move { Ok(key.as_str().map(str::to_owned)) })
+        .try_collect()
+        .await?)
+}
+
+/// UNLINKs `keys`, in chunks on a single Redis; one by one on a cluster, where one command's
+/// keys must share a slot. Returns how many existed.
+pub async fn unlink_keys(client: &Client, keys: &[String]) -> anyhow::Result<u64> {
+    let mut removed = 0;
+    if client.is_clustered() {
+        for key in keys {
+            let n: u64 = client.unlink(key.as_str()).await?;
+            removed += n;
+        }
+    } else {
+        for chunk in keys.chunks(1000) {
+            let n: u64 = client.unlink(chunk.to_vec()).await?;
+            removed += n;
+        }
+    }
+    Ok(removed)
+}

@@ -47,6 +47,14 @@ pub struct RedisConfig {
     pub url: SecretUrl,
 }
 
+impl RedisConfig {
+    /// A `redis-cluster://` or `rediss-cluster://` URL.
+    pub fn is_cluster(&self) -> bool {
+        let url = self.url.expose();
+        url.starts_with("redis-cluster://") || url.starts_with("rediss-cluster://")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MysqlConfig {
     pub url: SecretUrl,
@@ -565,6 +573,7 @@ impl Reader {
         }
         self.finish(s);
         let redis = RedisConfig { url: redis_url };
+        let cluster = redis.is_cluster();
 
         let mut s = self.section("mysql");
         let mysql_url = self.url(
@@ -604,6 +613,11 @@ impl Reader {
         }
         for (key, message) in keys.validate() {
             self.problem(format!("keys.{key}"), message);
+        }
+        if cluster {
+            for (key, message) in keys.cluster_problems() {
+                self.problem(format!("keys.{key}"), message);
+            }
         }
         self.finish(s);
 
@@ -782,6 +796,37 @@ mod tests {
         assert_eq!(config.ranking.timezone, chrono_tz::Asia::Seoul);
         assert_eq!(config.shutdown.timeout, Duration::from_secs(25));
         assert_eq!(config.keys.queue, "coupon:queue");
+    }
+
+    #[test]
+    fn a_cluster_url_requires_coupon_keys_in_one_hash_slot() {
+        let err = load(
+            r#"
+            [redis]
+            url = "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001"
+            "#,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("default keys cannot work on a cluster"));
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, vec!["keys.queue"]);
+
+        let config = load(
+            r#"
+            [redis]
+            url = "redis-cluster://127.0.0.1:7000"
+            [keys]
+            queue = "{coupon}:queue"
+            stock = "{coupon}:stock:{couponId}"
+            issued = "{coupon}:issued:{couponId}"
+            seq = "{coupon}:seq:{couponId}"
+            result = "{coupon}:result:{couponId}"
+            dead = "{coupon}:dead"
+            outbox = "{coupon}:outbox"
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.redis.is_cluster());
     }
 
     #[test]

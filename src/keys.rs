@@ -5,9 +5,10 @@
 //! the daily ranking template. Any other `{...}` is left as written, so a Redis Cluster hash tag
 //! such as `{coupon}:queue` passes through untouched.
 //!
-//! Keys the worker derives for itself (the ranking's temporary, lock and marker keys) are
-//! suffixes of `ranking_window`, so they hash to the same cluster slot whenever that template
-//! carries a hash tag.
+//! Keys the worker derives for itself (the ranking's temporary, lock and marker keys) are built
+//! from `ranking_window`; the temporary keys always hash to its cluster slot (see
+//! [`KeyTemplates::ranking_temp`]). [`KeyTemplates::cluster_problems`] says which templates
+//! cannot work on Redis Cluster.
 
 use chrono::NaiveDate;
 
@@ -192,10 +193,70 @@ impl KeyTemplates {
         format!("{}:built", self.ranking_window)
     }
 
-    /// A temporary key for one rebuild; `token` makes it unique to that rebuild.
+    /// A temporary key for one rebuild; `token` makes it unique to that rebuild. It hashes to
+    /// the ranking key's cluster slot even when `ranking_window` has no hash tag (the whole key
+    /// then becomes the tag), so the swap script's RENAME works on Redis Cluster.
     pub fn ranking_temp(&self, token: &str) -> String {
-        format!("{}:tmp:{token}", self.ranking_window)
+        if hash_tag(&self.ranking_window).len() < self.ranking_window.len() {
+            format!("{}:tmp:{token}", self.ranking_window)
+        } else {
+            format!("{{{}}}:tmp:{token}", self.ranking_window)
+        }
     }
+
+    /// Whether the window's daily keys and the rebuild's temporary key share a cluster slot,
+    /// so that one ZUNIONSTORE can sum them on Redis Cluster.
+    pub fn ranking_in_one_slot(&self) -> bool {
+        let day =
+            |d: u32| self.ranking_day(NaiveDate::from_ymd_opt(2024, 1, d).unwrap_or_default());
+        let temp = self.ranking_temp("x");
+        hash_tag(&day(1)) == hash_tag(&temp) && hash_tag(&day(2)) == hash_tag(&temp)
+    }
+
+    /// Why these templates cannot work on Redis Cluster, as `(template name, message)`: the
+    /// decide script touches the queue, dead-letter stream, outbox and every coupon's keys at
+    /// once, so they must all share one hash tag. (The ranking needs none: without one it is
+    /// built in chunks.)
+    pub fn cluster_problems(&self) -> Vec<(&'static str, String)> {
+        let anchor = hash_tag(&self.queue).to_owned();
+        if anchor.len() == self.queue.len() {
+            return vec![(
+                "queue",
+                format!(
+                    "`{}` has no hash tag: on Redis Cluster every coupon key must share one, e.g. `{{coupon}}:queue`, `{{coupon}}:stock:{{couponId}}`",
+                    self.queue
+                ),
+            )];
+        }
+        let mut problems = Vec::new();
+        for (name, template) in self.entries() {
+            if matches!(name, "queue" | "ranking_daily" | "ranking_window") {
+                continue;
+            }
+            let keys = [Self::coupon_key(template, 1), Self::coupon_key(template, 2)];
+            if keys.iter().any(|k| hash_tag(k) != anchor) {
+                problems.push((
+                    name,
+                    format!(
+                        "`{template}` is not in the queue's hash slot: on Redis Cluster it must carry the queue's hash tag `{{{anchor}}}`"
+                    ),
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// The part of `key` Redis Cluster hashes: the text of the first non-empty `{...}`, or the whole
+/// key.
+pub fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{')
+        && let Some(len) = key[open + 1..].find('}')
+        && len > 0
+    {
+        return &key[open + 1..open + 1 + len];
+    }
+    key
 }
 
 /// Escapes the characters Redis glob patterns treat specially.
@@ -213,6 +274,67 @@ fn glob_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_tags_follow_the_redis_cluster_rule() {
+        assert_eq!(hash_tag("{coupon}:queue"), "coupon");
+        assert_eq!(hash_tag("pfx:{coupon}:stock:42"), "coupon");
+        assert_eq!(hash_tag("coupon:queue"), "coupon:queue");
+        assert_eq!(
+            hash_tag("{}:queue"),
+            "{}:queue",
+            "an empty tag hashes the whole key"
+        );
+        assert_eq!(hash_tag("a{b"), "a{b");
+        assert_eq!(hash_tag("{a}{b}"), "a", "only the first tag counts");
+    }
+
+    #[test]
+    fn the_rebuilds_temporary_key_always_shares_the_rankings_slot() {
+        let plain = KeyTemplates::default();
+        assert_eq!(plain.ranking_temp("t"), "{product:ranking:3d}:tmp:t");
+        assert_eq!(
+            hash_tag(&plain.ranking_temp("t")),
+            hash_tag(&plain.ranking_window)
+        );
+        let tagged = KeyTemplates {
+            ranking_window: "{rank}:3d".into(),
+            ranking_daily: "{rank}:{date}".into(),
+            ..KeyTemplates::default()
+        };
+        assert_eq!(tagged.ranking_temp("t"), "{rank}:3d:tmp:t");
+        assert!(tagged.ranking_in_one_slot());
+        assert!(
+            !plain.ranking_in_one_slot(),
+            "untagged daily keys spread over slots"
+        );
+    }
+
+    #[test]
+    fn cluster_problems_name_every_coupon_template_outside_the_queues_slot() {
+        let plain = KeyTemplates::default();
+        let problems = plain.cluster_problems();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].0, "queue");
+        assert!(problems[0].1.contains("{coupon}:queue"));
+
+        let mut tagged = KeyTemplates {
+            queue: "{coupon}:queue".into(),
+            stock: "{coupon}:stock:{couponId}".into(),
+            issued: "{coupon}:issued:{couponId}".into(),
+            seq: "{coupon}:seq:{couponId}".into(),
+            result: "{coupon}:result:{couponId}".into(),
+            dead: "{coupon}:dead".into(),
+            outbox: "{coupon}:outbox".into(),
+            ..KeyTemplates::default()
+        };
+        assert!(tagged.cluster_problems().is_empty());
+        assert!(tagged.with_prefix("test:").cluster_problems().is_empty());
+        tagged.stock = "coupon:stock:{couponId}".into();
+        tagged.outbox = "{other}:outbox".into();
+        let names: Vec<&str> = tagged.cluster_problems().iter().map(|p| p.0).collect();
+        assert_eq!(names, vec!["stock", "outbox"]);
+    }
 
     #[test]
     fn placeholders_are_replaced_and_hash_tags_kept() {

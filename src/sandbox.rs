@@ -10,7 +10,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use fred::prelude::*;
-use futures_util::TryStreamExt;
 use sqlx::MySqlPool;
 
 use crate::backends;
@@ -53,17 +52,10 @@ impl Sandbox {
 
     /// Deletes every key under the prefix, drops the database and removes the spill directory.
     pub async fn cleanup(self) -> anyhow::Result<()> {
-        let pattern = format!("{}:*", self.name);
-        let keys: Vec<String> = self
-            .redis
-            .scan_buffered(pattern, Some(1000), None)
-            .try_filter_map(|key| async move { Ok(key.as_str().map(|s| s.to_string())) })
-            .try_collect()
+        let keys = backends::scan_keys(&self.redis, &format!("{}:*", self.name))
             .await
             .context("listing the sandbox's Redis keys")?;
-        for chunk in keys.chunks(500) {
-            let _: i64 = self.redis.unlink(chunk.to_vec()).await?;
-        }
+        backends::unlink_keys(&self.redis, &keys).await?;
         self.mysql.close().await;
         let server = MySqlPool::connect(&with_database(self.config.mysql.url.expose(), "")?)
             .await

@@ -253,8 +253,10 @@ impl RankingRebuild {
             let size: u64 = self.client.zcard(key).await?;
             report.source_members += size;
         }
+        // On Redis Cluster, ZUNIONSTORE needs the daily keys in the temporary key's slot.
+        let one_slot = !self.client.is_clustered() || self.keys.ranking_in_one_slot();
         let strategy = self.forced_strategy.unwrap_or(
-            if report.source_members > self.config.chunked_threshold {
+            if report.source_members > self.config.chunked_threshold || !one_slot {
                 Strategy::Chunked
             } else {
                 Strategy::Zunionstore
@@ -334,26 +336,17 @@ impl RankingRebuild {
     /// Deletes daily keys older than the window and sets the safety-net expiry on the rest.
     async fn prune(&self, day: NaiveDate, window: &[(NaiveDate, f64)]) -> anyhow::Result<u64> {
         let oldest_kept = window.last().map(|(d, _)| *d).unwrap_or(day);
-        let mut stale = Vec::new();
-        let keys = self
-            .client
-            .scan_buffered(self.keys.ranking_daily_pattern(), Some(1000), None);
-        futures_util::pin_mut!(keys);
-        while let Some(key) = keys.try_next().await? {
-            let Some(name) = key.as_str() else { continue };
-            if self
-                .keys
-                .ranking_day_of(name)
-                .is_some_and(|key_day| key_day < oldest_kept)
-            {
-                stale.push(name.to_owned());
-            }
-        }
-        let mut pruned = 0;
-        for chunk in stale.chunks(CHUNK) {
-            let removed: u64 = self.client.unlink(chunk.to_vec()).await?;
-            pruned += removed;
-        }
+        let stale: Vec<String> =
+            crate::backends::scan_keys(&self.client, &self.keys.ranking_daily_pattern())
+                .await?
+                .into_iter()
+                .filter(|name| {
+                    self.keys
+                        .ranking_day_of(name)
+                        .is_some_and(|key_day| key_day < oldest_kept)
+                })
+                .collect();
+        let pruned = crate::backends::unlink_keys(&self.client, &stale).await?;
         // A daily key is needed until the rebuild window_days - 1 days after it; keep one more
         // day of grace. The worker being down longer is what the SCAN above is for.
         for (key_day, _) in window {

@@ -214,6 +214,148 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A private Redis Cluster of three primaries (no replicas) started by the test. Each node keeps
+/// an append-only file fsynced on every write, so a primary killed and restarted comes back with
+/// its data, as a production primary with persistence would.
+pub struct PrivateCluster {
+    pub ports: [u16; 3],
+    dir: tempfile::TempDir,
+    children: [Option<Child>; 3],
+}
+
+impl PrivateCluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut cluster = Self {
+            ports: [free_port(), free_port(), free_port()],
+            dir,
+            children: [None, None, None],
+        };
+        for node in 0..3 {
+            cluster.start_node(node);
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("redis-cli --cluster create: {e}"));
+        assert!(status.success(), "redis-cli --cluster create failed");
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// `redis-cluster://` URL naming every node.
+    pub fn url(&self) -> String {
+        format!(
+            "redis-cluster://127.0.0.1:{}?node=127.0.0.1:{}&node=127.0.0.1:{}",
+            self.ports[0], self.ports[1], self.ports[2]
+        )
+    }
+
+    fn start_node(&mut self, node: usize) {
+        let port = self.ports[node].to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(["--appendfilename", &format!("aof-{port}.aof")])
+            .args(["--appenddirname", &format!("aof-{port}")])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+        self.children[node] = Some(child);
+        wait_for_port(self.ports[node], Duration::from_secs(10));
+    }
+
+    /// Waits until every node reports `cluster_state:ok`.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for port in self.ports {
+            loop {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap_or_else(|e| panic!("{e}"));
+                if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The node serving `key`'s slot.
+    pub fn node_of(&self, key: &str) -> usize {
+        let port0 = self.ports[0].to_string();
+        let slot = Command::new("redis-cli")
+            .args(["-p", &port0, "cluster", "keyslot", key])
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let slot: u16 = String::from_utf8_lossy(&slot.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        (0..3)
+            .find(|&node| {
+                let nodes = Command::new("redis-cli")
+                    .args(["-p", &self.ports[node].to_string(), "cluster", "nodes"])
+                    .output()
+                    .unwrap_or_else(|e| panic!("{e}"));
+                // `CLUSTER NODES`: this node's line is marked `myself`; from the 9th field on
+                // come its slot ranges.
+                String::from_utf8_lossy(&nodes.stdout).lines().any(|line| {
+                    line.contains("myself")
+                        && line.split_whitespace().skip(8).any(|range| {
+                            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                            match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                                (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                                _ => false,
+                            }
+                        })
+                })
+            })
+            .unwrap_or_else(|| panic!("no node serves slot {slot}"))
+    }
+
+    /// SIGKILLs one primary.
+    pub fn kill(&mut self, node: usize) {
+        kill_child(&mut self.children[node]);
+    }
+
+    /// Restarts a killed primary from its append-only file and waits for the cluster.
+    pub fn restart(&mut self, node: usize) {
+        self.start_node(node);
+        self.wait_ok();
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            kill_child(child);
+        }
+    }
+}
+
 /// A private mariadbd with its own data directory, which a test may kill and restart.
 pub struct PrivateMariadb {
     pub port: u16,
@@ -300,6 +442,11 @@ pub struct Pipeline {
 
 impl TestEnv {
     pub fn pipeline(&self) -> Pipeline {
+        self.pipeline_on(self.redis.clone())
+    }
+
+    /// A pipeline with its own Redis client (a replica of the worker, in effect).
+    pub fn pipeline_on(&self, redis: Client) -> Pipeline {
         let metrics = commerce_worker::metrics::Metrics::new();
         let (sender, writer) = commerce_worker::ranking_log::channel(
             &self.config.ranking_log,
@@ -311,7 +458,7 @@ impl TestEnv {
         let log_task =
             tokio::spawn(writer.run(log_stop.clone(), tokio_util::sync::CancellationToken::new()));
         let drain = commerce_worker::coupon::CouponDrain::new(
-            self.redis.clone(),
+            redis,
             self.mysql.clone(),
             &self.config.keys,
             self.config.coupon.batch_size.get(),

@@ -14,7 +14,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_commerce-worker");
 
 /// initial = remaining + |issued| = rows, nobody twice, and every request decided exactly once
 /// (the result hash answers for every user; seq counts every request).
-async fn assert_invariants(env: &TestEnv, coupons: &[i64], initial: i64, users: i64) {
+pub(crate) async fn assert_invariants(env: &TestEnv, coupons: &[i64], initial: i64, users: i64) {
     let queue: u64 = env
         .redis
         .zcard(&env.keys().queue)
@@ -78,7 +78,7 @@ async fn assert_invariants(env: &TestEnv, coupons: &[i64], initial: i64, users: 
     }
 }
 
-async fn flash_sale(env: &TestEnv, coupons: &[i64], initial: i64, users: i64) {
+pub(crate) async fn flash_sale(env: &TestEnv, coupons: &[i64], initial: i64, users: i64) {
     for &c in coupons {
         env.set_stock(c, &initial.to_string()).await;
     }

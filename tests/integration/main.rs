@@ -2,6 +2,7 @@
 //! fault tests). One binary with a module per job keeps link time down.
 
 mod bench;
+mod cluster;
 mod common;
 mod coupon_drain;
 mod daemon;

@@ -1,0 +1,176 @@
+//! Redis Cluster, for real: a private cluster of three primaries per test. The coupon keys carry
+//! one hash tag (`{coupon}`), so the decide script's keys share a slot; the ranking keys carry
+//! none, so the rebuild must sum the days in chunks and scan every primary to prune.
+
+use std::time::Duration;
+
+use chrono::{Days, NaiveDate};
+use commerce_worker::keys::KeyTemplates;
+use commerce_worker::metrics::Metrics;
+use commerce_worker::ranking::{RankingRebuild, Strategy, WhenLocked};
+use fred::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{PrivateCluster, TestEnv, mysql_server_url};
+use crate::drain_faults::{assert_invariants, flash_sale};
+
+/// The single-slot layout: every coupon key tagged `{coupon}`; ranking keys as by default.
+fn tagged_keys(prefix: &str) -> KeyTemplates {
+    KeyTemplates {
+        queue: "{coupon}:queue".into(),
+        stock: "{coupon}:stock:{couponId}".into(),
+        issued: "{coupon}:issued:{couponId}".into(),
+        seq: "{coupon}:seq:{couponId}".into(),
+        result: "{coupon}:result:{couponId}".into(),
+        dead: "{coupon}:dead".into(),
+        outbox: "{coupon}:outbox".into(),
+        ..KeyTemplates::default()
+    }
+    .with_prefix(prefix)
+}
+
+async fn cluster_env(cluster: &PrivateCluster) -> TestEnv {
+    let mut env = TestEnv::with_servers(&cluster.url(), &mysql_server_url()).await;
+    env.config.keys = tagged_keys(&format!("{}:", env.name));
+    assert!(env.config.keys.cluster_problems().is_empty());
+    assert!(env.redis.is_clustered());
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_concurrent_drainers_on_a_cluster_keep_every_invariant() {
+    let cluster = PrivateCluster::start();
+    let mut env = cluster_env(&cluster).await;
+    env.config.coupon.batch_size =
+        std::num::NonZeroUsize::new(100).unwrap_or(std::num::NonZeroUsize::MIN);
+    let coupons = [1, 2, 3];
+    let (initial, users) = (300, 1000);
+    flash_sale(&env, &coupons, initial, users).await;
+
+    let mut pipelines = Vec::new();
+    for _ in 0..3 {
+        let client = commerce_worker::backends::connect_redis(&env.config.redis)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        pipelines.push(env.pipeline_on(client));
+    }
+    let stop = CancellationToken::new();
+    let reports =
+        futures_util::future::join_all(pipelines.iter().map(|p| p.drain.drain_to_empty(&stop)))
+            .await;
+    let decided: u64 = reports.iter().map(|r| r.decided()).sum();
+    assert_eq!(
+        decided,
+        (coupons.len() as i64 * users) as u64,
+        "{reports:?}"
+    );
+    let mut logged = 0;
+    for pipeline in pipelines {
+        logged += pipeline.finish().await;
+    }
+    assert_eq!(logged, decided, "one ranking-log row per decided request");
+    assert_invariants(&env, &coupons, initial, users).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ranking_on_a_cluster_is_summed_in_chunks_and_old_days_pruned_on_every_primary() {
+    let cluster = PrivateCluster::start();
+    let env = cluster_env(&cluster).await;
+    let keys = env.keys().clone();
+    assert!(!keys.ranking_in_one_slot());
+    let day = NaiveDate::from_ymd_opt(2026, 11, 23).unwrap_or_default();
+    let sales = |back: u64, entries: Vec<(f64, &'static str)>| {
+        let key = keys.ranking_day(day.checked_sub_days(Days::new(back)).unwrap_or(day));
+        let redis = env.redis.clone();
+        async move {
+            let entries: Vec<(f64, String)> = entries
+                .into_iter()
+                .map(|(s, m)| (s, m.to_owned()))
+                .collect();
+            let _: i64 = redis
+                .zadd(key, None, None, false, false, entries)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    };
+    sales(0, vec![(5.0, "a"), (1.0, "b")]).await;
+    sales(1, vec![(2.0, "a"), (7.0, "c")]).await;
+    sales(2, vec![(1.0, "b")]).await;
+    // Outside the window, on whatever primaries their slots fall.
+    sales(3, vec![(100.0, "z")]).await;
+    sales(6, vec![(100.0, "z")]).await;
+    sales(9, vec![(100.0, "z")]).await;
+
+    let report = RankingRebuild::new(
+        env.redis.clone(),
+        keys.clone(),
+        env.config.ranking.clone(),
+        Metrics::new(),
+    )
+    .rebuild(day, WhenLocked::Wait)
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(report.strategy, Some(Strategy::Chunked));
+    assert_eq!(report.pruned, 3);
+    let ranking: Vec<(String, f64)> = env
+        .redis
+        .zrange(&keys.ranking_window, 0, -1, None, true, None, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ranking,
+        // Equal scores: reverse order by member, as ZREVRANGE gives them.
+        vec![("c".into(), 7.0), ("a".into(), 7.0), ("b".into(), 2.0)]
+    );
+    for back in [3, 6, 9] {
+        let gone: bool = env
+            .redis
+            .exists(keys.ranking_day(day.checked_sub_days(Days::new(back)).unwrap_or(day)))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!gone, "day D-{back} pruned");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_and_restarted_mid_drain_loses_and_duplicates_nothing() {
+    let mut cluster = PrivateCluster::start();
+    let mut env = cluster_env(&cluster).await;
+    env.config.coupon.batch_size =
+        std::num::NonZeroUsize::new(25).unwrap_or(std::num::NonZeroUsize::MIN);
+    let coupons = [1, 2];
+    let (initial, users) = (1500, 3000);
+    flash_sale(&env, &coupons, initial, users).await;
+    let node = cluster.node_of("{coupon}");
+
+    let pipeline = env.pipeline();
+    let draining = tokio::spawn({
+        let drain = pipeline.drain.clone();
+        async move { drain.drain_to_empty(&CancellationToken::new()).await }
+    });
+    let total = (coupons.len() as i64 * users) as u64;
+    loop {
+        let left: u64 = env.redis.zcard(&env.keys().queue).await.unwrap_or(total);
+        if left < total * 3 / 4 {
+            break;
+        }
+        assert!(
+            !draining.is_finished(),
+            "the drain finished before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    cluster.kill(node);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart(node);
+    let report = tokio::time::timeout(Duration::from_secs(120), draining)
+        .await
+        .unwrap_or_else(|_| panic!("the drain did not finish after the primary came back"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.decided() > 0);
+    pipeline.finish().await;
+    assert_invariants(&env, &coupons, initial, users).await;
+    env.cleanup().await;
+}
