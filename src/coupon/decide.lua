@@ -16,8 +16,8 @@
 -- KEYS, never built here, so the script works on Redis Cluster when they share a hash slot.
 -- userIds stay strings: Lua numbers are doubles and cannot hold every i64.
 --
--- Speed: Redis commands are issued in bulk (ZMSCORE, SMISMEMBER, then one ZREM, SADD, HSET,
--- ZADD per key) rather than per entry; inside one script nothing can interleave, so reading
+-- Speed: Redis commands are issued in bulk (ZRANGE or ZMSCORE, SMISMEMBER, then one removal,
+-- SADD, HSET, ZADD per key) rather than per entry; inside one script nothing can interleave, so reading
 -- the whole batch first and writing it after is the same as deciding entry by entry. A member is
 -- unique in the queue, so a batch holds at most one request per (user, coupon).
 
@@ -112,7 +112,22 @@ for i = 1, nentries do
   local a = 2 + (i - 1) * 3
   members[i], cidx[i], user_or_reason[i] = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
 end
-local scores = bulk('ZMSCORE', queue, nil, members, 1)
+-- Usually the batch is still exactly the head of the queue (one drainer, arrivals at the tail):
+-- one ZRANGE confirms it, and ZREMRANGEBYRANK later removes it without a lookup per member.
+-- Otherwise (another replica took some, earlier-scored arrivals) ZMSCORE says which are left.
+local head = redis.call('ZRANGE', queue, 0, nentries - 1)
+local whole_head = #head == nentries
+for i = 1, nentries do
+  if not whole_head then break end
+  whole_head = head[i] == members[i]
+end
+local scores
+if whole_head then
+  scores = {}
+  for i = 1, nentries do scores[i] = true end
+else
+  scores = bulk('ZMSCORE', queue, nil, members, 1)
+end
 
 local entries_of, users_of = {}, {}
 for c = 1, ncoupons do entries_of[c], users_of[c] = {}, {} end
@@ -146,7 +161,9 @@ for i = 1, nentries do
     if info == nil or info.dead ~= nil then
       local reason = user
       if info ~= nil then reason = info.dead end
-      redis.call('XADD', dead, '*', 'member', member, 'score', scores[i], 'reason', reason)
+      local score = scores[i]
+      if score == true then score = redis.call('ZSCORE', queue, member) end
+      redis.call('XADD', dead, '*', 'member', member, 'score', score, 'reason', reason)
       code = 'X'
     else
       info.decided = info.decided + 1
@@ -181,7 +198,11 @@ for i = 1, nentries do
 end
 
 -- Write.
-bulk('ZREM', queue, nil, claimed, 1)
+if whole_head then
+  redis.call('ZREMRANGEBYRANK', queue, 0, nentries - 1)
+else
+  bulk('ZREM', queue, nil, claimed, 1)
+end
 bulk('ZADD', outbox, 'NX', outbox_adds, 2)
 for c = 1, ncoupons do
   local info = coupons[c]

@@ -152,32 +152,49 @@ impl CouponDrain {
         let mut report = DrainReport::default();
         // The next batch's head, read in the same round trip as the previous batch's script.
         let mut next_head = None;
-        loop {
+        // Decisions of the previous batch, recorded while Redis runs the next batch's script.
+        let mut pending: Vec<Decision> = Vec::new();
+        let outcome = loop {
             if stop.is_cancelled() {
                 report.stopped = StopReason::ShutdownRequested;
-                break;
+                break Ok(());
             }
             if started.elapsed() >= budget {
                 report.stopped = StopReason::BudgetSpent;
-                break;
+                break Ok(());
             }
             let batch_started = Instant::now();
             let head = match next_head.take() {
                 Some(head) => head,
-                None => self.decider.read_head().await?,
+                None => match self.decider.read_head().await {
+                    Ok(head) => head,
+                    Err(e) => break Err(e),
+                },
             };
-            let (decisions, next) = self.decider.decide_head(head, true).await?;
+            let previous = std::mem::take(&mut pending);
+            // `join!` polls the script first: its request is on the wire before the previous
+            // batch's bookkeeping (log rows, metrics) takes the CPU.
+            let (decided, ()) = tokio::join!(self.decider.decide_head(head, true), async {
+                self.record(&previous, &mut report)
+            });
+            let (decisions, next) = match decided {
+                Ok(decided) => decided,
+                Err(e) => break Err(e),
+            };
             next_head = next;
             if decisions.is_empty() {
                 report.stopped = StopReason::QueueEmpty;
-                break;
+                break Ok(());
             }
             self.metrics
                 .coupon_batch_duration
                 .observe(batch_started.elapsed().as_secs_f64());
             report.batches += 1;
-            self.record(&decisions, &mut report);
-        }
+            pending = decisions;
+        };
+        // Whatever happened, what was decided is counted and logged.
+        self.record(&pending, &mut report);
+        outcome?;
         report.queue_depth = self.client.zcard(&self.queue_key).await?;
         report.elapsed = started.elapsed();
         self.metrics
@@ -204,13 +221,14 @@ impl CouponDrain {
     /// Counts outcomes, updates metrics and hands one log row per decided request to the
     /// ranking log.
     fn record(&self, decisions: &[Decision], report: &mut DrainReport) {
+        if decisions.is_empty() {
+            return;
+        }
         let now = Utc::now();
+        let before = report.clone();
         let mut rows = Vec::with_capacity(decisions.len());
         for decision in decisions {
             report.count(decision.outcome);
-            if decision.outcome != Outcome::Gone {
-                self.metrics.outcome(decision.outcome.label()).inc();
-            }
             let outcome = match decision.outcome {
                 Outcome::Issued => LogOutcome::Issued,
                 Outcome::Duplicate => LogOutcome::Duplicate,
@@ -231,7 +249,25 @@ impl CouponDrain {
                 });
             }
         }
-        if report.issued > 0 {
+        // One metric update per outcome and batch, not per entry.
+        for (outcome, count) in [
+            (Outcome::Issued, report.issued - before.issued),
+            (Outcome::Duplicate, report.duplicate - before.duplicate),
+            (Outcome::SoldOut, report.sold_out - before.sold_out),
+            (
+                Outcome::UnknownCoupon,
+                report.unknown_coupon - before.unknown_coupon,
+            ),
+            (
+                Outcome::DeadLettered,
+                report.dead_lettered - before.dead_lettered,
+            ),
+        ] {
+            if count > 0 {
+                self.metrics.outcome(outcome.label()).inc_by(count);
+            }
+        }
+        if report.issued > before.issued {
             self.outbox_ready.notify_one();
         }
         self.log.send(rows);
