@@ -195,3 +195,92 @@ async fn readyz_is_503_while_redis_is_down_and_200_when_it_returns() {
     assert!(result.is_ok(), "{result:?}");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_that_misses_its_deadline_exits_1_and_the_next_start_writes_what_was_kept() {
+    use fred::prelude::*;
+
+    let mut db = crate::common::PrivateMariadb::start();
+    let env = TestEnv::with_servers(&crate::common::redis_url(), &db.server_url()).await;
+    let port = free_port();
+    let mut text = std::fs::read_to_string(env.config_file(port)).unwrap_or_else(|e| panic!("{e}"));
+    text.push_str("[coupon]\nschedule = \"* * * * * *\"\n[shutdown]\ntimeout_secs = 2\n");
+    let config = env.dir.path().join("deadline.toml");
+    std::fs::write(&config, text).unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually(Duration::from_secs(30), "ready", async || {
+        http_status(port, "/readyz") == 200
+    })
+    .await;
+
+    // MySQL goes away; requests keep coming and are decided in Redis.
+    db.kill();
+    crate::drain_faults::flash_sale(&env, &[5], 40, 100).await;
+    eventually(
+        Duration::from_secs(20),
+        "the queue is decided",
+        async || {
+            env.redis
+                .zcard::<u64, _>(&env.keys().queue)
+                .await
+                .is_ok_and(|n| n == 0)
+        },
+    )
+    .await;
+
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(sent.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no exit after the deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(1), "a missed deadline exits 1");
+    let spilled = std::fs::read_to_string(
+        env.config
+            .ranking_log
+            .spill_dir
+            .join("ranking-log-spill.jsonl"),
+    )
+    .unwrap_or_default()
+    .lines()
+    .count();
+    assert_eq!(spilled, 100, "every undelivered log row kept on disk");
+    let outbox: u64 = env
+        .redis
+        .zcard(&env.keys().outbox)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outbox, 40, "issued coupons wait in the outbox");
+
+    // The next start, with MySQL back, writes both.
+    db.resume();
+    let drained = Command::new(BIN)
+        .args(["drain", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(drained.success());
+    assert_eq!(env.count("SELECT COUNT(*) FROM user_coupon").await, 40);
+    assert_eq!(env.count("SELECT COUNT(*) FROM ranking_logs").await, 100);
+    env.cleanup().await;
+    drop(db);
+}
