@@ -89,6 +89,10 @@ pub enum BenchCommand {
         /// Requests in the naive algorithm's sale (stock scaled to match); 0 skips it.
         #[arg(long, default_value_t = 1_000_000)]
         naive_requests: u64,
+        /// Also drain the sale on this Redis Cluster (redis-cluster://…) with one queue per
+        /// coupon, and print it beside the single Redis.
+        #[arg(long, value_name = "URL")]
+        cluster_url: Option<String>,
     },
     /// ZUNIONSTORE vs the chunked rebuild: total time and the longest stall of another client.
     Ranking {

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::ranking::{RankingRebuild, WhenLocked, today};
 use crate::ranking_log;
 use crate::sandbox::Sandbox;
-use crate::simulated_api::write_day_sales;
+use crate::simulated_api::{enqueue_members, queued, write_day_sales};
 
 /// The demo's sizes.
 #[derive(Debug, Clone, Copy)]
@@ -303,18 +303,8 @@ async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Report> {
         let wave_size = entries.len() as u64;
         // As the API does. A request already queued (asked twice before the drain got to it)
         // is not added again: ZADD NX keeps the first.
-        let added: i64 = sandbox
-            .redis
-            .zadd(
-                &keys.queue,
-                Some(SetOptions::NX),
-                None,
-                false,
-                false,
-                entries,
-            )
-            .await?;
-        report.accepted += added as u64;
+        let added = enqueue_members(&sandbox.redis, keys, entries).await?;
+        report.accepted += added;
         enqueued_bar.inc(wave_size);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -322,7 +312,7 @@ async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Report> {
     let (drain_report, drain_elapsed) = draining.await??;
     report.drain = drain_report;
     report.drain_elapsed = drain_elapsed;
-    drain.persister().persist_all().await?;
+    drain.persist_all().await?;
     persister_stop.cancel();
     persister.await?;
     drop(drain);
@@ -362,7 +352,7 @@ async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Report> {
     // 5. Checks.
     let mut checks = Vec::new();
     let mut check = |name: String, passed: bool| checks.push(Check { name, passed });
-    let queue_left: u64 = sandbox.redis.zcard(&keys.queue).await?;
+    let queue_left = queued(&sandbox.redis, keys).await?;
     check(
         format!(
             "every accepted request has exactly one outcome ({} accepted = {} decided + {} dead-lettered; queue empty)",

@@ -34,6 +34,8 @@ pub struct KeyTemplates {
     /// ZSET of issued coupons not yet confirmed in MySQL: member `userId:couponId`, score =
     /// issue time in ms. Internal.
     pub outbox: String,
+    /// SET of couponIds with a queue of their own (per-coupon layout only; written by the API).
+    pub coupon_registry: String,
     /// ZSET of units sold per product on one day (written by the API).
     pub ranking_daily: String,
     /// ZSET: the sum of the window's daily keys.
@@ -50,6 +52,7 @@ impl Default for KeyTemplates {
             result: "coupon:result:{couponId}".into(),
             dead: "coupon:dead".into(),
             outbox: "coupon:outbox".into(),
+            coupon_registry: "coupon:registry".into(),
             ranking_daily: "product:ranking:{date}".into(),
             ranking_window: "product:ranking:3d".into(),
         }
@@ -67,6 +70,7 @@ impl KeyTemplates {
             ("result", &self.result),
             ("dead", &self.dead),
             ("outbox", &self.outbox),
+            ("coupon_registry", &self.coupon_registry),
             ("ranking_daily", &self.ranking_daily),
             ("ranking_window", &self.ranking_window),
         ]
@@ -81,6 +85,7 @@ impl KeyTemplates {
             ("result", &mut self.result),
             ("dead", &mut self.dead),
             ("outbox", &mut self.outbox),
+            ("coupon_registry", &mut self.coupon_registry),
             ("ranking_daily", &mut self.ranking_daily),
             ("ranking_window", &mut self.ranking_window),
         ]
@@ -102,6 +107,8 @@ impl KeyTemplates {
         for (name, template) in self.entries() {
             let wants = match name {
                 "stock" | "issued" | "seq" | "result" => Some(COUPON_ID),
+                // The per-coupon layout: one queue (and dead-letter stream and outbox) per coupon.
+                "queue" | "dead" | "outbox" if self.per_coupon() => Some(COUPON_ID),
                 "ranking_daily" => Some(DATE),
                 _ => None,
             };
@@ -121,6 +128,19 @@ impl KeyTemplates {
                 if Some(other) != wants && count(other) > 0 {
                     problems.push((name, format!("`{template}` cannot use `{other}`")));
                 }
+            }
+        }
+        for name in ["dead", "outbox"] {
+            let template = if name == "dead" {
+                &self.dead
+            } else {
+                &self.outbox
+            };
+            if !self.per_coupon() && template.contains(COUPON_ID) {
+                problems.push((
+                    name,
+                    format!("`{template}` uses `{COUPON_ID}` but `keys.queue` does not: a per-coupon layout needs it in queue, dead and outbox"),
+                ));
             }
         }
         let mut seen: Vec<(&str, &str)> = Vec::new();
@@ -213,34 +233,58 @@ impl KeyTemplates {
         hash_tag(&day(1)) == hash_tag(&temp) && hash_tag(&day(2)) == hash_tag(&temp)
     }
 
-    /// Why these templates cannot work on Redis Cluster, as `(template name, message)`: the
-    /// decide script touches the queue, dead-letter stream, outbox and every coupon's keys at
-    /// once, so they must all share one hash tag. (The ranking needs none: without one it is
-    /// built in chunks.)
-    pub fn cluster_problems(&self) -> Vec<(&'static str, String)> {
-        let anchor = hash_tag(&self.queue).to_owned();
-        if anchor.len() == self.queue.len() {
-            return vec![(
-                "queue",
-                format!(
-                    "`{}` has no hash tag: on Redis Cluster every coupon key must share one, e.g. `{{coupon}}:queue`, `{{coupon}}:stock:{{couponId}}`",
-                    self.queue
-                ),
-            )];
+    /// Whether each coupon has its own queue, dead-letter stream and outbox (`{couponId}` in
+    /// the `queue` template), found through `coupon_registry`.
+    pub fn per_coupon(&self) -> bool {
+        self.queue.contains(COUPON_ID)
+    }
+
+    /// The keys of one coupon's lane in the per-coupon layout: `queue`, `dead` and `outbox`
+    /// resolved for `coupon_id`. (In the single-queue layout, the same templates.)
+    pub fn for_coupon(&self, coupon_id: i64) -> Self {
+        let mut out = self.clone();
+        for template in [&mut out.queue, &mut out.dead, &mut out.outbox] {
+            *template = Self::coupon_key(template, coupon_id);
         }
+        out
+    }
+
+    /// Why these templates cannot work on Redis Cluster, as `(template name, message)`: the
+    /// decide script touches a queue, its dead-letter stream and outbox and the keys of every
+    /// coupon in it at once, so they must share one hash tag — one for everything in the
+    /// single-queue layout, one per coupon in the per-coupon layout. (The ranking needs none:
+    /// without one it is built in chunks.)
+    pub fn cluster_problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
-        for (name, template) in self.entries() {
-            if matches!(name, "queue" | "ranking_daily" | "ranking_window") {
-                continue;
-            }
-            let keys = [Self::coupon_key(template, 1), Self::coupon_key(template, 2)];
-            if keys.iter().any(|k| hash_tag(k) != anchor) {
-                problems.push((
-                    name,
+        for coupon_id in [1, 2] {
+            let lane = self.for_coupon(coupon_id);
+            let anchor = hash_tag(&lane.queue).to_owned();
+            if anchor.len() == lane.queue.len() {
+                return vec![(
+                    "queue",
                     format!(
-                        "`{template}` is not in the queue's hash slot: on Redis Cluster it must carry the queue's hash tag `{{{anchor}}}`"
+                        "`{}` has no hash tag: on Redis Cluster a queue and its coupons' keys must share one, e.g. `{{coupon}}:queue` with `{{coupon}}:stock:{{couponId}}`, or per coupon `{{coupon:{{couponId}}}}:queue` with `{{coupon:{{couponId}}}}:stock`",
+                        self.queue
                     ),
-                ));
+                )];
+            }
+            for (name, template) in lane.entries() {
+                if matches!(
+                    name,
+                    "queue" | "coupon_registry" | "ranking_daily" | "ranking_window"
+                ) {
+                    continue;
+                }
+                let key = Self::coupon_key(template, coupon_id);
+                if hash_tag(&key) != anchor && !problems.iter().any(|(n, _)| *n == name) {
+                    problems.push((
+                        name,
+                        format!(
+                            "`{}` is not in its queue's hash slot: on Redis Cluster it must carry the queue's hash tag (`{{{anchor}}}` for coupon {coupon_id})",
+                            self.entries().iter().find(|(n, _)| *n == name).map_or("", |(_, t)| t)
+                        ),
+                    ));
+                }
             }
         }
         problems
@@ -337,6 +381,49 @@ mod tests {
     }
 
     #[test]
+    fn the_per_coupon_layout_puts_each_coupons_lane_in_its_own_slot() {
+        let per_coupon = KeyTemplates {
+            queue: "{coupon:{couponId}}:queue".into(),
+            stock: "{coupon:{couponId}}:stock".into(),
+            issued: "{coupon:{couponId}}:issued".into(),
+            seq: "{coupon:{couponId}}:seq".into(),
+            result: "{coupon:{couponId}}:result".into(),
+            dead: "{coupon:{couponId}}:dead".into(),
+            outbox: "{coupon:{couponId}}:outbox".into(),
+            ..KeyTemplates::default()
+        };
+        assert!(per_coupon.per_coupon());
+        assert!(
+            per_coupon.validate().is_empty(),
+            "{:?}",
+            per_coupon.validate()
+        );
+        assert!(per_coupon.cluster_problems().is_empty());
+        let lane = per_coupon.for_coupon(42);
+        assert_eq!(lane.queue, "{coupon:42}:queue");
+        assert_eq!(lane.outbox, "{coupon:42}:outbox");
+        assert_eq!(hash_tag(&lane.stock(42)), "coupon:42");
+        assert_ne!(
+            hash_tag(&per_coupon.for_coupon(1).queue),
+            hash_tag(&per_coupon.for_coupon(2).queue)
+        );
+
+        // A per-coupon queue with a shared dead-letter stream cannot work.
+        let broken = KeyTemplates {
+            dead: "coupon:dead".into(),
+            ..per_coupon.clone()
+        };
+        assert!(broken.validate().iter().any(|(name, _)| *name == "dead"));
+        // A coupon key outside its lane's slot is a cluster problem.
+        let off_slot = KeyTemplates {
+            stock: "coupon:stock:{couponId}".into(),
+            ..per_coupon
+        };
+        let names: Vec<&str> = off_slot.cluster_problems().iter().map(|p| p.0).collect();
+        assert_eq!(names, vec!["stock"]);
+    }
+
+    #[test]
     fn placeholders_are_replaced_and_hash_tags_kept() {
         let keys = KeyTemplates {
             stock: "{coupon}:stock:{couponId}".into(),
@@ -362,7 +449,7 @@ mod tests {
     fn templates_missing_or_misusing_placeholders_are_rejected() {
         let keys = KeyTemplates {
             stock: "coupon:stock".into(),
-            queue: "coupon:queue:{couponId}".into(),
+            queue: "coupon:queue:{date}".into(),
             dead: "coupon:issued:{couponId}".into(),
             ..KeyTemplates::default()
         };
@@ -370,5 +457,13 @@ mod tests {
         assert!(names.contains(&"stock"), "{names:?}");
         assert!(names.contains(&"queue"), "{names:?}");
         assert!(names.contains(&"dead"), "{names:?}");
+        // Per coupon, the queue's dead-letter stream and outbox must be per coupon too.
+        let half = KeyTemplates {
+            queue: "coupon:queue:{couponId}".into(),
+            dead: "coupon:dead:{couponId}".into(),
+            ..KeyTemplates::default()
+        };
+        let names: Vec<&str> = half.validate().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, vec!["outbox"]);
     }
 }

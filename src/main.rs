@@ -156,6 +156,7 @@ async fn run_bench(which: BenchCommand, config: &Config) -> anyhow::Result<()> {
             coupons,
             stock,
             naive_requests,
+            cluster_url,
         } => {
             let sale = FlashSale {
                 coupons,
@@ -167,6 +168,7 @@ async fn run_bench(which: BenchCommand, config: &Config) -> anyhow::Result<()> {
                 bench::coupon::Options {
                     sale,
                     naive_requests,
+                    cluster_url,
                 },
             )
             .await?;

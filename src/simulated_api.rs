@@ -11,6 +11,7 @@
 use chrono::NaiveDate;
 use fred::prelude::*;
 
+use crate::coupon::member::{parse_id, parse_member};
 use crate::keys::KeyTemplates;
 
 /// Members per ZADD when loading in bulk: large enough to be fast, small enough that no single
@@ -82,23 +83,63 @@ impl FlashSale {
     }
 }
 
-/// `ZADD NX` of `(arrival ms, member)` pairs into the queue, as the API does.
+/// `ZADD NX` of `(arrival ms, member)` pairs into the queue, as the API does; returns how many
+/// were added (a request already waiting is not). In the per-coupon layout each request goes
+/// to its coupon's queue and the coupon into the registry (`SADD`); a member without a
+/// readable couponId goes to coupon 1's queue, where the drain dead-letters it.
 pub async fn enqueue_members(
     redis: &Client,
     keys: &KeyTemplates,
     entries: Vec<(f64, String)>,
-) -> anyhow::Result<()> {
-    let _: i64 = redis
-        .zadd(
-            &keys.queue,
-            Some(SetOptions::NX),
-            None,
-            false,
-            false,
-            entries,
-        )
-        .await?;
-    Ok(())
+) -> anyhow::Result<u64> {
+    if !keys.per_coupon() {
+        let added: u64 = redis
+            .zadd(
+                &keys.queue,
+                Some(SetOptions::NX),
+                None,
+                false,
+                false,
+                entries,
+            )
+            .await?;
+        return Ok(added);
+    }
+    let mut by_coupon: std::collections::BTreeMap<i64, Vec<(f64, String)>> = Default::default();
+    for (score, member) in entries {
+        let coupon = parse_member(&member).map_or(1, |r| r.coupon_id);
+        by_coupon.entry(coupon).or_default().push((score, member));
+    }
+    let mut added = 0;
+    for (coupon, entries) in by_coupon {
+        let _: u64 = redis.sadd(&keys.coupon_registry, coupon).await?;
+        let n: u64 = redis
+            .zadd(
+                &keys.for_coupon(coupon).queue,
+                Some(SetOptions::NX),
+                None,
+                false,
+                false,
+                entries,
+            )
+            .await?;
+        added += n;
+    }
+    Ok(added)
+}
+
+/// Requests waiting, over every queue.
+pub async fn queued(redis: &Client, keys: &KeyTemplates) -> anyhow::Result<u64> {
+    if !keys.per_coupon() {
+        return Ok(redis.zcard(&keys.queue).await?);
+    }
+    let members: Vec<String> = redis.smembers(&keys.coupon_registry).await?;
+    let mut total = 0;
+    for id in members.iter().filter_map(|m| parse_id(m)) {
+        let n: u64 = redis.zcard(&keys.for_coupon(id).queue).await?;
+        total += n;
+    }
+    Ok(total)
 }
 
 /// Writes a day's sales: `(quantity, product id)` pairs into that day's ranking set.

@@ -29,12 +29,14 @@ use crate::ranking_log;
 use crate::sandbox::Sandbox;
 use crate::simulated_api::FlashSale;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     pub sale: FlashSale,
     /// The naive algorithm drains a sale of this many requests (same coupons; stock scaled to
     /// keep the same issued share). 0 skips it.
     pub naive_requests: u64,
+    /// Also drain the sale on this Redis Cluster, with one queue per coupon.
+    pub cluster_url: Option<String>,
 }
 
 /// What the worker did and how fast.
@@ -63,6 +65,8 @@ pub struct Figures {
     pub worker: WorkerFigures,
     /// Persister throughput on a backlog: rows per second.
     pub backlog_rate: f64,
+    /// The same sale on a Redis Cluster with the per-coupon layout, when asked for.
+    pub cluster: Option<WorkerFigures>,
     pub naive: Option<NaiveFigures>,
 }
 
@@ -75,21 +79,9 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Figures> {
         group(sale.stock as f64)
     );
     let worker = in_sandbox(config, async |sandbox| run_worker(sandbox, sale).await).await?;
-    let decided = worker.report.decided();
-    let worker_decide_rate = rate(decided, worker.decide_elapsed);
+    print_worker("worker", &worker);
+    let worker_decide_rate = rate(worker.report.decided(), worker.decide_elapsed);
     let worker_persist_rate = rate(worker.rows_persisted, worker.persist_elapsed);
-    println!(
-        "  worker: decided {} in {:.2} s = {} decided/s; {} issued coupons in MySQL after {:.2} s = {} persisted/s (the last one issued after {:.2} s); {} ranking-log rows in MySQL after {:.2} s",
-        group(decided as f64),
-        worker.decide_elapsed.as_secs_f64(),
-        group(worker_decide_rate),
-        group(worker.rows_persisted as f64),
-        worker.persist_elapsed.as_secs_f64(),
-        group(worker_persist_rate),
-        worker.issue_elapsed.as_secs_f64(),
-        group(worker.log_rows as f64),
-        worker.log_elapsed.as_secs_f64(),
-    );
     let (backlog_rows, backlog_elapsed) =
         in_sandbox(config, async |sandbox| run_backlog(sandbox, sale).await).await?;
     let backlog_rate = rate(backlog_rows, backlog_elapsed);
@@ -105,6 +97,23 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Figures> {
         verdict(worker_persist_rate >= 80_000.0),
         verdict(backlog_rate >= 80_000.0)
     );
+    let cluster = match &options.cluster_url {
+        Some(url) => {
+            let mut on_cluster = config.clone();
+            on_cluster.redis.url = crate::config::SecretUrl::new(url.clone());
+            on_cluster.keys = per_coupon_layout();
+            let figures =
+                in_sandbox(&on_cluster, async |sandbox| run_worker(sandbox, sale).await).await?;
+            print_worker("cluster", &figures);
+            println!(
+                "  ratio:  cluster (per-coupon layout) / single Redis = {:.2}x decided/s",
+                rate(figures.report.decided(), figures.decide_elapsed)
+                    / worker_decide_rate.max(1e-9)
+            );
+            Some(figures)
+        }
+        None => None,
+    };
     let naive = if options.naive_requests > 0 {
         let naive_sale = FlashSale {
             requests: options.naive_requests,
@@ -132,8 +141,39 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Figures> {
     Ok(Figures {
         worker,
         backlog_rate,
+        cluster,
         naive,
     })
+}
+
+fn print_worker(label: &str, worker: &WorkerFigures) {
+    let decided = worker.report.decided();
+    println!(
+        "  {label}: decided {} in {:.2} s = {} decided/s; {} issued coupons in MySQL after {:.2} s = {} persisted/s (the last one issued after {:.2} s); {} ranking-log rows in MySQL after {:.2} s",
+        group(decided as f64),
+        worker.decide_elapsed.as_secs_f64(),
+        group(rate(decided, worker.decide_elapsed)),
+        group(worker.rows_persisted as f64),
+        worker.persist_elapsed.as_secs_f64(),
+        group(rate(worker.rows_persisted, worker.persist_elapsed)),
+        worker.issue_elapsed.as_secs_f64(),
+        group(worker.log_rows as f64),
+        worker.log_elapsed.as_secs_f64(),
+    );
+}
+
+/// The per-coupon layout of the README, for the cluster run.
+fn per_coupon_layout() -> crate::keys::KeyTemplates {
+    crate::keys::KeyTemplates {
+        queue: "{coupon:{couponId}}:queue".into(),
+        stock: "{coupon:{couponId}}:stock".into(),
+        issued: "{coupon:{couponId}}:issued".into(),
+        seq: "{coupon:{couponId}}:seq".into(),
+        result: "{coupon:{couponId}}:result".into(),
+        dead: "{coupon:{couponId}}:dead".into(),
+        outbox: "{coupon:{couponId}}:outbox".into(),
+        ..Default::default()
+    }
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -289,7 +329,7 @@ async fn run_backlog(sandbox: &Sandbox, sale: FlashSale) -> anyhow::Result<(u64,
     let never = CancellationToken::new();
     while drain.tick(Duration::MAX, &never).await?.stopped != StopReason::QueueEmpty {}
     let started = Instant::now();
-    let persisted = drain.persister().persist_all().await? as u64;
+    let persisted = drain.persist_all().await? as u64;
     let elapsed = started.elapsed();
     ensure!(
         persisted == issuing.expected_issued(),
@@ -302,6 +342,10 @@ async fn run_backlog(sandbox: &Sandbox, sale: FlashSale) -> anyhow::Result<(u64,
 /// The naive drain: check-then-act over separate calls, one entry at a time.
 async fn run_naive(sandbox: &Sandbox, sale: FlashSale) -> anyhow::Result<NaiveFigures> {
     let keys = &sandbox.config.keys;
+    anyhow::ensure!(
+        !keys.per_coupon(),
+        "the naive baseline reads one queue; run it with the single-queue layout"
+    );
     let redis = &sandbox.redis;
     sale.write_stock(redis, keys).await?;
     sale.enqueue(redis, keys, 0..sale.requests, 1_700_000_000_000)

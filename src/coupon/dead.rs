@@ -18,9 +18,24 @@ pub struct RequeueReport {
     pub left_unreadable: u64,
 }
 
-/// Moves every readable dead-letter entry back into the queue. Each call of the script moves a
-/// chunk atomically (an entry is never in both places, nor in neither).
+/// Moves every readable dead-letter entry back into its queue — every coupon's, in the
+/// per-coupon layout. Each call of the script moves a chunk atomically (an entry is never in
+/// both places, nor in neither).
 pub async fn requeue_dead(client: &Client, keys: &KeyTemplates) -> anyhow::Result<RequeueReport> {
+    if !keys.per_coupon() {
+        return requeue_lane(client, keys).await;
+    }
+    let members: Vec<String> = client.smembers(&keys.coupon_registry).await?;
+    let mut report = RequeueReport::default();
+    for id in members.iter().filter_map(|m| super::member::parse_id(m)) {
+        let lane = requeue_lane(client, &keys.for_coupon(id)).await?;
+        report.requeued += lane.requeued;
+        report.left_unreadable += lane.left_unreadable;
+    }
+    Ok(report)
+}
+
+async fn requeue_lane(client: &Client, keys: &KeyTemplates) -> anyhow::Result<RequeueReport> {
     let script = Script::from_lua(REQUEUE_LUA);
     let mut cursor = "-".to_owned();
     let mut report = RequeueReport::default();

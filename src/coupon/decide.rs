@@ -78,15 +78,26 @@ pub struct Decider {
     keys: KeyTemplates,
     script: Script,
     batch_size: usize,
+    /// In the per-coupon layout, the queue's coupon: a request for another coupon there is
+    /// dead-lettered (its keys would live in another cluster slot).
+    only_coupon: Option<i64>,
 }
 
 impl Decider {
-    pub fn new(client: Client, keys: KeyTemplates, batch_size: usize) -> Self {
+    /// `keys` name the queue, dead-letter stream and outbox to use (see
+    /// [`KeyTemplates::for_coupon`]); `only_coupon` is the queue's coupon in the per-coupon layout.
+    pub fn new(
+        client: Client,
+        keys: KeyTemplates,
+        batch_size: usize,
+        only_coupon: Option<i64>,
+    ) -> Self {
         Self {
             client,
             keys,
             script: Script::from_lua(DECIDE_LUA),
             batch_size,
+            only_coupon,
         }
     }
 
@@ -128,8 +139,17 @@ impl Decider {
             self.keys.outbox.clone(),
         ];
         let mut args: Vec<String> = Vec::with_capacity(2 + head.len() * 5);
-        let parsed: Vec<Result<Request, &str>> =
-            head.iter().map(|(m, _)| parse_member(m)).collect();
+        let parsed: Vec<Result<Request, &str>> = head
+            .iter()
+            .map(|(m, _)| {
+                parse_member(m).and_then(|r| match self.only_coupon {
+                    Some(coupon) if r.coupon_id != coupon => {
+                        Err("request for another coupon in this coupon's queue")
+                    }
+                    _ => Ok(r),
+                })
+            })
+            .collect();
         for request in parsed.iter().flatten() {
             let next = coupon_index.len() + 1;
             coupon_index.entry(request.coupon_id).or_insert_with(|| {

@@ -15,19 +15,19 @@ pub fn parse_member(member: &str) -> Result<Request, &'static str> {
         .split_once(':')
         .ok_or("malformed member: expected userId:couponId")?;
     Ok(Request {
-        user_id: parse_id(user).map_err(|_| "malformed member: bad userId")?,
-        coupon_id: parse_id(coupon).map_err(|_| "malformed member: bad couponId")?,
+        user_id: parse_id(user).ok_or("malformed member: bad userId")?,
+        coupon_id: parse_id(coupon).ok_or("malformed member: bad couponId")?,
     })
 }
 
 /// A positive decimal `i64` with no sign, no leading zero and nothing else.
-fn parse_id(text: &str) -> Result<i64, ()> {
+pub fn parse_id(text: &str) -> Option<i64> {
     let canonical =
         !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) && !text.starts_with('0');
     if !canonical {
-        return Err(());
+        return None;
     }
-    text.parse::<i64>().map_err(|_| ())
+    text.parse::<i64>().ok()
 }
 
 #[cfg(test)]

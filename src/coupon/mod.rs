@@ -22,6 +22,7 @@ mod decide;
 pub mod member;
 mod outbox;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,13 +99,39 @@ impl DrainReport {
     }
 }
 
+/// Outboxes persisted at once in the per-coupon layout: enough to keep MySQL busy, well under
+/// the pool (`[mysql] max_connections`, 8 by default) shared with the log writer.
+const PARALLEL_PERSISTS: usize = 4;
+
+/// One queue with its decider and persister: the whole drain in the single-queue layout, one
+/// coupon's share in the per-coupon layout.
+#[derive(Clone)]
+struct Lane {
+    queue_key: String,
+    decider: Decider,
+    persister: Persister,
+}
+
+/// Where the queues are.
+#[derive(Clone)]
+enum Layout {
+    /// One queue for every coupon (`coupon:queue`).
+    Single(Box<Lane>),
+    /// One queue per coupon, the coupons listed in the registry set; lanes made on first sight.
+    PerCoupon {
+        registry: String,
+        lanes: Arc<std::sync::Mutex<BTreeMap<i64, Lane>>>,
+    },
+}
+
 /// Everything the drain needs, cheap to clone.
 #[derive(Clone)]
 pub struct CouponDrain {
     client: Client,
-    queue_key: String,
-    decider: Decider,
-    persister: Persister,
+    pool: MySqlPool,
+    keys: KeyTemplates,
+    batch_size: usize,
+    layout: Layout,
     log: LogSender,
     metrics: Metrics,
     /// Wakes the persister when a batch issued coupons.
@@ -120,28 +147,89 @@ impl CouponDrain {
         log: LogSender,
         metrics: Metrics,
     ) -> Self {
-        Self {
-            queue_key: keys.queue.clone(),
-            decider: Decider::new(client.clone(), keys.clone(), batch_size),
-            persister: Persister::new(
-                client.clone(),
-                pool,
-                keys.outbox.clone(),
-                outbox::ROWS_PER_INSERT,
-                metrics.clone(),
-            ),
+        let mut drain = Self {
             client,
+            pool,
+            keys: keys.clone(),
+            batch_size,
+            layout: Layout::PerCoupon {
+                registry: keys.coupon_registry.clone(),
+                lanes: Arc::default(),
+            },
             log,
             metrics,
             outbox_ready: Arc::new(Notify::new()),
+        };
+        if !keys.per_coupon() {
+            drain.layout = Layout::Single(Box::new(drain.lane(None)));
+        }
+        drain
+    }
+
+    fn lane(&self, coupon_id: Option<i64>) -> Lane {
+        let keys = match coupon_id {
+            Some(id) => self.keys.for_coupon(id),
+            None => self.keys.clone(),
+        };
+        Lane {
+            queue_key: keys.queue.clone(),
+            persister: Persister::new(
+                self.client.clone(),
+                self.pool.clone(),
+                keys.outbox.clone(),
+                outbox::ROWS_PER_INSERT,
+                self.metrics.clone(),
+            ),
+            decider: Decider::new(self.client.clone(), keys, self.batch_size, coupon_id),
         }
     }
 
-    pub fn persister(&self) -> &Persister {
-        &self.persister
+    /// The lanes to work on now: the single queue, or one per coupon in the registry.
+    async fn lanes(&self) -> anyhow::Result<Vec<Lane>> {
+        match &self.layout {
+            Layout::Single(lane) => Ok(vec![(**lane).clone()]),
+            Layout::PerCoupon { registry, lanes } => {
+                let members: Vec<String> = self.client.smembers(registry).await?;
+                let ids: Vec<i64> = members.iter().filter_map(|m| member::parse_id(m)).collect();
+                let mut known = lanes
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("lane cache poisoned"))?;
+                Ok(ids
+                    .into_iter()
+                    .map(|id| {
+                        known
+                            .entry(id)
+                            .or_insert_with(|| self.lane(Some(id)))
+                            .clone()
+                    })
+                    .collect())
+            }
+        }
     }
 
-    /// One tick: decides batches until the queue is empty, `budget` is spent, or `stop` fires.
+    /// Issued coupons waiting in the outbox(es).
+    pub async fn outbox_depth(&self) -> anyhow::Result<u64> {
+        let mut depth = 0;
+        for lane in self.lanes().await? {
+            depth += lane.persister.depth().await?;
+        }
+        self.metrics.coupon_outbox_depth.set(depth as i64);
+        Ok(depth)
+    }
+
+    /// Persists every outbox until empty; returns how many entries. Per coupon, up to
+    /// `PARALLEL_PERSISTS` outboxes at once (different shards, different MySQL connections).
+    pub async fn persist_all(&self) -> anyhow::Result<usize> {
+        use futures_util::{StreamExt, TryStreamExt};
+        futures_util::stream::iter(self.lanes().await?)
+            .map(|lane| async move { lane.persister.persist_all().await })
+            .buffer_unordered(PARALLEL_PERSISTS)
+            .try_fold(0, |total, n| async move { Ok(total + n) })
+            .await
+    }
+
+    /// One tick: every lane (concurrently: per-coupon queues live on different shards of a
+    /// cluster) decides batches until its queue is empty, `budget` is spent, or `stop` fires.
     #[tracing::instrument(name = "coupon_drain", skip_all)]
     pub async fn tick(
         &self,
@@ -149,6 +237,66 @@ impl CouponDrain {
         stop: &CancellationToken,
     ) -> anyhow::Result<DrainReport> {
         let started = Instant::now();
+        let lanes = self.lanes().await?;
+        let results = futures_util::future::join_all(
+            lanes
+                .iter()
+                .map(|lane| self.tick_lane(lane, started, budget, stop)),
+        )
+        .await;
+        let mut report = DrainReport::default();
+        let mut depth = 0;
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok(lane_report) => {
+                    depth += lane_report.queue_depth;
+                    // Empty only when every lane is; otherwise why a lane stopped early.
+                    if report.stopped == StopReason::QueueEmpty {
+                        report.stopped = lane_report.stopped;
+                    }
+                    let stopped = report.stopped;
+                    report.absorb(&lane_report);
+                    report.stopped = stopped;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        report.queue_depth = depth;
+        report.elapsed = started.elapsed();
+        self.metrics.coupon_queue_depth.set(depth as i64);
+        if report.decided() > 0 || report.gone > 0 {
+            tracing::info!(
+                issued = report.issued,
+                duplicate = report.duplicate,
+                sold_out = report.sold_out,
+                unknown_coupon = report.unknown_coupon,
+                dead_lettered = report.dead_lettered,
+                gone = report.gone,
+                batches = report.batches,
+                queue_depth = report.queue_depth,
+                lanes = lanes.len(),
+                stopped = ?report.stopped,
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "coupon drain tick"
+            );
+        }
+        Ok(report)
+    }
+
+    /// One lane's share of a tick.
+    async fn tick_lane(
+        &self,
+        lane: &Lane,
+        started: Instant,
+        budget: Duration,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<DrainReport> {
         let mut report = DrainReport::default();
         // The next batch's head, read in the same round trip as the previous batch's script.
         let mut next_head = None;
@@ -166,7 +314,7 @@ impl CouponDrain {
             let batch_started = Instant::now();
             let head = match next_head.take() {
                 Some(head) => head,
-                None => match self.decider.read_head().await {
+                None => match lane.decider.read_head().await {
                     Ok(head) => head,
                     Err(e) => break Err(e),
                 },
@@ -174,7 +322,7 @@ impl CouponDrain {
             let previous = std::mem::take(&mut pending);
             // `join!` polls the script first: its request is on the wire before the previous
             // batch's bookkeeping (log rows, metrics) takes the CPU.
-            let (decided, ()) = tokio::join!(self.decider.decide_head(head, true), async {
+            let (decided, ()) = tokio::join!(lane.decider.decide_head(head, true), async {
                 self.record(&previous, &mut report)
             });
             let (decisions, next) = match decided {
@@ -195,26 +343,7 @@ impl CouponDrain {
         // Whatever happened, what was decided is counted and logged.
         self.record(&pending, &mut report);
         outcome?;
-        report.queue_depth = self.client.zcard(&self.queue_key).await?;
-        report.elapsed = started.elapsed();
-        self.metrics
-            .coupon_queue_depth
-            .set(report.queue_depth as i64);
-        if report.decided() > 0 || report.gone > 0 {
-            tracing::info!(
-                issued = report.issued,
-                duplicate = report.duplicate,
-                sold_out = report.sold_out,
-                unknown_coupon = report.unknown_coupon,
-                dead_lettered = report.dead_lettered,
-                gone = report.gone,
-                batches = report.batches,
-                queue_depth = report.queue_depth,
-                stopped = ?report.stopped,
-                elapsed_ms = report.elapsed.as_millis() as u64,
-                "coupon drain tick"
-            );
-        }
+        report.queue_depth = self.client.zcard(&lane.queue_key).await?;
         Ok(report)
     }
 
@@ -278,22 +407,10 @@ impl CouponDrain {
     /// outbox before returning (entries left are persisted by the next start or a replica).
     pub async fn run_persister(&self, stop: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        // The next batch, read in the same round trip as the previous batch's acknowledgement.
-        let mut next_batch = None;
         loop {
-            let persisted = match next_batch.take() {
-                Some(entries) => self.persister.persist_entries(entries, true).await,
-                None => match self.persister.read_batch().await {
-                    Ok(entries) => self.persister.persist_entries(entries, true).await,
-                    Err(e) => Err(e),
-                },
-            };
-            match persisted.map(|(n, next)| {
-                next_batch = next;
-                n
-            }) {
+            match self.persist_all().await {
                 Ok(0) => {
-                    let _ = self.persister.depth().await;
+                    let _ = self.outbox_depth().await;
                     tokio::select! {
                         _ = self.outbox_ready.notified() => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -317,7 +434,7 @@ impl CouponDrain {
                 }
             }
         }
-        match self.persister.persist_all().await {
+        match self.persist_all().await {
             Ok(n) if n > 0 => tracing::info!(rows = n, "outbox flushed at shutdown"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %format!("{e:#}"),
@@ -358,7 +475,7 @@ impl CouponDrain {
         }
         // Wait for the outbox to empty (MySQL may be down: the persister keeps retrying).
         loop {
-            if let Ok(0) = self.persister.depth().await {
+            if let Ok(0) = self.outbox_depth().await {
                 break;
             }
             self.outbox_ready.notify_one();

@@ -49,6 +49,7 @@ async fn sandbox_keys(env: &TestEnv) -> Vec<String> {
 async fn each_benchmark_runs_checks_itself_prints_its_ratio_and_cleans_up() {
     let env = TestEnv::new().await;
     let config = env.config_file(free_port());
+    let cluster = crate::common::PrivateCluster::start();
     let before = sandbox_databases(&env).await;
     let keys_before = sandbox_keys(&env).await;
 
@@ -64,11 +65,35 @@ async fn each_benchmark_runs_checks_itself_prints_its_ratio_and_cleans_up() {
             "200",
             "--naive-requests",
             "600",
+            "--cluster-url",
+            &cluster.url(),
         ],
     );
     assert!(coupon.contains("decided 3 000 in"), "{coupon}");
     assert!(coupon.contains("600 issued coupons in MySQL"), "{coupon}");
     assert!(coupon.contains("worker / naive ="), "{coupon}");
+    assert!(
+        coupon.contains("cluster (per-coupon layout) / single Redis ="),
+        "{coupon}"
+    );
+    let on_cluster: usize = cluster
+        .ports
+        .iter()
+        .map(|port| {
+            let out = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "dbsize"])
+                .output()
+                .unwrap_or_else(|e| panic!("{e}"));
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<usize>()
+                .unwrap_or(1)
+        })
+        .sum();
+    assert_eq!(
+        on_cluster, 0,
+        "the cluster sandbox was removed from every primary"
+    );
 
     let ranking = bench(&config, &["ranking", "--products", "3000"]);
     assert!(ranking.contains("Zunionstore:"), "{ranking}");

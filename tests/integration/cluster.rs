@@ -29,9 +29,30 @@ fn tagged_keys(prefix: &str) -> KeyTemplates {
     .with_prefix(prefix)
 }
 
+/// The per-coupon layout: each coupon's queue, dead-letter stream, outbox and keys under its own
+/// tag, so coupons spread over the shards.
+pub(crate) fn per_coupon_keys(prefix: &str) -> KeyTemplates {
+    KeyTemplates {
+        queue: "{coupon:{couponId}}:queue".into(),
+        stock: "{coupon:{couponId}}:stock".into(),
+        issued: "{coupon:{couponId}}:issued".into(),
+        seq: "{coupon:{couponId}}:seq".into(),
+        result: "{coupon:{couponId}}:result".into(),
+        dead: "{coupon:{couponId}}:dead".into(),
+        outbox: "{coupon:{couponId}}:outbox".into(),
+        coupon_registry: "coupon:registry".into(),
+        ..KeyTemplates::default()
+    }
+    .with_prefix(prefix)
+}
+
 async fn cluster_env(cluster: &PrivateCluster) -> TestEnv {
+    cluster_env_with(cluster, tagged_keys).await
+}
+
+async fn cluster_env_with(cluster: &PrivateCluster, keys: fn(&str) -> KeyTemplates) -> TestEnv {
     let mut env = TestEnv::with_servers(&cluster.url(), &mysql_server_url()).await;
-    env.config.keys = tagged_keys(&format!("{}:", env.name));
+    env.config.keys = keys(&format!("{}:", env.name));
     assert!(env.config.keys.cluster_problems().is_empty());
     assert!(env.redis.is_clustered());
     env
@@ -171,6 +192,50 @@ async fn a_primary_killed_and_restarted_mid_drain_loses_and_duplicates_nothing()
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(report.decided() > 0);
     pipeline.finish().await;
+    assert_invariants(&env, &coupons, initial, users).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_coupon_queues_spread_over_the_shards_and_three_drainers_keep_every_invariant() {
+    let cluster = PrivateCluster::start();
+    let mut env = cluster_env_with(&cluster, per_coupon_keys).await;
+    env.config.coupon.batch_size =
+        std::num::NonZeroUsize::new(100).unwrap_or(std::num::NonZeroUsize::MIN);
+    let coupons = [1, 2, 3, 4, 5, 6];
+    let shards: std::collections::HashSet<usize> = coupons
+        .iter()
+        .map(|&c| cluster.node_of(&env.keys().for_coupon(c).queue))
+        .collect();
+    assert!(
+        shards.len() >= 2,
+        "the coupons' queues live on several primaries"
+    );
+    let (initial, users) = (150, 400);
+    flash_sale(&env, &coupons, initial, users).await;
+
+    let mut pipelines = Vec::new();
+    for _ in 0..3 {
+        let client = commerce_worker::backends::connect_redis(&env.config.redis)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        pipelines.push(env.pipeline_on(client));
+    }
+    let stop = CancellationToken::new();
+    let reports =
+        futures_util::future::join_all(pipelines.iter().map(|p| p.drain.drain_to_empty(&stop)))
+            .await;
+    let decided: u64 = reports.iter().map(|r| r.decided()).sum();
+    assert_eq!(
+        decided,
+        (coupons.len() as i64 * users) as u64,
+        "{reports:?}"
+    );
+    let mut logged = 0;
+    for pipeline in pipelines {
+        logged += pipeline.finish().await;
+    }
+    assert_eq!(logged, decided);
     assert_invariants(&env, &coupons, initial, users).await;
     env.cleanup().await;
 }

@@ -159,7 +159,6 @@ async fn each_outcome_is_recorded_in_redis_mysql_and_the_ranking_log() {
     );
     let persisted = pipeline
         .drain
-        .persister()
         .persist_all()
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -277,6 +276,50 @@ async fn the_largest_batch_is_decided_whole_across_the_scripts_command_slices() 
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(outbox, 4500);
     pipeline.finish().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_coupon_queues_are_drained_lane_by_lane_and_strays_are_dead_lettered() {
+    let mut env = TestEnv::new().await;
+    env.config.keys = crate::cluster::per_coupon_keys(&format!("{}:", env.name));
+    let coupons = [7, 8];
+    crate::drain_faults::flash_sale(&env, &coupons, 30, 50).await;
+    // A request for coupon 8 written into coupon 7's queue by mistake.
+    let _: i64 = env
+        .redis
+        .zadd(
+            &env.keys().for_coupon(7).queue,
+            None,
+            None,
+            false,
+            false,
+            (0.5, member(99, 8)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain
+        .drain_to_empty(&CancellationToken::new())
+        .await;
+    assert_eq!((report.issued, report.dead_lettered), (60, 1), "{report:?}");
+    let dead: Vec<(String, HashMap<String, String>)> = env
+        .redis
+        .xrange(&env.keys().for_coupon(7).dead, "-", "+", None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1.get("member").map(String::as_str), Some("99:8"));
+    assert!(
+        dead[0]
+            .1
+            .get("reason")
+            .is_some_and(|r| r.contains("another coupon")),
+        "{dead:?}"
+    );
+    pipeline.finish().await;
+    crate::drain_faults::assert_invariants(&env, &coupons, 30, 50).await;
     env.cleanup().await;
 }
 

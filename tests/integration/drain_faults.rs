@@ -15,18 +15,26 @@ const BIN: &str = env!("CARGO_BIN_EXE_commerce-worker");
 /// initial = remaining + |issued| = rows, nobody twice, and every request decided exactly once
 /// (the result hash answers for every user; seq counts every request).
 pub(crate) async fn assert_invariants(env: &TestEnv, coupons: &[i64], initial: i64, users: i64) {
-    let queue: u64 = env
-        .redis
-        .zcard(&env.keys().queue)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(queue, 0, "queue drained");
-    let outbox: u64 = env
-        .redis
-        .zcard(&env.keys().outbox)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(outbox, 0, "outbox flushed");
+    // One queue and outbox, or one per coupon.
+    let lanes: Vec<commerce_worker::keys::KeyTemplates> = if env.keys().per_coupon() {
+        coupons.iter().map(|&c| env.keys().for_coupon(c)).collect()
+    } else {
+        vec![env.keys().clone()]
+    };
+    for lane in &lanes {
+        let queue: u64 = env
+            .redis
+            .zcard(&lane.queue)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(queue, 0, "queue {} drained", lane.queue);
+        let outbox: u64 = env
+            .redis
+            .zcard(&lane.outbox)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(outbox, 0, "outbox {} flushed", lane.outbox);
+    }
     for &c in coupons {
         let remaining: i64 = env
             .redis
@@ -88,7 +96,10 @@ pub(crate) async fn flash_sale(env: &TestEnv, coupons: &[i64], initial: i64, use
             entries.push(((u * 10 + c) as f64, format!("{u}:{c}")));
         }
     }
-    env.enqueue(&entries).await;
+    // As the API does, in either layout.
+    commerce_worker::simulated_api::enqueue_members(&env.redis, env.keys(), entries)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
