@@ -157,14 +157,25 @@ async fn the_ranking_on_a_cluster_is_summed_in_chunks_and_old_days_pruned_on_eve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_and_restarted_mid_drain_loses_and_duplicates_nothing() {
+    primary_restarted_mid_drain(tagged_keys).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_coupon_a_primary_killed_and_restarted_mid_drain_loses_and_duplicates_nothing() {
+    primary_restarted_mid_drain(per_coupon_keys).await;
+}
+
+/// Kills the primary holding coupon 1's queue a quarter of the way through a drain, restarts it
+/// from its append-only file, and checks every invariant once the drain has finished.
+async fn primary_restarted_mid_drain(keys: fn(&str) -> KeyTemplates) {
     let mut cluster = PrivateCluster::start();
-    let mut env = cluster_env(&cluster).await;
+    let mut env = cluster_env_with(&cluster, keys).await;
     env.config.coupon.batch_size =
         std::num::NonZeroUsize::new(25).unwrap_or(std::num::NonZeroUsize::MIN);
     let coupons = [1, 2];
     let (initial, users) = (1500, 3000);
     flash_sale(&env, &coupons, initial, users).await;
-    let node = cluster.node_of("{coupon}");
+    let node = cluster.node_of(&env.keys().for_coupon(1).queue);
 
     let pipeline = env.pipeline();
     let draining = tokio::spawn({
@@ -173,7 +184,9 @@ async fn a_primary_killed_and_restarted_mid_drain_loses_and_duplicates_nothing()
     });
     let total = (coupons.len() as i64 * users) as u64;
     loop {
-        let left: u64 = env.redis.zcard(&env.keys().queue).await.unwrap_or(total);
+        let left = commerce_worker::simulated_api::queued(&env.redis, env.keys())
+            .await
+            .unwrap_or(total);
         if left < total * 3 / 4 {
             break;
         }
