@@ -280,7 +280,7 @@ async fn the_largest_batch_is_decided_whole_across_the_scripts_command_slices() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_coupon_queues_are_drained_lane_by_lane_and_strays_are_dead_lettered() {
+async fn per_coupon_lanes_are_drained_strays_dead_lettered_and_requeue_dead_walks_every_lane() {
     let mut env = TestEnv::new().await;
     env.config.keys = crate::cluster::per_coupon_keys(&format!("{}:", env.name));
     let coupons = [7, 8];
@@ -318,8 +318,40 @@ async fn per_coupon_queues_are_drained_lane_by_lane_and_strays_are_dead_lettered
             .is_some_and(|r| r.contains("another coupon")),
         "{dead:?}"
     );
-    pipeline.finish().await;
     crate::drain_faults::assert_invariants(&env, &coupons, 30, 50).await;
+
+    // requeue-dead walks every coupon's lane: coupon 9's stock was unreadable, then fixed.
+    env.set_stock(9, "two").await;
+    commerce_worker::simulated_api::enqueue_members(
+        &env.redis,
+        env.keys(),
+        vec![
+            (1.0, member(1, 9)),
+            (2.0, member(2, 9)),
+            (3.0, member(3, 9)),
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let stop = CancellationToken::new();
+    let dead = pipeline.drain.tick(Duration::from_secs(10), &stop).await;
+    assert_eq!(dead.map(|r| r.dead_lettered).ok(), Some(3));
+    env.set_stock(9, "2").await;
+    let requeued = commerce_worker::coupon::requeue_dead(&env.redis, env.keys())
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // Coupon 7's stray request goes back too (and will be dead-lettered again).
+    assert_eq!(requeued.requeued, 4);
+    let again = pipeline
+        .drain
+        .tick(Duration::from_secs(10), &stop)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        (again.issued, again.sold_out, again.dead_lettered),
+        (2, 1, 1)
+    );
+    pipeline.finish().await;
     env.cleanup().await;
 }
 
