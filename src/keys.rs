@@ -60,6 +60,36 @@ impl Default for KeyTemplates {
 }
 
 impl KeyTemplates {
+    /// The README's single-slot layout for Redis Cluster: every coupon key under `{coupon}`;
+    /// ranking keys as by default.
+    pub fn single_slot_layout() -> Self {
+        Self {
+            queue: "{coupon}:queue".into(),
+            stock: "{coupon}:stock:{couponId}".into(),
+            issued: "{coupon}:issued:{couponId}".into(),
+            seq: "{coupon}:seq:{couponId}".into(),
+            result: "{coupon}:result:{couponId}".into(),
+            dead: "{coupon}:dead".into(),
+            outbox: "{coupon}:outbox".into(),
+            ..Self::default()
+        }
+    }
+
+    /// The README's per-coupon layout: each coupon's queue, dead-letter stream, outbox and keys
+    /// under its own tag `{coupon:<id>}`, so coupons spread over a cluster's shards.
+    pub fn per_coupon_layout() -> Self {
+        Self {
+            queue: "{coupon:{couponId}}:queue".into(),
+            stock: "{coupon:{couponId}}:stock".into(),
+            issued: "{coupon:{couponId}}:issued".into(),
+            seq: "{coupon:{couponId}}:seq".into(),
+            result: "{coupon:{couponId}}:result".into(),
+            dead: "{coupon:{couponId}}:dead".into(),
+            outbox: "{coupon:{couponId}}:outbox".into(),
+            ..Self::default()
+        }
+    }
+
     /// Every template with its `worker.toml` name, in file order.
     pub fn entries(&self) -> Vec<(&'static str, &str)> {
         vec![
@@ -362,16 +392,7 @@ mod tests {
         assert_eq!(problems[0].0, "queue");
         assert!(problems[0].1.contains("{coupon}:queue"));
 
-        let mut tagged = KeyTemplates {
-            queue: "{coupon}:queue".into(),
-            stock: "{coupon}:stock:{couponId}".into(),
-            issued: "{coupon}:issued:{couponId}".into(),
-            seq: "{coupon}:seq:{couponId}".into(),
-            result: "{coupon}:result:{couponId}".into(),
-            dead: "{coupon}:dead".into(),
-            outbox: "{coupon}:outbox".into(),
-            ..KeyTemplates::default()
-        };
+        let mut tagged = KeyTemplates::single_slot_layout();
         assert!(tagged.cluster_problems().is_empty());
         assert!(tagged.with_prefix("test:").cluster_problems().is_empty());
         tagged.stock = "coupon:stock:{couponId}".into();
@@ -382,16 +403,7 @@ mod tests {
 
     #[test]
     fn the_per_coupon_layout_puts_each_coupons_lane_in_its_own_slot() {
-        let per_coupon = KeyTemplates {
-            queue: "{coupon:{couponId}}:queue".into(),
-            stock: "{coupon:{couponId}}:stock".into(),
-            issued: "{coupon:{couponId}}:issued".into(),
-            seq: "{coupon:{couponId}}:seq".into(),
-            result: "{coupon:{couponId}}:result".into(),
-            dead: "{coupon:{couponId}}:dead".into(),
-            outbox: "{coupon:{couponId}}:outbox".into(),
-            ..KeyTemplates::default()
-        };
+        let per_coupon = KeyTemplates::per_coupon_layout();
         assert!(per_coupon.per_coupon());
         assert!(
             per_coupon.validate().is_empty(),

@@ -101,7 +101,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Figures> {
         Some(url) => {
             let mut on_cluster = config.clone();
             on_cluster.redis.url = crate::config::SecretUrl::new(url.clone());
-            on_cluster.keys = per_coupon_layout();
+            on_cluster.keys = crate::keys::KeyTemplates::per_coupon_layout();
             let figures =
                 in_sandbox(&on_cluster, async |sandbox| run_worker(sandbox, sale).await).await?;
             print_worker("cluster", &figures);
@@ -160,20 +160,6 @@ fn print_worker(label: &str, worker: &WorkerFigures) {
         group(worker.log_rows as f64),
         worker.log_elapsed.as_secs_f64(),
     );
-}
-
-/// The per-coupon layout of the README, for the cluster run.
-fn per_coupon_layout() -> crate::keys::KeyTemplates {
-    crate::keys::KeyTemplates {
-        queue: "{coupon:{couponId}}:queue".into(),
-        stock: "{coupon:{couponId}}:stock".into(),
-        issued: "{coupon:{couponId}}:issued".into(),
-        seq: "{coupon:{couponId}}:seq".into(),
-        result: "{coupon:{couponId}}:result".into(),
-        dead: "{coupon:{couponId}}:dead".into(),
-        outbox: "{coupon:{couponId}}:outbox".into(),
-        ..Default::default()
-    }
 }
 
 fn verdict(met: bool) -> &'static str {

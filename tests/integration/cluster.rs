@@ -14,36 +14,12 @@ use tokio_util::sync::CancellationToken;
 use crate::common::{PrivateCluster, TestEnv, mysql_server_url};
 use crate::drain_faults::{assert_invariants, flash_sale};
 
-/// The single-slot layout: every coupon key tagged `{coupon}`; ranking keys as by default.
 fn tagged_keys(prefix: &str) -> KeyTemplates {
-    KeyTemplates {
-        queue: "{coupon}:queue".into(),
-        stock: "{coupon}:stock:{couponId}".into(),
-        issued: "{coupon}:issued:{couponId}".into(),
-        seq: "{coupon}:seq:{couponId}".into(),
-        result: "{coupon}:result:{couponId}".into(),
-        dead: "{coupon}:dead".into(),
-        outbox: "{coupon}:outbox".into(),
-        ..KeyTemplates::default()
-    }
-    .with_prefix(prefix)
+    KeyTemplates::single_slot_layout().with_prefix(prefix)
 }
 
-/// The per-coupon layout: each coupon's queue, dead-letter stream, outbox and keys under its own
-/// tag, so coupons spread over the shards.
 pub(crate) fn per_coupon_keys(prefix: &str) -> KeyTemplates {
-    KeyTemplates {
-        queue: "{coupon:{couponId}}:queue".into(),
-        stock: "{coupon:{couponId}}:stock".into(),
-        issued: "{coupon:{couponId}}:issued".into(),
-        seq: "{coupon:{couponId}}:seq".into(),
-        result: "{coupon:{couponId}}:result".into(),
-        dead: "{coupon:{couponId}}:dead".into(),
-        outbox: "{coupon:{couponId}}:outbox".into(),
-        coupon_registry: "coupon:registry".into(),
-        ..KeyTemplates::default()
-    }
-    .with_prefix(prefix)
+    KeyTemplates::per_coupon_layout().with_prefix(prefix)
 }
 
 async fn cluster_env(cluster: &PrivateCluster) -> TestEnv {
