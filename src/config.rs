@@ -84,6 +84,16 @@ pub struct RankingConfig {
     pub chunked_threshold: u64,
 }
 
+impl RankingConfig {
+    /// The weight of the day `days_back` days before the rebuild's day (0 = that day).
+    pub fn weight(&self, days_back: usize) -> f64 {
+        self.weights
+            .as_ref()
+            .and_then(|w| w.get(days_back).copied())
+            .unwrap_or(1.0)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RankingLogConfig {
     pub channel_capacity: NonZeroUsize,

@@ -119,12 +119,7 @@ async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Report> {
             *sales.entry(product).or_default() += f64::from(rng.u32(1..=3));
         }
         if back < window_days {
-            let weight = config
-                .ranking
-                .weights
-                .as_ref()
-                .and_then(|w| w.get(back as usize).copied())
-                .unwrap_or(1.0);
+            let weight = config.ranking.weight(back as usize);
             for (product, qty) in &sales {
                 *expected_ranking.entry(product.to_string()).or_default() += weight * qty;
             }

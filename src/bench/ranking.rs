@@ -139,15 +139,7 @@ async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Vec<Strat
                 (back * options.products / 10..back * options.products / 10 + options.products)
                     .contains(&product)
             })
-            .map(|back| {
-                let weight = config
-                    .ranking
-                    .weights
-                    .as_ref()
-                    .and_then(|w| w.get(back as usize).copied())
-                    .unwrap_or(1.0);
-                weight * ((product * 7919) % 1000 + 1) as f64
-            })
+            .map(|back| config.ranking.weight(back as usize) * ((product * 7919) % 1000 + 1) as f64)
             .sum();
         let score: Option<f64> = sandbox
             .redis

@@ -154,15 +154,7 @@ impl RankingRebuild {
         (0..self.config.window_days)
             .filter_map(|back| day.checked_sub_days(Days::new(u64::from(back))))
             .enumerate()
-            .map(|(i, d)| {
-                let weight = self
-                    .config
-                    .weights
-                    .as_ref()
-                    .and_then(|w| w.get(i).copied())
-                    .unwrap_or(1.0);
-                (d, weight)
-            })
+            .map(|(i, d)| (d, self.config.weight(i)))
             .collect()
     }
 
