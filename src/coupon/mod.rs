@@ -85,8 +85,8 @@ impl DrainReport {
         *slot += 1;
     }
 
-    /// Adds another tick's counts to these (depth and stop reason: the later tick's).
-    pub fn absorb(&mut self, other: &DrainReport) {
+    /// Adds another report's counts to these.
+    fn add_counts(&mut self, other: &DrainReport) {
         self.issued += other.issued;
         self.duplicate += other.duplicate;
         self.sold_out += other.sold_out;
@@ -94,6 +94,11 @@ impl DrainReport {
         self.dead_lettered += other.dead_lettered;
         self.gone += other.gone;
         self.batches += other.batches;
+    }
+
+    /// Adds a later tick's counts to these (depth and stop reason: the later tick's).
+    pub fn absorb(&mut self, other: &DrainReport) {
+        self.add_counts(other);
         self.queue_depth = other.queue_depth;
         self.stopped = other.stopped;
     }
@@ -250,14 +255,12 @@ impl CouponDrain {
         for result in results {
             match result {
                 Ok(lane_report) => {
+                    report.add_counts(&lane_report);
                     depth += lane_report.queue_depth;
                     // Empty only when every lane is; otherwise why a lane stopped early.
                     if report.stopped == StopReason::QueueEmpty {
                         report.stopped = lane_report.stopped;
                     }
-                    let stopped = report.stopped;
-                    report.absorb(&lane_report);
-                    report.stopped = stopped;
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -354,10 +357,10 @@ impl CouponDrain {
             return;
         }
         let now = Utc::now();
-        let before = report.clone();
+        let mut batch = DrainReport::default();
         let mut rows = Vec::with_capacity(decisions.len());
         for decision in decisions {
-            report.count(decision.outcome);
+            batch.count(decision.outcome);
             let outcome = match decision.outcome {
                 Outcome::Issued => LogOutcome::Issued,
                 Outcome::Duplicate => LogOutcome::Duplicate,
@@ -380,25 +383,20 @@ impl CouponDrain {
         }
         // One metric update per outcome and batch, not per entry.
         for (outcome, count) in [
-            (Outcome::Issued, report.issued - before.issued),
-            (Outcome::Duplicate, report.duplicate - before.duplicate),
-            (Outcome::SoldOut, report.sold_out - before.sold_out),
-            (
-                Outcome::UnknownCoupon,
-                report.unknown_coupon - before.unknown_coupon,
-            ),
-            (
-                Outcome::DeadLettered,
-                report.dead_lettered - before.dead_lettered,
-            ),
+            (Outcome::Issued, batch.issued),
+            (Outcome::Duplicate, batch.duplicate),
+            (Outcome::SoldOut, batch.sold_out),
+            (Outcome::UnknownCoupon, batch.unknown_coupon),
+            (Outcome::DeadLettered, batch.dead_lettered),
         ] {
             if count > 0 {
                 self.metrics.outcome(outcome.label()).inc_by(count);
             }
         }
-        if report.issued > before.issued {
+        if batch.issued > 0 {
             self.outbox_ready.notify_one();
         }
+        report.add_counts(&batch);
         self.log.send(rows);
     }
 
