@@ -101,7 +101,7 @@ impl LogSender {
         }
         self.metrics
             .ranking_log_channel_depth
-            .set((self.tx.max_capacity() - self.tx.capacity()) as i64);
+            .set(self.queued() as i64);
         if overflow.is_empty() {
             return;
         }
