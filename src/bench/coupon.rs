@@ -20,7 +20,7 @@ use anyhow::ensure;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-use super::{group, rate};
+use super::{group, in_sandbox, rate};
 use crate::config::Config;
 use crate::coupon::member::parse_member;
 use crate::coupon::{CouponDrain, DrainReport, Outcome, StopReason};
@@ -164,23 +164,6 @@ fn print_worker(label: &str, worker: &WorkerFigures) {
 
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "NOT met" }
-}
-
-/// Runs `work` in a fresh sandbox and removes the sandbox whatever happened, Ctrl-C included
-/// (a million leftover keys in the operator's Redis would be a poor souvenir).
-pub(super) async fn in_sandbox<T>(
-    config: &Config,
-    work: impl AsyncFnOnce(&Sandbox) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let sandbox = Sandbox::create(config, "bench").await?;
-    let result = tokio::select! {
-        result = work(&sandbox) => result,
-        _ = crate::app::shutdown_signal() => Err(anyhow::anyhow!("interrupted; the benchmark's sandbox was removed")),
-    };
-    let cleaned = sandbox.cleanup().await;
-    let value = result?;
-    cleaned?;
-    Ok(value)
 }
 
 async fn run_worker(sandbox: &Sandbox, sale: FlashSale) -> anyhow::Result<WorkerFigures> {

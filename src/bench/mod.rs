@@ -24,7 +24,25 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backends;
-use crate::config::RedisConfig;
+use crate::config::{Config, RedisConfig};
+use crate::sandbox::Sandbox;
+
+/// Runs `work` in a fresh sandbox and removes the sandbox whatever happened, Ctrl-C included
+/// (a million leftover keys in the operator's Redis would be a poor souvenir).
+pub(super) async fn in_sandbox<T>(
+    config: &Config,
+    work: impl AsyncFnOnce(&Sandbox) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let sandbox = Sandbox::create(config, "bench").await?;
+    let result = tokio::select! {
+        result = work(&sandbox) => result,
+        _ = crate::app::shutdown_signal() => Err(anyhow::anyhow!("interrupted; the benchmark's sandbox was removed")),
+    };
+    let cleaned = sandbox.cleanup().await;
+    let value = result?;
+    cleaned?;
+    Ok(value)
+}
 
 /// One line describing where the figures were measured.
 pub async fn describe_machine(redis: &Client, mysql: &MySqlPool) -> String {

@@ -10,8 +10,7 @@ use anyhow::ensure;
 use chrono::Days;
 use fred::prelude::*;
 
-use super::coupon::in_sandbox;
-use super::{Latencies, MemorySampler, StallProbe, group, millis};
+use super::{Latencies, MemorySampler, StallProbe, group, in_sandbox, millis};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ranking::{RankingRebuild, RebuildReport, Strategy, WhenLocked, today};

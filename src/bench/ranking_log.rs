@@ -16,8 +16,7 @@ use anyhow::ensure;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::coupon::in_sandbox;
-use super::{MemorySampler, group, rate};
+use super::{MemorySampler, group, in_sandbox, rate};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ranking_log::{self, LogOutcome, LogRow, insert_statement};
