@@ -95,6 +95,13 @@ fn start_log(
 }
 
 impl RunningLog {
+    /// Stops the writer once it has written everything, however long that takes.
+    async fn finish_writing(self) -> WriterReport {
+        drop(self.sender);
+        self.stop.cancel();
+        self.task.await.unwrap_or_default()
+    }
+
     /// Stops the writer, giving it until `deadline` to write everything.
     async fn finish(self, deadline: tokio::time::Instant) -> (WriterReport, bool) {
         drop(self.sender);
@@ -130,6 +137,40 @@ fn new_drain(
         log,
         metrics.clone(),
     )
+}
+
+/// The coupon drain wired as `drain` wires it: the ranking-log writer running behind it, so every
+/// decided request's row reaches MySQL. (The daemon wires the same parts with its own shutdown
+/// order.)
+pub struct LoggedDrain {
+    pub drain: CouponDrain,
+    log: RunningLog,
+}
+
+impl LoggedDrain {
+    pub fn start(
+        config: &Config,
+        backends: &Backends,
+        metrics: &Metrics,
+    ) -> Result<Self, SetupError> {
+        let log = start_log(config, backends, metrics)?;
+        let drain = new_drain(config, backends, log.sender.clone(), metrics);
+        Ok(Self { drain, log })
+    }
+
+    /// Stops the writer, giving it until `deadline` to write everything (what is left goes to
+    /// the spill file); `true` when it finished in time.
+    pub async fn finish(self, deadline: tokio::time::Instant) -> (WriterReport, bool) {
+        drop(self.drain);
+        self.log.finish(deadline).await
+    }
+
+    /// Stops the writer once every row is written, however long that takes (benchmarks, demo,
+    /// tests).
+    pub async fn finish_writing(self) -> WriterReport {
+        drop(self.drain);
+        self.log.finish_writing().await
+    }
 }
 
 /// A job the scheduler runs: one run at a time; a tick that finds the previous run still going
@@ -399,11 +440,10 @@ pub async fn drain_once(
     let metrics = Metrics::new();
     let backends = Backends::connect(config).await?;
     backends::check_migrated(&backends.mysql).await?;
-    let log = start_log(config, &backends, &metrics)?;
-    let drain = new_drain(config, &backends, log.sender.clone(), &metrics);
+    let logged = LoggedDrain::start(config, &backends, &metrics)?;
     let stop = CancellationToken::new();
     let report = {
-        let work = drain.drain_to_empty(&stop);
+        let work = logged.drain.drain_to_empty(&stop);
         tokio::pin!(work);
         tokio::select! {
             report = &mut work => report,
@@ -413,9 +453,8 @@ pub async fn drain_once(
             }
         }
     };
-    drop(drain);
     let deadline = tokio::time::Instant::now() + config.shutdown.timeout;
-    let (log_report, _) = log.finish(deadline).await;
+    let (log_report, _) = logged.finish(deadline).await;
     Ok((report, log_report))
 }
 

@@ -17,14 +17,14 @@ use fred::prelude::*;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::LoggedDrain;
 use crate::bench::{Latencies, group, millis};
 use crate::config::Config;
-use crate::coupon::{CouponDrain, DrainReport, StopReason};
+use crate::coupon::{DrainReport, StopReason};
 use crate::metrics::Metrics;
 use crate::ranking::{RankingRebuild, WhenLocked, today};
-use crate::ranking_log;
 use crate::sandbox::Sandbox;
-use crate::simulated_api::{enqueue_members, queued, write_day_sales};
+use crate::simulated_api::{FlashSale, enqueue_members, queued, write_day_sales};
 
 /// The demo's sizes.
 #[derive(Debug, Clone, Copy)]
@@ -143,25 +143,16 @@ async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Report> {
     );
 
     // 2. The jobs, running while the sale comes in.
-    for coupon_id in 1..=options.coupons as i64 {
-        let _: () = sandbox
-            .redis
-            .set(keys.stock(coupon_id), options.stock, None, None, false)
-            .await?;
+    FlashSale {
+        coupons: options.coupons,
+        stock: options.stock,
+        requests: options.requests,
     }
+    .write_stock(&sandbox.redis, keys)
+    .await?;
     let metrics = Metrics::new();
-    let (log, writer) =
-        ranking_log::channel(&config.ranking_log, sandbox.mysql.clone(), metrics.clone())?;
-    let log_stop = CancellationToken::new();
-    let log_task = tokio::spawn(writer.run(log_stop.clone(), CancellationToken::new()));
-    let drain = CouponDrain::new(
-        sandbox.redis.clone(),
-        sandbox.mysql.clone(),
-        keys,
-        config.coupon.batch_size.get(),
-        log,
-        metrics.clone(),
-    );
+    let logged = LoggedDrain::start(config, &sandbox.backends(), &metrics)?;
+    let drain = &logged.drain;
     let persister_stop = CancellationToken::new();
     let persister = tokio::spawn({
         let drain = drain.clone();
@@ -310,9 +301,7 @@ async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Report> {
     drain.persist_all().await?;
     persister_stop.cancel();
     persister.await?;
-    drop(drain);
-    log_stop.cancel();
-    let log_report = log_task.await?;
+    let log_report = logged.finish_writing().await;
     arrivals_stop.cancel();
     let seen = arrivals.await?;
     watching.cancel();

@@ -12,6 +12,7 @@ use anyhow::Context;
 use fred::prelude::*;
 use sqlx::MySqlPool;
 
+use crate::app::Backends;
 use crate::backends;
 use crate::config::{Config, SecretUrl};
 
@@ -44,6 +45,14 @@ impl Sandbox {
             redis,
             mysql,
         })
+    }
+
+    /// The sandbox's clients, as the jobs take them.
+    pub fn backends(&self) -> Backends {
+        Backends {
+            redis: self.redis.clone(),
+            mysql: self.mysql.clone(),
+        }
     }
 
     fn spill_dir(&self) -> PathBuf {

@@ -21,6 +21,7 @@ use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 use super::{group, in_sandbox, rate};
+use crate::app::LoggedDrain;
 use crate::config::Config;
 use crate::coupon::member::parse_member;
 use crate::coupon::{CouponDrain, DrainReport, Outcome, StopReason};
@@ -174,18 +175,8 @@ async fn run_worker(sandbox: &Sandbox, sale: FlashSale) -> anyhow::Result<Worker
         .await?;
 
     let metrics = Metrics::new();
-    let (log, writer) =
-        ranking_log::channel(&config.ranking_log, sandbox.mysql.clone(), metrics.clone())?;
-    let log_stop = CancellationToken::new();
-    let log_task = tokio::spawn(writer.run(log_stop.clone(), CancellationToken::new()));
-    let drain = CouponDrain::new(
-        sandbox.redis.clone(),
-        sandbox.mysql.clone(),
-        keys,
-        config.coupon.batch_size.get(),
-        log,
-        metrics.clone(),
-    );
+    let logged = LoggedDrain::start(config, &sandbox.backends(), &metrics)?;
+    let drain = &logged.drain;
 
     let started = Instant::now();
     let persister_stop = CancellationToken::new();
@@ -229,9 +220,7 @@ async fn run_worker(sandbox: &Sandbox, sale: FlashSale) -> anyhow::Result<Worker
     persister_stop.cancel();
     persister.await?;
 
-    drop(drain);
-    log_stop.cancel();
-    let written = log_task.await?;
+    let written = logged.finish_writing().await;
     let log_elapsed = started.elapsed();
     let rows_persisted: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM user_coupon")
         .fetch_one(&sandbox.mysql)

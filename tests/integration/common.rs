@@ -434,10 +434,15 @@ pub async fn eventually(timeout: Duration, what: &str, mut check: impl AsyncFnMu
 }
 
 /// A coupon drain wired to a running ranking-log writer, as the daemon wires them.
-pub struct Pipeline {
-    pub drain: commerce_worker::coupon::CouponDrain,
-    log_stop: tokio_util::sync::CancellationToken,
-    log_task: tokio::task::JoinHandle<commerce_worker::ranking_log::WriterReport>,
+/// The drain with its ranking-log writer, wired as `drain` wires it.
+pub struct Pipeline(commerce_worker::app::LoggedDrain);
+
+impl std::ops::Deref for Pipeline {
+    type Target = commerce_worker::app::LoggedDrain;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl TestEnv {
@@ -447,29 +452,18 @@ impl TestEnv {
 
     /// A pipeline with its own Redis client (a replica of the worker, in effect).
     pub fn pipeline_on(&self, redis: Client) -> Pipeline {
-        let metrics = commerce_worker::metrics::Metrics::new();
-        let (sender, writer) = commerce_worker::ranking_log::channel(
-            &self.config.ranking_log,
-            self.mysql.clone(),
-            metrics.clone(),
-        )
-        .unwrap_or_else(|e| panic!("{e:#}"));
-        let log_stop = tokio_util::sync::CancellationToken::new();
-        let log_task =
-            tokio::spawn(writer.run(log_stop.clone(), tokio_util::sync::CancellationToken::new()));
-        let drain = commerce_worker::coupon::CouponDrain::new(
+        let backends = commerce_worker::app::Backends {
             redis,
-            self.mysql.clone(),
-            &self.config.keys,
-            self.config.coupon.batch_size.get(),
-            sender,
-            metrics.clone(),
-        );
-        Pipeline {
-            drain,
-            log_stop,
-            log_task,
-        }
+            mysql: self.mysql.clone(),
+        };
+        Pipeline(
+            commerce_worker::app::LoggedDrain::start(
+                &self.config,
+                &backends,
+                &commerce_worker::metrics::Metrics::new(),
+            )
+            .unwrap_or_else(|e| panic!("{e:#}")),
+        )
     }
 
     pub async fn enqueue(&self, entries: &[(f64, String)]) {
@@ -501,11 +495,6 @@ impl TestEnv {
 impl Pipeline {
     /// Stops the log writer after it wrote everything; returns rows written.
     pub async fn finish(self) -> u64 {
-        drop(self.drain);
-        self.log_stop.cancel();
-        self.log_task
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .rows_written
+        self.0.finish_writing().await.rows_written
     }
 }
