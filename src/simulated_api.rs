@@ -8,10 +8,13 @@
 //!   the worker's `[ranking] timezone`. Bulk loads here use `ZADD` with the day's totals, which
 //!   gives the same set.
 
+use std::collections::BTreeMap;
+
 use chrono::NaiveDate;
 use fred::prelude::*;
 
-use crate::coupon::member::{parse_id, parse_member};
+use crate::coupon::member::parse_member;
+use crate::coupon::queue_keys;
 use crate::keys::KeyTemplates;
 
 /// Members per ZADD when loading in bulk: large enough to be fast, small enough that no single
@@ -92,36 +95,25 @@ pub async fn enqueue_members(
     keys: &KeyTemplates,
     entries: Vec<(f64, String)>,
 ) -> anyhow::Result<u64> {
-    if !keys.per_coupon() {
-        let added: u64 = redis
-            .zadd(
-                &keys.queue,
-                Some(SetOptions::NX),
-                None,
-                false,
-                false,
-                entries,
-            )
-            .await?;
-        return Ok(added);
-    }
-    let mut by_coupon: std::collections::BTreeMap<i64, Vec<(f64, String)>> = Default::default();
+    // Per coupon, or all in the one queue (`None`).
+    let mut by_coupon: BTreeMap<Option<i64>, Vec<(f64, String)>> = BTreeMap::new();
     for (score, member) in entries {
-        let coupon = parse_member(&member).map_or(1, |r| r.coupon_id);
+        let coupon = keys
+            .per_coupon()
+            .then(|| parse_member(&member).map_or(1, |r| r.coupon_id));
         by_coupon.entry(coupon).or_default().push((score, member));
     }
     let mut added = 0;
     for (coupon, entries) in by_coupon {
-        let _: u64 = redis.sadd(&keys.coupon_registry, coupon).await?;
+        let queue = match coupon {
+            Some(coupon) => {
+                let _: u64 = redis.sadd(&keys.coupon_registry, coupon).await?;
+                keys.for_coupon(coupon).queue
+            }
+            None => keys.queue.clone(),
+        };
         let n: u64 = redis
-            .zadd(
-                &keys.for_coupon(coupon).queue,
-                Some(SetOptions::NX),
-                None,
-                false,
-                false,
-                entries,
-            )
+            .zadd(queue, Some(SetOptions::NX), None, false, false, entries)
             .await?;
         added += n;
     }
@@ -130,13 +122,9 @@ pub async fn enqueue_members(
 
 /// Requests waiting, over every queue.
 pub async fn queued(redis: &Client, keys: &KeyTemplates) -> anyhow::Result<u64> {
-    if !keys.per_coupon() {
-        return Ok(redis.zcard(&keys.queue).await?);
-    }
-    let members: Vec<String> = redis.smembers(&keys.coupon_registry).await?;
     let mut total = 0;
-    for id in members.iter().filter_map(|m| parse_id(m)) {
-        let n: u64 = redis.zcard(&keys.for_coupon(id).queue).await?;
+    for queue in queue_keys(redis, keys).await? {
+        let n: u64 = redis.zcard(&queue.queue).await?;
         total += n;
     }
     Ok(total)

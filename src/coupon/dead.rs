@@ -22,13 +22,9 @@ pub struct RequeueReport {
 /// per-coupon layout. Each call of the script moves a chunk atomically (an entry is never in
 /// both places, nor in neither).
 pub async fn requeue_dead(client: &Client, keys: &KeyTemplates) -> anyhow::Result<RequeueReport> {
-    if !keys.per_coupon() {
-        return requeue_lane(client, keys).await;
-    }
-    let members: Vec<String> = client.smembers(&keys.coupon_registry).await?;
     let mut report = RequeueReport::default();
-    for id in members.iter().filter_map(|m| super::member::parse_id(m)) {
-        let lane = requeue_lane(client, &keys.for_coupon(id)).await?;
+    for queue in super::queue_keys(client, keys).await? {
+        let lane = requeue_lane(client, &queue).await?;
         report.requeued += lane.requeued;
         report.left_unreadable += lane.left_unreadable;
     }

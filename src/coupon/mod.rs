@@ -124,9 +124,27 @@ enum Layout {
     Single(Box<Lane>),
     /// One queue per coupon, the coupons listed in the registry set; lanes made on first sight.
     PerCoupon {
-        registry: String,
         lanes: Arc<std::sync::Mutex<BTreeMap<i64, Lane>>>,
     },
+}
+
+/// The coupons of the per-coupon layout: the readable ids in `coupon_registry`.
+pub async fn registered_coupons(client: &Client, keys: &KeyTemplates) -> anyhow::Result<Vec<i64>> {
+    let members: Vec<String> = client.smembers(&keys.coupon_registry).await?;
+    Ok(members.iter().filter_map(|m| member::parse_id(m)).collect())
+}
+
+/// The key sets of every queue: the templates themselves in the single-queue layout, one
+/// [`KeyTemplates::for_coupon`] per registered coupon in the per-coupon layout.
+pub async fn queue_keys(client: &Client, keys: &KeyTemplates) -> anyhow::Result<Vec<KeyTemplates>> {
+    if !keys.per_coupon() {
+        return Ok(vec![keys.clone()]);
+    }
+    Ok(registered_coupons(client, keys)
+        .await?
+        .into_iter()
+        .map(|id| keys.for_coupon(id))
+        .collect())
 }
 
 /// Everything the drain needs, cheap to clone.
@@ -158,7 +176,6 @@ impl CouponDrain {
             keys: keys.clone(),
             batch_size,
             layout: Layout::PerCoupon {
-                registry: keys.coupon_registry.clone(),
                 lanes: Arc::default(),
             },
             log,
@@ -193,9 +210,8 @@ impl CouponDrain {
     async fn lanes(&self) -> anyhow::Result<Vec<Lane>> {
         match &self.layout {
             Layout::Single(lane) => Ok(vec![(**lane).clone()]),
-            Layout::PerCoupon { registry, lanes } => {
-                let members: Vec<String> = self.client.smembers(registry).await?;
-                let ids: Vec<i64> = members.iter().filter_map(|m| member::parse_id(m)).collect();
+            Layout::PerCoupon { lanes } => {
+                let ids = registered_coupons(&self.client, &self.keys).await?;
                 let mut known = lanes
                     .lock()
                     .map_err(|_| anyhow::anyhow!("lane cache poisoned"))?;
