@@ -46,29 +46,7 @@ pub enum Command {
     /// Try the worker end to end: plays the API's part (a flash sale, a few days of orders) in a
     /// private key prefix and database on the configured servers, runs the real jobs with
     /// progress bars, and reports outcomes, latency, the top-10 and the checks it verified.
-    Demo {
-        #[arg(long, default_value_t = 3)]
-        coupons: u64,
-        /// Stock of each coupon.
-        #[arg(long, default_value_t = 1000)]
-        stock: u64,
-        #[arg(long, default_value_t = 5000)]
-        users: u64,
-        /// Well-formed requests (random users and coupons, so some users ask twice).
-        #[arg(long, default_value_t = 20_000)]
-        requests: u64,
-        /// Malformed entries added to the first wave (they are dead-lettered).
-        #[arg(long, default_value_t = 6)]
-        malformed: u64,
-        #[arg(long, default_value_t = 500)]
-        products: u64,
-        /// The requests arrive in this many waves, 100 ms apart, while the drain runs.
-        #[arg(long, default_value_t = 10)]
-        waves: u64,
-        /// Keep the demo's keys and database afterwards.
-        #[arg(long)]
-        keep: bool,
-    },
+    Demo(crate::demo::Options),
     /// Measure the jobs against their targets, in a private key prefix and database on the
     /// configured servers (removed afterwards). Build with --release.
     #[command(subcommand)]

@@ -26,17 +26,29 @@ use crate::ranking::{RankingRebuild, WhenLocked, today};
 use crate::sandbox::Sandbox;
 use crate::simulated_api::{FlashSale, enqueue_members, queued, write_day_sales};
 
-/// The demo's sizes.
-#[derive(Debug, Clone, Copy)]
+/// The demo's sizes: also its command-line options.
+#[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Options {
+    #[arg(long, default_value_t = 3)]
     pub coupons: u64,
+    /// Stock of each coupon.
+    #[arg(long, default_value_t = 1000)]
     pub stock: u64,
+    #[arg(long, default_value_t = 5000)]
     pub users: u64,
+    /// Well-formed requests (random users and coupons, so some users ask twice).
+    #[arg(long, default_value_t = 20_000)]
     pub requests: u64,
+    /// Malformed entries added to the first wave (they are dead-lettered).
+    #[arg(long, default_value_t = 6)]
     pub malformed: u64,
+    #[arg(long, default_value_t = 500)]
     pub products: u64,
+    /// The requests arrive in this many waves, 100 ms apart, while the drain runs.
+    #[arg(long, default_value_t = 10)]
     pub waves: u64,
-    /// Keep the sandbox's keys and database for a look around.
+    /// Keep the demo's keys and database afterwards, for a look around.
+    #[arg(long)]
     pub keep: bool,
 }
 

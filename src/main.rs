@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut log = config.log.clone();
-    if let Command::Bench(_) | Command::Demo { .. } = cli.command {
+    if let Command::Bench(_) | Command::Demo(_) = cli.command {
         // The report is the output; per-tick INFO lines would bury it (RUST_LOG still wins).
         log.level = "warn".into();
     }
@@ -98,26 +98,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(which) => run_bench(which, &config).await,
-        Command::Demo {
-            coupons,
-            stock,
-            users,
-            requests,
-            malformed,
-            products,
-            waves,
-            keep,
-        } => {
-            let options = commerce_worker::demo::Options {
-                coupons,
-                stock,
-                users,
-                requests,
-                malformed,
-                products,
-                waves,
-                keep,
-            };
+        Command::Demo(options) => {
             let report = commerce_worker::demo::run(&config, options).await?;
             anyhow::ensure!(report.all_passed(), "a check failed (see above)");
             Ok(())
