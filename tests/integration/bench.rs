@@ -5,11 +5,7 @@
 
 use std::process::Command;
 
-use fred::prelude::*;
-
-use crate::common::{TestEnv, free_port};
-
-const BIN: &str = env!("CARGO_BIN_EXE_commerce-worker");
+use crate::common::{BIN, TestEnv, free_port};
 
 fn bench(config: &std::path::Path, args: &[&str]) -> String {
     let output = Command::new(BIN)
@@ -36,13 +32,9 @@ async fn sandbox_databases(env: &TestEnv) -> Vec<String> {
 }
 
 async fn sandbox_keys(env: &TestEnv) -> Vec<String> {
-    env.redis
-        .custom(
-            fred::types::CustomCommand::new_static("KEYS", None, false),
-            vec!["cw_bench_*"],
-        )
+    commerce_worker::backends::scan_keys(&env.redis, "cw_bench_*")
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

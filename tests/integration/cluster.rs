@@ -34,16 +34,9 @@ async fn cluster_env_with(cluster: &PrivateCluster, keys: fn(&str) -> KeyTemplat
     env
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_concurrent_drainers_on_a_cluster_keep_every_invariant() {
-    let cluster = PrivateCluster::start();
-    let mut env = cluster_env(&cluster).await;
-    env.config.coupon.batch_size =
-        std::num::NonZeroUsize::new(100).unwrap_or(std::num::NonZeroUsize::MIN);
-    let coupons = [1, 2, 3];
-    let (initial, users) = (300, 1000);
-    flash_sale(&env, &coupons, initial, users).await;
-
+/// Three replicas, each with its own cluster client, drain at once; returns the requests they
+/// decided and the ranking-log rows they wrote, in total.
+async fn drain_with_three_replicas(env: &TestEnv) -> (u64, u64) {
     let mut pipelines = Vec::new();
     for _ in 0..3 {
         let client = commerce_worker::backends::connect_redis(&env.config.redis)
@@ -55,16 +48,26 @@ async fn three_concurrent_drainers_on_a_cluster_keep_every_invariant() {
     let reports =
         futures_util::future::join_all(pipelines.iter().map(|p| p.drain.drain_to_empty(&stop)))
             .await;
-    let decided: u64 = reports.iter().map(|r| r.decided()).sum();
-    assert_eq!(
-        decided,
-        (coupons.len() as i64 * users) as u64,
-        "{reports:?}"
-    );
+    let decided = reports.iter().map(|r| r.decided()).sum();
     let mut logged = 0;
     for pipeline in pipelines {
         logged += pipeline.finish().await;
     }
+    (decided, logged)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_concurrent_drainers_on_a_cluster_keep_every_invariant() {
+    let cluster = PrivateCluster::start();
+    let mut env = cluster_env(&cluster).await;
+    env.config.coupon.batch_size =
+        std::num::NonZeroUsize::new(100).unwrap_or(std::num::NonZeroUsize::MIN);
+    let coupons = [1, 2, 3];
+    let (initial, users) = (300, 1000);
+    flash_sale(&env, &coupons, initial, users).await;
+
+    let (decided, logged) = drain_with_three_replicas(&env).await;
+    assert_eq!(decided, (coupons.len() as i64 * users) as u64);
     assert_eq!(logged, decided, "one ranking-log row per decided request");
     assert_invariants(&env, &coupons, initial, users).await;
     env.cleanup().await;
@@ -203,28 +206,9 @@ async fn per_coupon_queues_spread_over_the_shards_and_three_drainers_keep_every_
     let (initial, users) = (150, 400);
     flash_sale(&env, &coupons, initial, users).await;
 
-    let mut pipelines = Vec::new();
-    for _ in 0..3 {
-        let client = commerce_worker::backends::connect_redis(&env.config.redis)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        pipelines.push(env.pipeline_on(client));
-    }
-    let stop = CancellationToken::new();
-    let reports =
-        futures_util::future::join_all(pipelines.iter().map(|p| p.drain.drain_to_empty(&stop)))
-            .await;
-    let decided: u64 = reports.iter().map(|r| r.decided()).sum();
-    assert_eq!(
-        decided,
-        (coupons.len() as i64 * users) as u64,
-        "{reports:?}"
-    );
-    let mut logged = 0;
-    for pipeline in pipelines {
-        logged += pipeline.finish().await;
-    }
-    assert_eq!(logged, decided);
+    let (decided, logged) = drain_with_three_replicas(&env).await;
+    assert_eq!(decided, (coupons.len() as i64 * users) as u64);
+    assert_eq!(logged, decided, "one ranking-log row per decided request");
     assert_invariants(&env, &coupons, initial, users).await;
     env.cleanup().await;
 }

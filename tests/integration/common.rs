@@ -124,18 +124,11 @@ impl TestEnv {
 
     /// Drops the database and deletes the keys.
     pub async fn cleanup(self) {
-        let pattern = format!("{}:*", self.name);
-        let keys: Vec<String> = self
-            .redis
-            .custom(
-                fred::types::CustomCommand::new_static("KEYS", None, false),
-                vec![pattern],
-            )
+        // SCAN on every primary and UNLINK key by key on a cluster, as the worker's sandbox does.
+        let keys = commerce_worker::backends::scan_keys(&self.redis, &format!("{}:*", self.name))
             .await
             .unwrap_or_default();
-        for chunk in keys.chunks(500) {
-            let _: i64 = self.redis.del(chunk.to_vec()).await.unwrap_or(0);
-        }
+        let _ = commerce_worker::backends::unlink_keys(&self.redis, &keys).await;
         self.mysql.close().await;
         if let Ok(pool) = MySqlPool::connect(&mysql_server_url()).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -145,6 +138,42 @@ impl TestEnv {
             .execute(&pool)
             .await;
         }
+    }
+}
+
+/// The worker binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_commerce-worker");
+
+/// `commerce-worker drain --config <config>`, quiet.
+pub fn drain_command(config: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["drain", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+/// Sends SIGTERM to a running binary, as systemd and Kubernetes do.
+pub fn sigterm(child: &Child) {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(sent.success());
+}
+
+/// Waits for `child` to exit; fails the test with `why` after `limit`.
+pub async fn wait_exit(child: &mut Child, limit: Duration, why: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            return status;
+        }
+        assert!(started.elapsed() < limit, "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -2,14 +2,14 @@
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use commerce_worker::app;
 use commerce_worker::config::SecretUrl;
 
-use crate::common::{PrivateRedis, TestEnv, eventually, free_port};
-
-const BIN: &str = env!("CARGO_BIN_EXE_commerce-worker");
+use crate::common::{
+    BIN, PrivateRedis, TestEnv, drain_command, eventually, free_port, sigterm, wait_exit,
+};
 
 /// `GET path` on 127.0.0.1:port; the status code, or 0 when nothing answers.
 fn http_status(port: u16, path: &str) -> u16 {
@@ -140,22 +140,13 @@ async fn sigterm_stops_the_daemon_cleanly_with_exit_0_within_the_deadline() {
     assert_eq!(http_status(port, "/readyz"), 200);
     let metrics_ok = http_status(port, "/metrics") == 200;
     assert!(metrics_ok);
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(sent.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "did not exit within the 25 s deadline"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    sigterm(&child);
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(30),
+        "did not exit within the 25 s deadline",
+    )
+    .await;
     assert_eq!(status.code(), Some(0));
     env.cleanup().await;
 }
@@ -235,22 +226,13 @@ async fn a_shutdown_that_misses_its_deadline_exits_1_and_the_next_start_writes_w
     )
     .await;
 
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(sent.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no exit after the deadline"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    sigterm(&child);
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(20),
+        "no exit after the deadline",
+    )
+    .await;
     assert_eq!(status.code(), Some(1), "a missed deadline exits 1");
     let spilled = std::fs::read_to_string(
         env.config
@@ -271,11 +253,7 @@ async fn a_shutdown_that_misses_its_deadline_exits_1_and_the_next_start_writes_w
 
     // The next start, with MySQL back, writes both.
     db.resume();
-    let drained = Command::new(BIN)
-        .args(["drain", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::null())
+    let drained = drain_command(&config)
         .status()
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(drained.success());

@@ -6,9 +6,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{TestEnv, free_port};
-
-const BIN: &str = env!("CARGO_BIN_EXE_commerce-worker");
+use crate::common::{BIN, TestEnv, free_port, sigterm};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_end_to_end_and_its_checks_pass() {
@@ -103,11 +101,7 @@ async fn under_systemd_the_daemon_reports_ready_pings_the_watchdog_and_reports_s
     }
     assert!(started.elapsed() < Duration::from_secs(9));
 
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(sent.success());
+    sigterm(&child);
     // Pings already in flight may arrive first.
     let stopping = (0..5)
         .filter_map(|_| next_notification(&socket, Duration::from_secs(10)))

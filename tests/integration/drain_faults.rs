@@ -2,15 +2,12 @@
 //! between any two steps, and MariaDB killed mid-drain.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{PrivateMariadb, TestEnv, free_port, redis_url};
-
-const BIN: &str = env!("CARGO_BIN_EXE_commerce-worker");
+use crate::common::{PrivateMariadb, TestEnv, drain_command, free_port, redis_url};
 
 /// initial = remaining + |issued| = rows, nobody twice, and every request decided exactly once
 /// (the result hash answers for every user; seq counts every request).
@@ -121,12 +118,7 @@ async fn sigkill_mid_drain_several_times_loses_and_duplicates_nothing() {
     let total = (coupons.len() as u64) * users as u64;
     let mut kills = 0;
     for round in 1..=4u64 {
-        let mut child = Command::new(BIN)
-            .args(["drain", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let mut child = drain_command(&config)
             .spawn()
             .unwrap_or_else(|e| panic!("{e}"));
         let kill_below = total - round * total / 10;
@@ -158,11 +150,7 @@ async fn sigkill_mid_drain_several_times_loses_and_duplicates_nothing() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(left > 0, "work was left for the final drain");
 
-    let status = Command::new(BIN)
-        .args(["drain", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::null())
+    let status = drain_command(&config)
         .status()
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(status.success());
