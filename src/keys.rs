@@ -287,9 +287,9 @@ impl KeyTemplates {
     pub fn cluster_problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         for coupon_id in [1, 2] {
-            let lane = self.for_coupon(coupon_id);
-            let anchor = hash_tag(&lane.queue).to_owned();
-            if anchor.len() == lane.queue.len() {
+            let queue = Self::coupon_key(&self.queue, coupon_id);
+            let anchor = hash_tag(&queue);
+            if anchor.len() == queue.len() {
                 return vec![(
                     "queue",
                     format!(
@@ -298,7 +298,9 @@ impl KeyTemplates {
                     ),
                 )];
             }
-            for (name, template) in lane.entries() {
+            // Templates without `{couponId}` (dead, outbox in the single-queue layout) resolve
+            // to themselves.
+            for (name, template) in self.entries() {
                 if matches!(
                     name,
                     "queue" | "coupon_registry" | "ranking_daily" | "ranking_window"
@@ -310,8 +312,7 @@ impl KeyTemplates {
                     problems.push((
                         name,
                         format!(
-                            "`{}` is not in its queue's hash slot: on Redis Cluster it must carry the queue's hash tag (`{{{anchor}}}` for coupon {coupon_id})",
-                            self.entries().iter().find(|(n, _)| *n == name).map_or("", |(_, t)| t)
+                            "`{template}` is not in its queue's hash slot: on Redis Cluster it must carry the queue's hash tag (`{{{anchor}}}` for coupon {coupon_id})"
                         ),
                     ));
                 }
