@@ -20,7 +20,7 @@
 //! For trying and measuring it: [`demo`] (the main job end to end, with a report), [`bench`]
 //! (the performance targets), [`simulated_api`] (the API's
 //! side of the contract, played by `bench` and `demo`) and [`sandbox`] (a private key prefix and
-//! database on the configured servers).
+//! database on the configured servers), and [`tools`] (the fault proxy).
 
 pub mod app;
 pub mod backends;
@@ -39,3 +39,4 @@ pub mod sandbox;
 pub mod simulated_api;
 pub mod systemd;
 pub mod telemetry;
+pub mod tools;
