@@ -11,18 +11,23 @@
 -- longer in the queue, another replica decided it first) — then one rank per entry (1-based
 -- arrival order among the coupon's decided requests; 0 unless decided).
 --
--- All-or-nothing: a failing redis.call does not undo the writes before it, so every check that
--- could fail (key types, stock and seq values) runs before the first write. Key names arrive in
--- KEYS, never built here, so the script works on Redis Cluster when they share a hash slot.
--- userIds stay strings: Lua numbers are doubles and cannot hold every i64.
+-- All-or-nothing: a failing redis.call does not undo the writes before it, so every call that
+-- could fail (a key of the wrong type, stock and seq values) runs before the first write. Key
+-- names arrive in KEYS, never built here, so the script works on Redis Cluster when they share a
+-- hash slot. userIds stay strings: Lua numbers are doubles and cannot hold every i64.
 --
--- Speed: Redis commands are issued in bulk (ZRANGE or ZMSCORE, SMISMEMBER, then one removal,
--- SADD, HSET, ZADD per key) rather than per entry; inside one script nothing can interleave, so reading
--- the whole batch first and writing it after is the same as deciding entry by entry. A member is
--- unique in the queue, so a batch holds at most one request per (user, coupon).
+-- Speed: Redis commands are issued in bulk (ZRANGE or ZMSCORE, one MGET for every coupon's stock
+-- and seq, SMISMEMBER, then one removal, SADD, HSET, ZADD per key) rather than per entry; inside
+-- one script nothing can interleave, so reading the whole batch first and writing it after is the
+-- same as deciding entry by entry. A member is unique in the queue, so a batch holds at most one
+-- request per (user, coupon). A batch can span a thousand coupons, so the calls per coupon are
+-- few: the type of a coupon's keys is learned from the reads the decision needs anyway (MGET
+-- answers nil for a missing or non-string key, and only then is TYPE asked; SMISMEMBER fails on
+-- a non-set, caught with pcall), and only coupons with an entry still queued are looked at.
+-- The result hash is the one key the decision never reads: HLEN, the cheapest read there is,
+-- checks its type.
 
 local queue, dead, outbox = KEYS[1], KEYS[2], KEYS[3]
-local ncoupons = tonumber(ARGV[1])
 local nentries = tonumber(ARGV[2])
 -- Issue time from Redis' clock, the same for every replica: the outbox score, later issued_at.
 local now = redis.call('TIME')
@@ -48,43 +53,8 @@ local function shorten(s)
   return s
 end
 
--- Validate every coupon's keys before any write.
-local coupons = {}
-for c = 1, ncoupons do
-  local base = 3 + (c - 1) * 4
-  local info = {
-    stock_key = KEYS[base + 1], issued_key = KEYS[base + 2],
-    seq_key = KEYS[base + 3], result_key = KEYS[base + 4],
-    taken = 0, decided = 0,
-  }
-  local expected = {
-    { info.stock_key, 'string' }, { info.issued_key, 'set' },
-    { info.seq_key, 'string' }, { info.result_key, 'hash' },
-  }
-  for _, spec in ipairs(expected) do
-    local t = key_type(spec[1])
-    if t ~= 'none' and t ~= spec[2] and info.dead == nil then
-      info.dead = 'wrong type: ' .. spec[1] .. ' is a ' .. t
-    end
-  end
-  if info.dead == nil then
-    local stock = redis.call('GET', info.stock_key)
-    local seq = redis.call('GET', info.seq_key)
-    if seq and not is_count(seq) then
-      info.dead = 'seq is not an integer: ' .. shorten(seq)
-    elseif stock == false then
-      info.unknown = true
-    elseif not is_count(stock) then
-      info.dead = 'stock is not a non-negative integer: ' .. shorten(stock)
-    else
-      info.stock = tonumber(stock)
-    end
-    info.seq = tonumber(seq or '0')
-  end
-  coupons[c] = info
-end
-
--- Variadic commands in slices: unpack() can spread at most ~8000 values onto Lua's stack.
+-- Variadic commands in slices: unpack() can spread at most ~8000 values onto Lua's stack. With
+-- `key` nil the items are the keys (MGET).
 local SLICE = 4000
 local function bulk(command, key, option, items, step)
   local replies = nil
@@ -92,7 +62,9 @@ local function bulk(command, key, option, items, step)
   for first = 1, #items, size do
     local last = math.min(first + size - 1, #items)
     local reply
-    if option then
+    if key == nil then
+      reply = redis.call(command, unpack(items, first, last))
+    elseif option then
       reply = redis.call(command, key, option, unpack(items, first, last))
     else
       reply = redis.call(command, key, unpack(items, first, last))
@@ -106,7 +78,7 @@ local function bulk(command, key, option, items, step)
   return replies or {}
 end
 
--- Read: which entries are still queued, and which requesters already hold their coupon.
+-- Read: which entries are still queued.
 local members, cidx, user_or_reason = {}, {}, {}
 for i = 1, nentries do
   local a = 2 + (i - 1) * 3
@@ -129,25 +101,65 @@ else
   scores = bulk('ZMSCORE', queue, nil, members, 1)
 end
 
-local entries_of, users_of = {}, {}
-for c = 1, ncoupons do entries_of[c], users_of[c] = {}, {} end
+-- The coupons with an entry still queued, in first-seen order, and their entries.
+local coupons, live = {}, {}
 for i = 1, nentries do
   local c = cidx[i]
   if c > 0 and scores[i] then
-    local entries = entries_of[c]
-    entries[#entries + 1] = i
-    users_of[c][#entries] = user_or_reason[i]
+    local info = coupons[c]
+    if info == nil then
+      local base = 3 + (c - 1) * 4
+      info = {
+        stock_key = KEYS[base + 1], issued_key = KEYS[base + 2],
+        seq_key = KEYS[base + 3], result_key = KEYS[base + 4],
+        taken = 0, decided = 0, entries = {}, users = {}, new_holders = {}, results = {},
+      }
+      coupons[c] = info
+      live[#live + 1] = info
+    end
+    info.entries[#info.entries + 1] = i
+    info.users[#info.users + 1] = user_or_reason[i]
   end
 end
+
+-- Validate every live coupon's keys before any write, reading what the decision needs.
+local string_keys = {}
+for k, info in ipairs(live) do
+  string_keys[2 * k - 1], string_keys[2 * k] = info.stock_key, info.seq_key
+end
+local values = bulk('MGET', nil, nil, string_keys, 2)
+local function wrong_type(key)
+  return 'wrong type: ' .. key .. ' is a ' .. key_type(key)
+end
 local holds = {}
-for c = 1, ncoupons do
-  local info, entries, users = coupons[c], entries_of[c], users_of[c]
-  info.new_holders, info.results = {}, {}
-  if info.dead == nil then
-    if #users > 0 then
-      local held = bulk('SMISMEMBER', info.issued_key, nil, users, 1)
-      for k, i in ipairs(entries) do holds[i] = held[k] == 1 end
+for k, info in ipairs(live) do
+  local stock, seq = values[2 * k - 1], values[2 * k]
+  if seq == false and key_type(info.seq_key) ~= 'none' then
+    info.dead = wrong_type(info.seq_key)
+  elseif seq and not is_count(seq) then
+    info.dead = 'seq is not an integer: ' .. shorten(seq)
+  elseif stock == false then
+    if key_type(info.stock_key) == 'none' then
+      info.unknown = true
+    else
+      info.dead = wrong_type(info.stock_key)
     end
+  elseif not is_count(stock) then
+    info.dead = 'stock is not a non-negative integer: ' .. shorten(stock)
+  else
+    info.stock = tonumber(stock)
+  end
+  info.seq = tonumber(seq or '0')
+  if info.dead == nil then
+    local ok, held = pcall(bulk, 'SMISMEMBER', info.issued_key, nil, info.users, 1)
+    if not ok then
+      info.dead = wrong_type(info.issued_key)
+    else
+      for n, i in ipairs(info.entries) do holds[i] = held[n] == 1 end
+    end
+  end
+  if info.dead == nil and type(redis.pcall('HLEN', info.result_key)) == 'table' then
+    info.dead = wrong_type(info.result_key)
   end
 end
 
@@ -204,8 +216,7 @@ else
   bulk('ZREM', queue, nil, claimed, 1)
 end
 bulk('ZADD', outbox, 'NX', outbox_adds, 2)
-for c = 1, ncoupons do
-  local info = coupons[c]
+for _, info in ipairs(live) do
   bulk('SADD', info.issued_key, nil, info.new_holders, 1)
   bulk('HSET', info.result_key, nil, info.results, 2)
   if info.taken > 0 then redis.call('DECRBY', info.stock_key, info.taken) end

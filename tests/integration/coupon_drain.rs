@@ -492,6 +492,64 @@ async fn bad_stock_and_wrong_key_types_dead_letter_and_requeue_dead_brings_them_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_the_wrong_type_dead_letters_its_coupons_requests_and_nothing_of_the_batch_is_half_written()
+ {
+    let env = TestEnv::new().await;
+    let keys = env.keys().clone();
+    let redis = &env.redis;
+    let fail = |e: fred::error::Error| panic!("{e}");
+    // Coupon 1 is fine; 2's result hash is a list, 3's seq a set, 4's stock a hash.
+    for coupon in 1..=4 {
+        env.set_stock(coupon, "5").await;
+    }
+    let _: i64 = redis.rpush(keys.result(2), "x").await.unwrap_or_else(fail);
+    let _: i64 = redis.sadd(keys.seq(3), "x").await.unwrap_or_else(fail);
+    let _: i64 = redis.del(keys.stock(4)).await.unwrap_or_else(fail);
+    let _: i64 = redis
+        .hset(keys.stock(4), ("a", "b"))
+        .await
+        .unwrap_or_else(fail);
+    // Coupon 1 comes last, so its writes follow every failed check in the same script.
+    env.enqueue(&[
+        (10.0, member(1, 2)),
+        (11.0, member(1, 3)),
+        (12.0, member(1, 4)),
+        (13.0, member(1, 1)),
+    ])
+    .await;
+
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain
+        .drain_to_empty(&CancellationToken::new())
+        .await;
+    assert_eq!((report.dead_lettered, report.issued), (3, 1), "{report:?}");
+    let reasons: HashMap<String, String> = dead_entries(&env)
+        .await
+        .into_iter()
+        .map(|f| (f["member"].clone(), f["reason"].clone()))
+        .collect();
+    for (member, key, kind) in [
+        ("1:2", keys.result(2), "list"),
+        ("1:3", keys.seq(3), "set"),
+        ("1:4", keys.stock(4), "hash"),
+    ] {
+        assert_eq!(
+            reasons.get(member).map(String::as_str),
+            Some(format!("wrong type: {key} is a {kind}").as_str()),
+            "{reasons:?}"
+        );
+    }
+    assert_eq!(stock(&env, 2).await, 5, "nothing is written for coupon 2");
+    assert!(issued_set(&env, 2).await.is_empty());
+    assert!(issued_set(&env, 3).await.is_empty());
+    assert_eq!(issued_set(&env, 1).await, HashSet::from(["1".to_owned()]));
+    assert_eq!(stock(&env, 1).await, 4);
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_budget_stops_the_tick_before_the_next_batch() {
     let env = TestEnv::new().await;
     env.set_stock(1, "10").await;
