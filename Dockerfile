@@ -8,11 +8,11 @@ WORKDIR /src
 # Dependencies first, so a source change does not rebuild them.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked \
+    && cargo build --release --locked --no-default-features \
     && rm -rf src
 COPY src ./src
 COPY sql ./sql
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked \
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --no-default-features \
     && strip target/release/commerce-worker
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -1,4 +1,5 @@
-//! The command line (CONTRACT.md §5).
+//! The command line (CONTRACT.md §5): the product's subcommands, and the tools' when the
+//! `tools` feature is on. It belongs to the binary, which stands above both wings.
 
 use std::path::PathBuf;
 
@@ -43,44 +44,20 @@ pub enum Command {
     },
     /// Move dead-lettered entries back into the queue with their original score.
     RequeueDead,
-    /// Try the worker end to end: plays the API's part (a flash sale, a few days of orders) in a
-    /// private key prefix and database on the configured servers, runs the real jobs with
-    /// progress bars, and reports outcomes, latency, the top-10 and the checks it verified.
-    Demo(crate::demo::Options),
-    /// Measure the jobs against their targets, in a private key prefix and database on the
-    /// configured servers (removed afterwards). Build with --release.
-    #[command(subcommand)]
-    Bench(BenchCommand),
+    /// The tools: `demo` and `bench` (built with the `tools` feature, on by default).
+    #[cfg(feature = "tools")]
+    #[command(flatten)]
+    Tools(commerce_worker::tools::ToolCommand),
 }
 
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// The coupon drain vs the naive check-then-act algorithm.
-    Coupon {
-        #[arg(long, default_value_t = 1_000_000)]
-        requests: u64,
-        #[arg(long, default_value_t = 10)]
-        coupons: u64,
-        /// Stock of each coupon.
-        #[arg(long, default_value_t = 10_000)]
-        stock: u64,
-        /// Requests in the naive algorithm's sale (stock scaled to match); 0 skips it.
-        #[arg(long, default_value_t = 1_000_000)]
-        naive_requests: u64,
-        /// Also drain the sale on this Redis Cluster (redis-cluster://…) with one queue per
-        /// coupon, and print it beside the single Redis.
-        #[arg(long, value_name = "URL")]
-        cluster_url: Option<String>,
-    },
-    /// ZUNIONSTORE vs the chunked rebuild: total time and the longest stall of another client.
-    Ranking {
-        /// Products in each daily set.
-        #[arg(long, default_value_t = 1_000_000)]
-        products: u64,
-    },
-    /// The ranking-log writer vs a bare multi-row INSERT loop.
-    RankingLog {
-        #[arg(long, default_value_t = 1_000_000)]
-        rows: u64,
-    },
+impl Command {
+    /// Whether the command's output is a report (the tools'), which per-tick INFO lines would
+    /// bury.
+    pub fn prints_a_report(&self) -> bool {
+        #[cfg(feature = "tools")]
+        if let Command::Tools(_) = self {
+            return true;
+        }
+        false
+    }
 }

@@ -17,26 +17,23 @@
 //! [`http`] (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], [`retry`],
 //! [`systemd`] (readiness and watchdog notifications).
 //!
-//! For trying and measuring it: [`demo`] (the main job end to end, with a report), [`bench`]
-//! (the performance targets), [`simulated_api`] (the API's
-//! side of the contract, played by `bench` and `demo`) and [`sandbox`] (a private key prefix and
-//! database on the configured servers), and [`tools`] (the fault proxy).
+//! Two wings. The **product** is everything above: the daemon and its commands. The **tools**
+//! wing, [`tools`] (built with the `tools` feature, on by default), is for trying, measuring and
+//! attacking it: the demo, the benchmarks, the simulated API, the sandbox and the fault proxy.
+//! Tools import from the product, never the other way round; the binary (`main.rs`, `cli.rs`)
+//! stands above both.
 
 pub mod app;
 pub mod backends;
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod coupon;
-pub mod demo;
 pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod ranking;
 pub mod ranking_log;
 pub mod retry;
-pub mod sandbox;
-pub mod simulated_api;
 pub mod systemd;
 pub mod telemetry;
+#[cfg(feature = "tools")]
 pub mod tools;

@@ -1,16 +1,17 @@
 //! `commerce-worker`: parses the command line, loads the configuration, starts logging, runs the
 //! command and maps failures to exit codes (78 configuration, 69 backend unavailable at start).
 
+mod cli;
+
 use std::process::ExitCode;
 
 use clap::Parser;
 use commerce_worker::app::{self, SetupError, ShutdownTimedOut};
 use commerce_worker::backends::{self, Unavailable};
-use commerce_worker::bench;
-use commerce_worker::cli::{BenchCommand, Cli, Command};
 use commerce_worker::config::{self, Config, ConfigError};
-use commerce_worker::simulated_api::FlashSale;
 use commerce_worker::telemetry;
+
+use crate::cli::{Cli, Command};
 
 /// sysexits.h
 const EX_UNAVAILABLE: u8 = 69;
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut log = config.log.clone();
-    if let Command::Bench(_) | Command::Demo(_) = cli.command {
+    if cli.command.prints_a_report() {
         // The report is the output; per-tick INFO lines would bury it (RUST_LOG still wins).
         log.level = "warn".into();
     }
@@ -97,12 +98,8 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Bench(which) => run_bench(which, &config).await,
-        Command::Demo(options) => {
-            let report = commerce_worker::demo::run(&config, options).await?;
-            anyhow::ensure!(report.all_passed(), "a check failed (see above)");
-            Ok(())
-        }
+        #[cfg(feature = "tools")]
+        Command::Tools(command) => commerce_worker::tools::run(command, &config).await,
         Command::RequeueDead => {
             let report = app::requeue_dead_once(&config).await?;
             println!(
@@ -112,56 +109,6 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn run_bench(which: BenchCommand, config: &Config) -> anyhow::Result<()> {
-    let probe = commerce_worker::backends::connect_redis(&config.redis).await?;
-    // The server, not the configured database: the benchmarks make their own.
-    let server = config::MysqlConfig {
-        url: config::SecretUrl::new(commerce_worker::sandbox::with_database(
-            config.mysql.url.expose(),
-            "",
-        )?),
-        ..config.mysql.clone()
-    };
-    let pool = backends::connect_mysql(&server).await?;
-    println!(
-        "{} on {}",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
-        bench::describe_machine(&probe, &pool).await
-    );
-    pool.close().await;
-    match which {
-        BenchCommand::Coupon {
-            requests,
-            coupons,
-            stock,
-            naive_requests,
-            cluster_url,
-        } => {
-            let sale = FlashSale {
-                coupons,
-                stock,
-                requests,
-            };
-            bench::coupon::run(
-                config,
-                bench::coupon::Options {
-                    sale,
-                    naive_requests,
-                    cluster_url,
-                },
-            )
-            .await?;
-        }
-        BenchCommand::Ranking { products } => {
-            bench::ranking::run(config, bench::ranking::Options { products }).await?;
-        }
-        BenchCommand::RankingLog { rows } => {
-            bench::ranking_log::run(config, bench::ranking_log::Options { rows }).await?;
-        }
-    }
-    Ok(())
 }
 
 fn exit_code_for(error: &anyhow::Error) -> ExitCode {

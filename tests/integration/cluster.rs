@@ -163,7 +163,7 @@ async fn primary_restarted_mid_drain(keys: fn(&str) -> KeyTemplates) {
     });
     let total = (coupons.len() as i64 * users) as u64;
     loop {
-        let left = commerce_worker::simulated_api::queued(&env.redis, env.keys())
+        let left = commerce_worker::tools::simulated_api::queued(&env.redis, env.keys())
             .await
             .unwrap_or(total);
         if left < total * 3 / 4 {

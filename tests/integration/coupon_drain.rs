@@ -322,7 +322,7 @@ async fn per_coupon_lanes_are_drained_strays_dead_lettered_and_requeue_dead_walk
 
     // requeue-dead walks every coupon's lane: coupon 9's stock was unreadable, then fixed.
     env.set_stock(9, "two").await;
-    commerce_worker::simulated_api::enqueue_members(
+    commerce_worker::tools::simulated_api::enqueue_members(
         &env.redis,
         env.keys(),
         vec![

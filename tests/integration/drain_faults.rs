@@ -94,7 +94,7 @@ pub(crate) async fn flash_sale(env: &TestEnv, coupons: &[i64], initial: i64, use
         }
     }
     // As the API does, in either layout.
-    commerce_worker::simulated_api::enqueue_members(&env.redis, env.keys(), entries)
+    commerce_worker::tools::simulated_api::enqueue_members(&env.redis, env.keys(), entries)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
 }

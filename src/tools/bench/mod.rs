@@ -1,5 +1,5 @@
 //! `commerce-worker bench`: the performance targets of the three jobs, measured against the
-//! configured Redis and MySQL in a [`Sandbox`](crate::sandbox::Sandbox) (private key prefix and
+//! configured Redis and MySQL in a [`Sandbox`](crate::tools::sandbox::Sandbox) (private key prefix and
 //! database, removed afterwards).
 //!
 //! Each benchmark runs the worker's real code and, in the same run and on the same data, the
@@ -23,9 +23,40 @@ use sqlx::MySqlPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::options::BenchCommand;
+use super::report::Latencies;
+use super::sandbox::{self, Sandbox};
 use crate::backends;
-use crate::config::{Config, RedisConfig};
-use crate::sandbox::Sandbox;
+use crate::config::{self, Config, RedisConfig};
+
+/// Runs one benchmark: a line saying where it runs, then its figures.
+pub async fn run(which: BenchCommand, config: &Config) -> anyhow::Result<()> {
+    let probe = backends::connect_redis(&config.redis).await?;
+    // The server, not the configured database: the benchmarks make their own.
+    let server = config::MysqlConfig {
+        url: config::SecretUrl::new(sandbox::with_database(config.mysql.url.expose(), "")?),
+        ..config.mysql.clone()
+    };
+    let pool = backends::connect_mysql(&server).await?;
+    println!(
+        "{} on {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        describe_machine(&probe, &pool).await
+    );
+    pool.close().await;
+    match which {
+        BenchCommand::Coupon(options) => {
+            coupon::run(config, &options).await?;
+        }
+        BenchCommand::Ranking(options) => {
+            ranking::run(config, options).await?;
+        }
+        BenchCommand::RankingLog(options) => {
+            ranking_log::run(config, options).await?;
+        }
+    }
+    Ok(())
+}
 
 /// Runs `work` in a fresh sandbox and removes the sandbox whatever happened, Ctrl-C included
 /// (a million leftover keys in the operator's Redis would be a poor souvenir).
@@ -118,45 +149,6 @@ impl StallProbe {
     }
 }
 
-/// A set of measured durations.
-#[derive(Debug, Default, Clone)]
-pub struct Latencies {
-    samples: Vec<Duration>,
-}
-
-impl Latencies {
-    pub fn record(&mut self, latency: Duration) {
-        self.samples.push(latency);
-    }
-
-    pub fn len(&self) -> usize {
-        self.samples.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
-    }
-
-    pub fn max(&self) -> Duration {
-        self.samples.iter().copied().max().unwrap_or_default()
-    }
-
-    /// The `p`-th percentile (0..=100), nearest-rank.
-    pub fn percentile(&self, p: f64) -> Duration {
-        if self.samples.is_empty() {
-            return Duration::ZERO;
-        }
-        let mut sorted = self.samples.clone();
-        sorted.sort_unstable();
-        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-        sorted[rank.clamp(1, sorted.len()) - 1]
-    }
-
-    pub fn count_over(&self, limit: Duration) -> usize {
-        self.samples.iter().filter(|l| **l > limit).count()
-    }
-}
-
 /// The process's peak resident memory while a future runs, sampled every 10 ms.
 pub struct MemorySampler {
     stop: CancellationToken,
@@ -196,52 +188,4 @@ pub fn resident_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// `count / elapsed`, per second.
-pub fn rate(count: u64, elapsed: Duration) -> f64 {
-    count as f64 / elapsed.as_secs_f64().max(1e-9)
-}
-
-/// `123456.7` → `"123 457"`: figures people read, with thin grouping.
-pub fn group(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(' ');
-        }
-        out.push(c);
-    }
-    out
-}
-
-pub fn millis(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let mut l = Latencies::default();
-        for ms in 1..=100 {
-            l.record(Duration::from_millis(ms));
-        }
-        assert_eq!(l.percentile(50.0), Duration::from_millis(50));
-        assert_eq!(l.percentile(99.0), Duration::from_millis(99));
-        assert_eq!(l.max(), Duration::from_millis(100));
-        assert_eq!(l.count_over(Duration::from_millis(90)), 10);
-        assert_eq!(Latencies::default().percentile(99.0), Duration::ZERO);
-    }
-
-    #[test]
-    fn figures_are_grouped_by_thousands() {
-        assert_eq!(group(0.4), "0");
-        assert_eq!(group(999.0), "999");
-        assert_eq!(group(123_456.7), "123 457");
-        assert_eq!(group(1_000_000.0), "1 000 000");
-    }
 }

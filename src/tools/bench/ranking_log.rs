@@ -16,16 +16,13 @@ use anyhow::ensure;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::{MemorySampler, group, in_sandbox, rate};
+use super::{MemorySampler, in_sandbox};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ranking_log::{self, LogOutcome, LogRow, insert_statement};
-use crate::sandbox::Sandbox;
-
-#[derive(Debug, Clone, Copy)]
-pub struct Options {
-    pub rows: u64,
-}
+use crate::tools::options::RankingLogBenchOptions;
+use crate::tools::report::{group, rate};
+use crate::tools::sandbox::Sandbox;
 
 #[derive(Debug, Clone)]
 pub struct Figures {
@@ -40,7 +37,7 @@ pub struct Figures {
 /// Rows the drain hands over at once.
 const PRODUCER_BATCH: u64 = 1000;
 
-pub async fn run(config: &Config, options: Options) -> anyhow::Result<Figures> {
+pub async fn run(config: &Config, options: RankingLogBenchOptions) -> anyhow::Result<Figures> {
     println!(
         "ranking log: {} rows, channel capacity {}, batch size {}",
         group(options.rows as f64),
@@ -65,7 +62,7 @@ fn row(i: u64) -> LogRow {
     }
 }
 
-async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Figures> {
+async fn run_in(sandbox: &Sandbox, options: RankingLogBenchOptions) -> anyhow::Result<Figures> {
     let rows = options.rows;
     let batch_size = sandbox.config.ranking_log.batch_size.get() as u64;
 

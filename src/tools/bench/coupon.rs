@@ -20,25 +20,17 @@ use anyhow::ensure;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-use super::{group, in_sandbox, rate};
+use super::in_sandbox;
 use crate::app::LoggedDrain;
 use crate::config::Config;
 use crate::coupon::member::parse_member;
 use crate::coupon::{CouponDrain, DrainReport, Outcome, StopReason};
 use crate::metrics::Metrics;
 use crate::ranking_log;
-use crate::sandbox::Sandbox;
-use crate::simulated_api::FlashSale;
-
-#[derive(Debug, Clone)]
-pub struct Options {
-    pub sale: FlashSale,
-    /// The naive algorithm drains a sale of this many requests (same coupons; stock scaled to
-    /// keep the same issued share). 0 skips it.
-    pub naive_requests: u64,
-    /// Also drain the sale on this Redis Cluster, with one queue per coupon.
-    pub cluster_url: Option<String>,
-}
+use crate::tools::options::CouponBenchOptions;
+use crate::tools::report::{group, rate};
+use crate::tools::sandbox::Sandbox;
+use crate::tools::simulated_api::FlashSale;
 
 /// What the worker did and how fast.
 #[derive(Debug, Clone)]
@@ -71,8 +63,8 @@ pub struct Figures {
     pub naive: Option<NaiveFigures>,
 }
 
-pub async fn run(config: &Config, options: Options) -> anyhow::Result<Figures> {
-    let sale = options.sale;
+pub async fn run(config: &Config, options: &CouponBenchOptions) -> anyhow::Result<Figures> {
+    let sale = options.sale();
     println!(
         "coupon drain: {} requests over {} coupons x {} stock",
         group(sale.requests as f64),

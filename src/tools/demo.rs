@@ -1,7 +1,7 @@
 //! `commerce-worker demo`: the worker's main job end to end, for a newcomer, against the
 //! configured Redis and MySQL, in a [`Sandbox`] (private key prefix and database, removed after).
 //!
-//! It plays the API's part ([`simulated_api`](crate::simulated_api)): a few days of orders for the
+//! It plays the API's part ([`simulated_api`](crate::tools::simulated_api)): a few days of orders for the
 //! ranking (one day older than the window, so pruning shows), then a flash sale enqueued in waves
 //! — random users asking for random coupons, so some ask twice (duplicates), plus a few malformed
 //! entries — while the real jobs run: the coupon drain ticking, the outbox persister, the
@@ -18,39 +18,14 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::LoggedDrain;
-use crate::bench::{Latencies, group, millis};
 use crate::config::Config;
 use crate::coupon::{DrainReport, StopReason};
 use crate::metrics::Metrics;
 use crate::ranking::{RankingRebuild, WhenLocked, today};
-use crate::sandbox::Sandbox;
-use crate::simulated_api::{FlashSale, enqueue_members, queued, write_day_sales};
-
-/// The demo's sizes: also its command-line options.
-#[derive(Debug, Clone, Copy, clap::Args)]
-pub struct Options {
-    #[arg(long, default_value_t = 3)]
-    pub coupons: u64,
-    /// Stock of each coupon.
-    #[arg(long, default_value_t = 1000)]
-    pub stock: u64,
-    #[arg(long, default_value_t = 5000)]
-    pub users: u64,
-    /// Well-formed requests (random users and coupons, so some users ask twice).
-    #[arg(long, default_value_t = 20_000)]
-    pub requests: u64,
-    /// Malformed entries added to the first wave (they are dead-lettered).
-    #[arg(long, default_value_t = 6)]
-    pub malformed: u64,
-    #[arg(long, default_value_t = 500)]
-    pub products: u64,
-    /// The requests arrive in this many waves, 100 ms apart, while the drain runs.
-    #[arg(long, default_value_t = 10)]
-    pub waves: u64,
-    /// Keep the demo's keys and database afterwards, for a look around.
-    #[arg(long)]
-    pub keep: bool,
-}
+use crate::tools::options::DemoOptions;
+use crate::tools::report::{Latencies, group, millis};
+use crate::tools::sandbox::Sandbox;
+use crate::tools::simulated_api::{FlashSale, enqueue_members, queued, write_day_sales};
 
 /// A check the demo verified, and whether it held.
 #[derive(Debug, Clone)]
@@ -86,7 +61,7 @@ const MALFORMED_SAMPLES: [&str; 6] = [
     "007:1",
 ];
 
-pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
+pub async fn run(config: &Config, options: DemoOptions) -> anyhow::Result<Report> {
     let sandbox = Sandbox::create(config, "demo").await?;
     println!(
         "demo sandbox: keys under {}:*, database {} (removed at the end{})",
@@ -109,7 +84,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
     result
 }
 
-async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Report> {
+async fn run_in(sandbox: &Sandbox, options: DemoOptions) -> anyhow::Result<Report> {
     let config = &sandbox.config;
     let keys = &config.keys;
     let mut rng = fastrand::Rng::with_seed(20261123);
@@ -418,7 +393,7 @@ async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-fn print_report(report: &Report, options: Options, rebuild: &crate::ranking::RebuildReport) {
+fn print_report(report: &Report, options: DemoOptions, rebuild: &crate::ranking::RebuildReport) {
     let d = &report.drain;
     println!();
     println!(
@@ -447,7 +422,10 @@ fn print_report(report: &Report, options: Options, rebuild: &crate::ranking::Reb
         group(d.decided() as f64),
         report.drain_elapsed.as_secs_f64(),
         d.batches,
-        group(crate::bench::rate(d.decided(), report.drain_elapsed))
+        group(crate::tools::report::rate(
+            d.decided(),
+            report.drain_elapsed
+        ))
     );
     println!(
         "  latency, enqueue to row in user_coupon ({} coupons; MySQL polled every 10 ms): p50 {}, p99 {}, max {}",

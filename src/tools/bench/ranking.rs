@@ -10,21 +10,17 @@ use anyhow::ensure;
 use chrono::Days;
 use fred::prelude::*;
 
-use super::{Latencies, MemorySampler, StallProbe, group, in_sandbox, millis};
+use super::{MemorySampler, StallProbe, in_sandbox};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ranking::{RankingRebuild, RebuildReport, Strategy, WhenLocked, today};
-use crate::sandbox::Sandbox;
-use crate::simulated_api::write_day_sales;
+use crate::tools::options::RankingBenchOptions;
+use crate::tools::report::{Latencies, group, millis};
+use crate::tools::sandbox::Sandbox;
+use crate::tools::simulated_api::write_day_sales;
 
 /// The stall the chunked strategy must stay under.
 const STALL_TARGET: Duration = Duration::from_millis(50);
-
-#[derive(Debug, Clone, Copy)]
-pub struct Options {
-    /// Products in each daily set.
-    pub products: u64,
-}
 
 #[derive(Debug, Clone)]
 pub struct StrategyFigures {
@@ -35,7 +31,10 @@ pub struct StrategyFigures {
     pub peak_resident: u64,
 }
 
-pub async fn run(config: &Config, options: Options) -> anyhow::Result<Vec<StrategyFigures>> {
+pub async fn run(
+    config: &Config,
+    options: RankingBenchOptions,
+) -> anyhow::Result<Vec<StrategyFigures>> {
     println!(
         "ranking rebuild: {} days x {} products",
         config.ranking.window_days,
@@ -44,7 +43,10 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Vec<Strate
     in_sandbox(config, async |sandbox| run_in(sandbox, options).await).await
 }
 
-async fn run_in(sandbox: &Sandbox, options: Options) -> anyhow::Result<Vec<StrategyFigures>> {
+async fn run_in(
+    sandbox: &Sandbox,
+    options: RankingBenchOptions,
+) -> anyhow::Result<Vec<StrategyFigures>> {
     let config = &sandbox.config;
     let day = today(config.ranking.timezone);
     let loading = Instant::now();

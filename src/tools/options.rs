@@ -1,0 +1,100 @@
+//! Every option of the tools' commands (`demo`, `bench …`), declared here once. The binary's
+//! command line flattens [`ToolCommand`] into its own subcommands when the `tools` feature is on.
+
+use clap::{Args, Subcommand};
+
+use super::simulated_api::FlashSale;
+
+/// The tools' subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ToolCommand {
+    /// Try the worker end to end: plays the API's part (a flash sale, a few days of orders) in a
+    /// private key prefix and database on the configured servers, runs the real jobs with
+    /// progress bars, and reports outcomes, latency, the top-10 and the checks it verified.
+    Demo(DemoOptions),
+    /// Measure the jobs against their targets, in a private key prefix and database on the
+    /// configured servers (removed afterwards). Build with --release.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `demo`: the sale's and the orders' sizes.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct DemoOptions {
+    #[arg(long, default_value_t = 3)]
+    pub coupons: u64,
+    /// Stock of each coupon.
+    #[arg(long, default_value_t = 1000)]
+    pub stock: u64,
+    #[arg(long, default_value_t = 5000)]
+    pub users: u64,
+    /// Well-formed requests (random users and coupons, so some users ask twice).
+    #[arg(long, default_value_t = 20_000)]
+    pub requests: u64,
+    /// Malformed entries added to the first wave (they are dead-lettered).
+    #[arg(long, default_value_t = 6)]
+    pub malformed: u64,
+    #[arg(long, default_value_t = 500)]
+    pub products: u64,
+    /// The requests arrive in this many waves, 100 ms apart, while the drain runs.
+    #[arg(long, default_value_t = 10)]
+    pub waves: u64,
+    /// Keep the demo's keys and database afterwards, for a look around.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The coupon drain vs the naive check-then-act algorithm.
+    Coupon(CouponBenchOptions),
+    /// ZUNIONSTORE vs the chunked rebuild: total time and the longest stall of another client.
+    Ranking(RankingBenchOptions),
+    /// The ranking-log writer vs a bare multi-row INSERT loop.
+    RankingLog(RankingLogBenchOptions),
+}
+
+/// `bench coupon`: the sale the drain decides, and the baselines beside it.
+#[derive(Debug, Clone, Args)]
+pub struct CouponBenchOptions {
+    #[arg(long, default_value_t = 1_000_000)]
+    pub requests: u64,
+    #[arg(long, default_value_t = 10)]
+    pub coupons: u64,
+    /// Stock of each coupon.
+    #[arg(long, default_value_t = 10_000)]
+    pub stock: u64,
+    /// Requests in the naive algorithm's sale (stock scaled to match); 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub naive_requests: u64,
+    /// Also drain the sale on this Redis Cluster (redis-cluster://…) with one queue per
+    /// coupon, and print it beside the single Redis.
+    #[arg(long, value_name = "URL")]
+    pub cluster_url: Option<String>,
+}
+
+impl CouponBenchOptions {
+    /// The flash sale these options describe.
+    pub fn sale(&self) -> FlashSale {
+        FlashSale {
+            coupons: self.coupons,
+            stock: self.stock,
+            requests: self.requests,
+        }
+    }
+}
+
+/// `bench ranking`: the size of the daily sets.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct RankingBenchOptions {
+    /// Products in each daily set.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub products: u64,
+}
+
+/// `bench ranking-log`: how many rows go through the writer.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct RankingLogBenchOptions {
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: u64,
+}
