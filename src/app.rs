@@ -48,6 +48,12 @@ pub struct SetupError {
     pub source: anyhow::Error,
 }
 
+/// The command line asked for something that cannot be done (a date after today): exits 64
+/// (EX_USAGE) before anything is touched.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// Connected backends.
 #[derive(Clone)]
 pub struct Backends {
@@ -422,7 +428,7 @@ fn catch_up_ranking(config: &Config, rebuild: &RankingRebuild, job: &GuardedJob)
     tasks.spawn(async move {
         job.run(|| async {
             let day = today(timezone);
-            if rebuild.last_built_day().await? == Some(day) {
+            if rebuild.live().await?.map(|live| live.day) == Some(day) {
                 return Ok(());
             }
             tracing::info!(%day, "no ranking rebuild recorded for today; catching up");
@@ -463,6 +469,16 @@ pub async fn rebuild_once(
     config: &Config,
     day: Option<NaiveDate>,
 ) -> anyhow::Result<RebuildReport> {
+    let today = today(config.ranking.timezone);
+    let day = day.unwrap_or(today);
+    if day > today {
+        // Its window would make every live daily key look "older than the window".
+        return Err(UsageError(format!(
+            "--date {day} is after today ({today} in {}); refusing to rebuild a future ranking",
+            config.ranking.timezone
+        ))
+        .into());
+    }
     let redis = backends::connect_redis(&config.redis).await?;
     let rebuild = RankingRebuild::new(
         redis,
@@ -470,12 +486,7 @@ pub async fn rebuild_once(
         config.ranking.clone(),
         Metrics::new(),
     );
-    rebuild
-        .rebuild(
-            day.unwrap_or_else(|| today(config.ranking.timezone)),
-            WhenLocked::Wait,
-        )
-        .await
+    rebuild.rebuild(day, WhenLocked::Wait).await
 }
 
 /// `requeue-dead`.

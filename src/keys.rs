@@ -238,19 +238,26 @@ impl KeyTemplates {
         format!("{}:lock", self.ranking_window)
     }
 
-    /// Records the day of the last successful rebuild, for the start-up catch-up.
-    pub fn ranking_built_marker(&self) -> String {
-        format!("{}:built", self.ranking_window)
+    /// A HASH recording which rebuild the live ranking came from (`day`, `token`, `built_at`),
+    /// written by the swap script in the same atomic step as the swap. It lives in the ranking
+    /// key's cluster slot, so the script can touch both.
+    pub fn ranking_live_record(&self) -> String {
+        self.in_ranking_slot("live")
     }
 
     /// A temporary key for one rebuild; `token` makes it unique to that rebuild. It hashes to
     /// the ranking key's cluster slot even when `ranking_window` has no hash tag (the whole key
     /// then becomes the tag), so the swap script's RENAME works on Redis Cluster.
     pub fn ranking_temp(&self, token: &str) -> String {
+        self.in_ranking_slot(&format!("tmp:{token}"))
+    }
+
+    /// `ranking_window` + `:suffix`, in the ranking key's cluster slot.
+    fn in_ranking_slot(&self, suffix: &str) -> String {
         if hash_tag(&self.ranking_window).len() < self.ranking_window.len() {
-            format!("{}:tmp:{token}", self.ranking_window)
+            format!("{}:{suffix}", self.ranking_window)
         } else {
-            format!("{{{}}}:tmp:{token}", self.ranking_window)
+            format!("{{{}}}:{suffix}", self.ranking_window)
         }
     }
 

@@ -6,7 +6,7 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::Parser;
-use commerce_worker::app::{self, SetupError, ShutdownTimedOut};
+use commerce_worker::app::{self, SetupError, ShutdownTimedOut, UsageError};
 use commerce_worker::backends::{self, Unavailable};
 use commerce_worker::config::{self, Config, ConfigError};
 use commerce_worker::telemetry;
@@ -14,11 +14,24 @@ use commerce_worker::telemetry;
 use crate::cli::{Cli, Command};
 
 /// sysexits.h
+const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap exits 2 on a usage error; the contract says 64 (EX_USAGE). `--help` and
+            // `--version` are not errors.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let config = match Config::load(&cli.config, config::process_env) {
         Ok(config) => config,
         Err(e) => {
@@ -112,7 +125,9 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 fn exit_code_for(error: &anyhow::Error) -> ExitCode {
-    if error.downcast_ref::<Unavailable>().is_some() {
+    if error.downcast_ref::<UsageError>().is_some() {
+        ExitCode::from(EX_USAGE)
+    } else if error.downcast_ref::<Unavailable>().is_some() {
         ExitCode::from(EX_UNAVAILABLE)
     } else if error.downcast_ref::<ConfigError>().is_some()
         || error.downcast_ref::<SetupError>().is_some()

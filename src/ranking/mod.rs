@@ -27,34 +27,38 @@ use fred::prelude::*;
 use fred::types::scan::Scanner;
 use fred::types::scripts::Script;
 use futures_util::TryStreamExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::RankingConfig;
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 
-const SWAP_LUA: &str = r#"#!lua
--- KEYS[1] temporary key with the new ranking (absent if the window is empty), KEYS[2] the ranking,
--- KEYS[3] where the old ranking is moved before it is unlinked (freed off the main thread).
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('RENAME', KEYS[2], KEYS[3])
-  redis.call('UNLINK', KEYS[3])
+const SWAP_LUA: &str = include_str!("swap.lua");
+
+/// Extends the lease if this rebuild still holds it. Safe to run twice.
+const RENEW_LEASE_LUA: &str = r#"#!lua
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('RENAME', KEYS[1], KEYS[2])
-  redis.call('PERSIST', KEYS[2])
-end
-return redis.call('ZCARD', KEYS[2])
+return 0
 "#;
 
-const RELEASE_LOCK_LUA: &str = r#"#!lua
+/// Deletes the lease if this rebuild still holds it. Safe to run twice: the second run finds the
+/// key gone (or another replica's token) and does nothing.
+const RELEASE_LEASE_LUA: &str = r#"#!lua
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 "#;
 
 /// Members read or written per command by the chunked strategy.
 const CHUNK: usize = 1000;
-/// A rebuild holding the lock longer than this is presumed dead.
-const LOCK_TTL: Duration = Duration::from_secs(300);
+/// The rebuild lock is a lease: it expires this long after its last renewal, so a replica that
+/// died mid-rebuild holds it for seconds, not minutes.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often a running rebuild renews its lease (a third of its life: two renewals can fail).
+const LEASE_RENEW_EVERY: Duration = Duration::from_millis(3300);
+/// `rebuild-ranking` waits this long at most for another replica's rebuild to finish.
+const WAIT_FOR_LEASE: Duration = Duration::from_secs(15 * 60);
 /// A temporary key left by a crashed rebuild disappears after this.
 const TEMP_KEY_TTL_SECS: i64 = 3600;
 
@@ -92,6 +96,9 @@ pub struct RebuildReport {
     pub elapsed: Duration,
     /// True when another replica held the lock and this one did nothing.
     pub skipped_locked: bool,
+    /// Set when a ranking built for this later day was already live, and was left in place
+    /// (the daemon's runs only).
+    pub superseded_by: Option<NaiveDate>,
 }
 
 #[derive(Clone)]
@@ -102,6 +109,11 @@ pub struct RankingRebuild {
     metrics: Metrics,
     /// Overrides the size-based choice (benchmarks and tests compare both).
     forced_strategy: Option<Strategy>,
+}
+
+/// The SHA1 the swap script is called by (EVALSHA), for tests that lose its reply on purpose.
+pub fn swap_script_sha() -> String {
+    Script::from_lua(SWAP_LUA).sha1().to_string()
 }
 
 /// Today in `timezone`: the day a rebuild running now is for.
@@ -159,6 +171,9 @@ impl RankingRebuild {
     }
 
     /// Rebuilds the ranking for `day`.
+    ///
+    /// With [`WhenLocked::Skip`] (the daemon) a ranking already built for a later day is never
+    /// replaced; with [`WhenLocked::Wait`] (an operator's `rebuild-ranking --date`) it is.
     #[tracing::instrument(name = "ranking_rebuild", skip_all, fields(%day))]
     pub async fn rebuild(
         &self,
@@ -176,23 +191,31 @@ impl RankingRebuild {
             pruned: 0,
             elapsed: Duration::ZERO,
             skipped_locked: false,
+            superseded_by: None,
         };
         let token = uuid::Uuid::new_v4().simple().to_string();
-        if !self.lock(&token, when_locked).await? {
+        let Some(lease) = self.acquire_lease(&token, when_locked).await? else {
             tracing::info!("another replica is rebuilding the ranking; skipped");
             report.skipped_locked = true;
             return Ok(report);
-        }
-        let result = self.rebuild_locked(day, &window, &token, &mut report).await;
-        let release: anyhow::Result<i64> = Script::from_lua(RELEASE_LOCK_LUA)
-            .evalsha_with_reload(&self.client, vec![self.keys.ranking_lock()], vec![token])
-            .await
-            .map_err(Into::into);
-        if let Err(e) = release {
-            tracing::warn!(error = %format!("{e:#}"), "could not release the ranking lock; it expires by itself");
+        };
+        let result = tokio::select! {
+            result = self.rebuild_locked(day, &window, &token, when_locked, &mut report) => result,
+            () = lease.lost.cancelled() => Err(anyhow::anyhow!(
+                "lost the rebuild lease (Redis unreachable for longer than {LEASE_TTL:?}, or the process stalled); abandoned this rebuild"
+            )),
+        };
+        lease.release(&self.client).await;
+        if result.is_err() {
+            // Best effort: the temporary key also expires by itself.
+            let _: Result<u64, _> = self.client.unlink(self.keys.ranking_temp(&token)).await;
         }
         result?;
         report.elapsed = started.elapsed();
+        if let Some(live_day) = report.superseded_by {
+            tracing::info!(%live_day, "a ranking for a later day is already live; left it in place");
+            return Ok(report);
+        }
         self.metrics.ranking_products.set(report.products as i64);
         tracing::info!(
             window_start = %report.window.first().map(|d| d.to_string()).unwrap_or_default(),
@@ -207,24 +230,38 @@ impl RankingRebuild {
         Ok(report)
     }
 
-    async fn lock(&self, token: &str, when_locked: WhenLocked) -> anyhow::Result<bool> {
-        let deadline = Instant::now() + LOCK_TTL + Duration::from_secs(5);
+    /// Takes the rebuild lease, and keeps renewing it until the returned [`Lease`] is released.
+    async fn acquire_lease(
+        &self,
+        token: &str,
+        when_locked: WhenLocked,
+    ) -> anyhow::Result<Option<Lease>> {
+        let key = self.keys.ranking_lock();
+        let deadline = Instant::now() + WAIT_FOR_LEASE;
         loop {
-            let acquired: Option<String> = self
+            let set: Option<String> = self
                 .client
                 .set(
-                    self.keys.ranking_lock(),
+                    &key,
                     token,
-                    Some(Expiration::PX(LOCK_TTL.as_millis() as i64)),
+                    Some(Expiration::PX(LEASE_TTL.as_millis() as i64)),
                     Some(SetOptions::NX),
                     false,
                 )
                 .await?;
-            if acquired.is_some() {
-                return Ok(true);
+            // A SET NX whose reply was lost and that the client sent again answers "not set" the
+            // second time, although the first set it: the key then holds our own token.
+            let ours = set.is_some()
+                || self.client.get::<Option<String>, _>(&key).await?.as_deref() == Some(token);
+            if ours {
+                return Ok(Some(Lease::start(
+                    self.client.clone(),
+                    key,
+                    token.to_owned(),
+                )));
             }
             if when_locked == WhenLocked::Skip || Instant::now() >= deadline {
-                return Ok(false);
+                return Ok(None);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -235,6 +272,7 @@ impl RankingRebuild {
         day: NaiveDate,
         window: &[(NaiveDate, f64)],
         token: &str,
+        when_locked: WhenLocked,
         report: &mut RebuildReport,
     ) -> anyhow::Result<()> {
         let day_keys: Vec<(String, f64)> = window
@@ -270,27 +308,77 @@ impl RankingRebuild {
             }
             Strategy::Chunked => self.build_chunked(&day_keys, &temp).await?,
         }
-        let old = self.keys.ranking_temp(&format!("{token}:old"));
-        report.products = Script::from_lua(SWAP_LUA)
-            .evalsha_with_reload(
-                &self.client,
-                vec![temp, self.keys.ranking_window.clone(), old],
-                Vec::<String>::new(),
-            )
-            .await
-            .context("swapping the new ranking in")?;
-        report.pruned = self.prune(day, window).await?;
-        let _: () = self
-            .client
-            .set(
-                self.keys.ranking_built_marker(),
-                day.to_string(),
-                None,
-                None,
-                false,
+        let built: u64 = self.client.zcard(&temp).await?;
+        let swap = self
+            .swap(
+                token,
+                day,
+                &temp,
+                built > 0,
+                when_locked == WhenLocked::Skip,
             )
             .await?;
+        match swap {
+            Swap::Live { products } => report.products = products,
+            Swap::LaterDayLive { day: live_day } => {
+                report.superseded_by = Some(live_day);
+                return Ok(());
+            }
+        }
+        report.pruned = self.prune(day, window).await?;
         Ok(())
+    }
+
+    /// Swaps `temp` in (see `swap.lua`). A reply lost on the way is harmless whether or not the
+    /// client resends the call: a resent call finds its own token live, and a call that failed
+    /// is checked against the live record before it counts as failed.
+    async fn swap(
+        &self,
+        token: &str,
+        day: NaiveDate,
+        temp: &str,
+        has_temp: bool,
+        refuse_later_day: bool,
+    ) -> anyhow::Result<Swap> {
+        let keys = vec![
+            temp.to_owned(),
+            self.keys.ranking_window.clone(),
+            self.keys.ranking_temp(&format!("{token}:old")),
+            self.keys.ranking_live_record(),
+        ];
+        let args = vec![
+            token.to_owned(),
+            day.to_string(),
+            if has_temp { "1" } else { "0" }.to_owned(),
+            if refuse_later_day { "1" } else { "0" }.to_owned(),
+        ];
+        let called: Result<(String, u64, String), _> = Script::from_lua(SWAP_LUA)
+            .evalsha_with_reload(&self.client, keys, args)
+            .await;
+        let (status, products, live_day) = match called {
+            Ok(reply) => reply,
+            Err(e) => {
+                // The script may have run and only its reply been lost.
+                let live = self
+                    .live()
+                    .await
+                    .context("checking the swap after an error")?;
+                if live.as_ref().is_some_and(|l| l.token == token) {
+                    let products: u64 = self.client.zcard(&self.keys.ranking_window).await?;
+                    return Ok(Swap::Live { products });
+                }
+                return Err(anyhow::Error::new(e).context("swapping the new ranking in"));
+            }
+        };
+        match status.as_str() {
+            "swapped" | "already" => Ok(Swap::Live { products }),
+            "later_day_live" => Ok(Swap::LaterDayLive {
+                day: live_day.parse().context("the live record's day")?,
+            }),
+            other => anyhow::bail!(
+                "swap refused ({other}): this rebuild's temporary key is gone; the live ranking was left in place"
+            ),
+        }
     }
 
     /// Sums the days in the worker and writes the result in chunks.
@@ -359,9 +447,113 @@ impl RankingRebuild {
         Ok(pruned)
     }
 
-    /// The day of the last successful rebuild, if any.
-    pub async fn last_built_day(&self) -> anyhow::Result<Option<NaiveDate>> {
-        let marker: Option<String> = self.client.get(self.keys.ranking_built_marker()).await?;
-        Ok(marker.and_then(|m| m.parse().ok()))
+    /// Which rebuild the live ranking came from, if any.
+    pub async fn live(&self) -> anyhow::Result<Option<LiveRanking>> {
+        let fields: HashMap<String, String> =
+            self.client.hgetall(self.keys.ranking_live_record()).await?;
+        let (Some(token), Some(day), Some(built_at)) = (
+            fields.get("token"),
+            fields.get("day"),
+            fields.get("built_at"),
+        ) else {
+            return Ok(None);
+        };
+        let built_at = built_at
+            .parse::<i64>()
+            .ok()
+            .and_then(|secs| DateTime::from_timestamp(secs, 0))
+            .context("the live record's built_at")?;
+        Ok(Some(LiveRanking {
+            token: token.clone(),
+            day: day.parse().context("the live record's day")?,
+            built_at,
+        }))
+    }
+}
+
+/// Which rebuild the live ranking came from (the live record, written by the swap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveRanking {
+    pub token: String,
+    /// The day the rebuild was for.
+    pub day: NaiveDate,
+    /// When it was swapped in (Redis' clock).
+    pub built_at: DateTime<Utc>,
+}
+
+enum Swap {
+    Live { products: u64 },
+    LaterDayLive { day: NaiveDate },
+}
+
+/// The rebuild lock while this process holds it: a background task renews it every
+/// [`LEASE_RENEW_EVERY`]; `lost` fires when a renewal finds it gone or another replica's, or
+/// when no renewal got through for [`LEASE_TTL`] (it may have expired).
+struct Lease {
+    key: String,
+    token: String,
+    lost: CancellationToken,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    fn start(client: Client, key: String, token: String) -> Self {
+        let lost = CancellationToken::new();
+        let renewer = tokio::spawn({
+            let (key, token, lost) = (key.clone(), token.clone(), lost.clone());
+            async move {
+                let script = Script::from_lua(RENEW_LEASE_LUA);
+                let mut last_renewed = Instant::now();
+                loop {
+                    tokio::time::sleep(LEASE_RENEW_EVERY).await;
+                    let renewed: Result<i64, _> = tokio::time::timeout(
+                        LEASE_RENEW_EVERY,
+                        script.evalsha_with_reload(
+                            &client,
+                            vec![key.clone()],
+                            vec![token.clone(), LEASE_TTL.as_millis().to_string()],
+                        ),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(fred::error::Error::new(
+                            fred::error::ErrorKind::Timeout,
+                            "lease renewal timed out",
+                        ))
+                    });
+                    match renewed {
+                        Ok(1) => last_renewed = Instant::now(),
+                        Ok(_) => {
+                            tracing::warn!("the ranking rebuild lease was taken over");
+                            lost.cancel();
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not renew the ranking rebuild lease");
+                            if last_renewed.elapsed() >= LEASE_TTL {
+                                lost.cancel();
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            key,
+            token,
+            lost,
+            renewer,
+        }
+    }
+
+    async fn release(self, client: &Client) {
+        self.renewer.abort();
+        let released: Result<i64, _> = Script::from_lua(RELEASE_LEASE_LUA)
+            .evalsha_with_reload(client, vec![self.key], vec![self.token])
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "could not release the ranking lease; it expires by itself within {LEASE_TTL:?}");
+        }
     }
 }

@@ -4,12 +4,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Days, NaiveDate, Utc};
+use commerce_worker::config::SecretUrl;
 use commerce_worker::metrics::Metrics;
-use commerce_worker::ranking::{RankingRebuild, Strategy, WhenLocked, day_at};
+use commerce_worker::ranking::{
+    RankingRebuild, Strategy, WhenLocked, day_at, swap_script_sha, today,
+};
+use commerce_worker::tools::fault_proxy::FaultProxy;
 use fred::prelude::*;
 
-use crate::common::TestEnv;
+use crate::common::{BIN, TestEnv, redis_url};
 
 fn day(text: &str) -> NaiveDate {
     text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
@@ -299,5 +303,159 @@ async fn rebuilding_a_past_date_keeps_that_windows_daily_keys() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ttl, -1, "no expiry in the past");
+    env.cleanup().await;
+}
+
+/// A client connected to the test Redis through a fault proxy.
+async fn through_proxy(env: &TestEnv) -> (FaultProxy, Client) {
+    let upstream = redis_url()
+        .trim_start_matches("redis://")
+        .parse()
+        .unwrap_or_else(|e| panic!("TEST_REDIS_URL must be redis://host:port here: {e}"));
+    let proxy = FaultProxy::start(upstream)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut redis = env.config.redis.clone();
+    redis.url = SecretUrl::new(format!("redis://{}", proxy.addr()));
+    let client = commerce_worker::backends::connect_redis(&redis)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    (proxy, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_whose_reply_was_lost_and_that_was_sent_again_leaves_the_new_ranking_live() {
+    let env = TestEnv::new().await;
+    add_sales(&env, "2026-11-23", &[("p1", 5.0), ("p2", 1.0)]).await;
+    add_sales(&env, "2026-11-22", &[("p1", 2.0)]).await;
+    let (proxy, client) = through_proxy(&env).await;
+    for strategy in [Strategy::Zunionstore, Strategy::Chunked] {
+        proxy.drop_reply_when(swap_script_sha());
+        let report = RankingRebuild::new(
+            client.clone(),
+            env.keys().clone(),
+            env.config.ranking.clone(),
+            Metrics::new(),
+        )
+        .with_strategy(strategy)
+        .rebuild(day("2026-11-23"), WhenLocked::Skip)
+        .await
+        .unwrap_or_else(|e| panic!("{strategy:?}: {e:#}"));
+        assert_eq!(proxy.armed_drops(), 0, "the swap's reply was not lost");
+        let expected: HashMap<String, f64> = [("p1", 7.0), ("p2", 1.0)]
+            .into_iter()
+            .map(|(p, s)| (p.to_string(), s))
+            .collect();
+        assert_eq!(ranking(&env).await, expected, "{strategy:?}");
+        assert_eq!(report.products, 2, "{strategy:?}");
+    }
+    assert_eq!(proxy.replies_dropped(), 2);
+    let live = rebuilder(&env)
+        .live()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .unwrap_or_else(|| panic!("no live record"));
+    assert_eq!(live.day, day("2026-11-23"));
+    env.cleanup().await;
+}
+
+fn rebuild_ranking_command(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    let config = env.config_file(crate::common::free_port());
+    std::process::Command::new(BIN)
+        .args(["rebuild-ranking", "--config"])
+        .arg(&config)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_ranking_for_a_day_after_today_exits_64_and_touches_nothing() {
+    let env = TestEnv::new().await;
+    let today = today(env.config.ranking.timezone);
+    let tomorrow = today.succ_opt().unwrap_or_else(|| panic!("no tomorrow"));
+    let live_days: Vec<NaiveDate> = (0..3)
+        .filter_map(|back| today.checked_sub_days(Days::new(back)))
+        .collect();
+    for d in &live_days {
+        add_sales(&env, &d.to_string(), &[("p", 1.0)]).await;
+    }
+    for date in [tomorrow.to_string(), "2062-11-24".to_owned()] {
+        let output = rebuild_ranking_command(&env, &["--date", &date]);
+        assert_eq!(
+            output.status.code(),
+            Some(64),
+            "--date {date}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("after today"),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    for d in &live_days {
+        assert!(exists(&env, env.keys().ranking_day(*d)).await, "{d} kept");
+        let ttl: i64 = env
+            .redis
+            .ttl(env.keys().ranking_day(*d))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ttl, -1, "{d}: no expiry set either");
+    }
+    assert!(!exists(&env, env.keys().ranking_window.clone()).await);
+    assert!(!exists(&env, env.keys().ranking_lock()).await);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_command_line_exits_64() {
+    let env = TestEnv::new().await;
+    for args in [
+        &["--date", "2026-13-01"][..],
+        &["--date", "yesterday"][..],
+        &["--no-such-flag"][..],
+    ] {
+        let output = rebuild_ranking_command(&env, args);
+        assert_eq!(
+            output.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let help = std::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(help.status.code(), Some(0), "--help is not an error");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilding_a_past_date_never_prunes_days_after_its_window() {
+    let env = TestEnv::new().await;
+    for d in [
+        "2025-01-07",
+        "2025-01-08",
+        "2025-01-10",
+        "2025-01-11",
+        "2025-02-01",
+    ] {
+        add_sales(&env, d, &[("p", 1.0)]).await;
+    }
+    let report = rebuilder(&env)
+        .rebuild(day("2025-01-10"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(report.pruned, 1, "only 2025-01-07, before the window");
+    assert!(!exists(&env, env.keys().ranking_day(day("2025-01-07"))).await);
+    for kept in ["2025-01-08", "2025-01-10", "2025-01-11", "2025-02-01"] {
+        assert!(
+            exists(&env, env.keys().ranking_day(day(kept))).await,
+            "{kept} kept"
+        );
+    }
     env.cleanup().await;
 }
