@@ -245,6 +245,13 @@ impl KeyTemplates {
         self.in_ranking_slot("live")
     }
 
+    /// The reconciliation marker of a lane (these templates resolved by [`Self::for_coupon`]):
+    /// the identity of the Redis last reconciled from MySQL for this outbox. Beside the outbox,
+    /// in its hash slot, so the decide script can read it on Redis Cluster.
+    pub fn reconciled_marker(&self) -> String {
+        format!("{}:reconciled", self.outbox)
+    }
+
     /// A temporary key for one rebuild; `token` makes it unique to that rebuild. It hashes to
     /// the ranking key's cluster slot even when `ranking_window` has no hash tag (the whole key
     /// then becomes the tag), so the swap script's RENAME works on Redis Cluster.

@@ -13,7 +13,7 @@
 //!   channel to MySQL in batches; a full channel spills to disk, nothing is dropped silently.
 //!
 //! Around them: [`config`] (worker.toml → validated config), [`keys`] (key templates),
-//! [`backends`] (clients, migrations), [`app`] (the daemon, its scheduler and shutdown order),
+//! [`backends`] (clients, migrations), [`mysql`] (a deadline on every MySQL call), [`app`] (the daemon, its scheduler and shutdown order),
 //! [`http`] (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], [`retry`],
 //! [`systemd`] (readiness and watchdog notifications).
 //!
@@ -30,6 +30,7 @@ pub mod coupon;
 pub mod http;
 pub mod keys;
 pub mod metrics;
+pub mod mysql;
 pub mod ranking;
 pub mod ranking_log;
 pub mod retry;

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub coupon_outbox_depth: Gauge,
     pub coupon_batch_duration: Histogram,
     pub coupon_rows_persisted: Counter,
+    pub coupon_reconciliations: Counter,
+    pub coupon_rows_restored: Counter,
+    pub coupon_unexplained_rows: Counter,
+    pub coupon_outbox_waiting_replicas: Gauge,
     pub ranking_products: Gauge,
     pub ranking_log_channel_depth: Gauge,
     pub ranking_log_rows_written: Counter,
@@ -100,6 +104,30 @@ impl Metrics {
             "coupon_rows_persisted",
             "Outbox entries confirmed in user_coupon and acknowledged",
             coupon_rows_persisted.clone(),
+        );
+        let coupon_reconciliations = Counter::default();
+        registry.register(
+            "coupon_reconciliations",
+            "Lanes reconciled from MySQL because Redis was not the one last reconciled (restart, restore, failover, new Redis)",
+            coupon_reconciliations.clone(),
+        );
+        let coupon_rows_restored = Counter::default();
+        registry.register(
+            "coupon_rows_restored",
+            "Holders in user_coupon that Redis had forgotten, put back by reconciliation",
+            coupon_rows_restored.clone(),
+        );
+        let coupon_unexplained_rows = Counter::default();
+        registry.register(
+            "coupon_unexplained_rows",
+            "Holders in user_coupon beyond what the stock in Redis can explain: a person must look",
+            coupon_unexplained_rows.clone(),
+        );
+        let coupon_outbox_waiting_replicas = Gauge::default();
+        registry.register(
+            "coupon_outbox_waiting_replicas",
+            "1 while the persister waits for replicas to acknowledge decisions ([redis] min_replicas_acked)",
+            coupon_outbox_waiting_replicas.clone(),
         );
         let ranking_products = Gauge::default();
         registry.register(
@@ -169,6 +197,10 @@ impl Metrics {
             coupon_outbox_depth,
             coupon_batch_duration,
             coupon_rows_persisted,
+            coupon_reconciliations,
+            coupon_rows_restored,
+            coupon_unexplained_rows,
+            coupon_outbox_waiting_replicas,
             ranking_products,
             ranking_log_channel_depth,
             ranking_log_rows_written,

@@ -5,6 +5,7 @@
 -- (1-based) four keys at 3 + 4(c-1) + 1..4: stock STRING, issued SET, seq STRING, result HASH.
 -- ARGV[1] number of coupons, ARGV[2] number of entries, then 3 arguments per entry:
 -- member, coupon index (0 = malformed), and the userId (or, for a malformed entry, the reason).
+-- The last key, KEYS[#KEYS], is the lane's reconciliation marker (see below).
 --
 -- Returns an array: first a string with one character per entry, in input order — I(ssued),
 -- D(uplicate), S(old out), U(nknown coupon), X (dead-lettered: moved to the stream) or G(one: no
@@ -28,6 +29,21 @@
 -- checks its type.
 
 local queue, dead, outbox = KEYS[1], KEYS[2], KEYS[3]
+
+-- Never decide against a Redis that forgot (CONTRACT.md §2, README "When Redis forgets"): the
+-- marker holds the identity (run_id, which changes on every restart, restore and failover, and
+-- the replication id) of the Redis last reconciled from MySQL. Any other Redis — restarted from
+-- an older snapshot, a promoted lagging replica, an empty one — refuses with UNRECONCILED and
+-- writes nothing; the worker reconciles it from user_coupon and sets the marker. The check runs
+-- here, inside the atomic step, so no reconnect can slip between check and decision.
+do
+  local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+  local identity = (run_id or '?') .. ':' .. (replid or '?')
+  if redis.call('GET', KEYS[#KEYS]) ~= identity then
+    return redis.error_reply('UNRECONCILED Redis ' .. identity .. ' has not been reconciled from MySQL')
+  end
+end
 local nentries = tonumber(ARGV[2])
 -- Issue time from Redis' clock, the same for every replica: the outbox score, later issued_at.
 local now = redis.call('TIME')

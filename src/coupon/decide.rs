@@ -101,6 +101,11 @@ impl Decider {
         }
     }
 
+    /// The queue's coupon in the per-coupon layout.
+    pub fn coupon(&self) -> Option<i64> {
+        self.only_coupon
+    }
+
     /// The first `batch_size` entries of the queue with their scores.
     pub async fn read_head(&self) -> anyhow::Result<Head> {
         Ok(self
@@ -163,6 +168,8 @@ impl Decider {
                 next
             });
         }
+        // Last, wherever the coupons' keys end: the marker the script checks first.
+        keys.push(self.keys.reconciled_marker());
         args.push(coupon_index.len().to_string());
         args.push(head.len().to_string());
         for ((member, _), request) in head.iter().zip(&parsed) {

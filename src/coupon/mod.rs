@@ -21,6 +21,7 @@ mod dead;
 mod decide;
 pub mod member;
 mod outbox;
+pub mod reconcile;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use dead::{RequeueReport, requeue_dead};
 pub use decide::{Decider, Decision, Outcome};
 pub use outbox::Persister;
+pub use reconcile::Reconciler;
 
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
@@ -115,7 +117,25 @@ struct Lane {
     queue_key: String,
     decider: Decider,
     persister: Persister,
+    reconciler: Reconciler,
 }
+
+impl Lane {
+    /// Persists the lane's outbox until empty, reconciling Redis first if it refuses.
+    async fn persist_all(&self) -> anyhow::Result<usize> {
+        match self.persister.persist_all().await {
+            Err(e) if reconcile::is_unreconciled(&e) => {
+                self.reconciler.ensure().await?;
+                self.persister.persist_all().await
+            }
+            other => other,
+        }
+    }
+}
+
+/// Reconciliations one lane may start in one tick before the tick gives up (Redis that keeps
+/// restarting): the next tick tries again.
+const RECONCILES_PER_TICK: usize = 3;
 
 /// Where the queues are.
 #[derive(Clone)]
@@ -199,7 +219,15 @@ impl CouponDrain {
                 self.client.clone(),
                 self.pool.clone(),
                 keys.outbox.clone(),
+                keys.reconciled_marker(),
                 outbox::ROWS_PER_INSERT,
+                self.metrics.clone(),
+            ),
+            reconciler: Reconciler::new(
+                self.client.clone(),
+                self.pool.clone(),
+                keys.clone(),
+                coupon_id,
                 self.metrics.clone(),
             ),
             decider: Decider::new(self.client.clone(), keys, self.batch_size, coupon_id),
@@ -238,12 +266,35 @@ impl CouponDrain {
         Ok(depth)
     }
 
+    /// Compares every lane's Redis with `user_coupon` and, unless `dry_run`, repairs Redis and
+    /// marks it reconciled (the `reconcile` command; see [`reconcile`]). In the per-coupon
+    /// layout, every coupon in the registry or in MySQL.
+    pub async fn reconcile_all(&self, dry_run: bool) -> anyhow::Result<Vec<reconcile::LaneReport>> {
+        let mut lanes = self.lanes().await?;
+        if let Layout::PerCoupon { .. } = self.layout {
+            let known: std::collections::BTreeSet<i64> = lanes
+                .iter()
+                .filter_map(|lane| lane.decider.coupon())
+                .collect();
+            for id in reconcile::coupons_in_mysql(&self.pool).await? {
+                if !known.contains(&id) {
+                    lanes.push(self.lane(Some(id)));
+                }
+            }
+        }
+        let mut reports = Vec::with_capacity(lanes.len());
+        for lane in lanes {
+            reports.push(lane.reconciler.reconcile(dry_run).await?);
+        }
+        Ok(reports)
+    }
+
     /// Persists every outbox until empty; returns how many entries. Per coupon, up to
     /// `PARALLEL_PERSISTS` outboxes at once (different shards, different MySQL connections).
     pub async fn persist_all(&self) -> anyhow::Result<usize> {
         use futures_util::{StreamExt, TryStreamExt};
         futures_util::stream::iter(self.lanes().await?)
-            .map(|lane| async move { lane.persister.persist_all().await })
+            .map(|lane| async move { lane.persist_all().await })
             .buffer_unordered(PARALLEL_PERSISTS)
             .try_fold(0, |total, n| async move { Ok(total + n) })
             .await
@@ -321,6 +372,7 @@ impl CouponDrain {
         let mut next_head = None;
         // Decisions of the previous batch, recorded while Redis runs the next batch's script.
         let mut pending: Vec<Decision> = Vec::new();
+        let mut reconciles = 0;
         let outcome = loop {
             if stop.is_cancelled() {
                 report.stopped = StopReason::ShutdownRequested;
@@ -346,6 +398,15 @@ impl CouponDrain {
             });
             let (decisions, next) = match decided {
                 Ok(decided) => decided,
+                // Redis is not the one last reconciled: nothing was decided; reconcile from
+                // MySQL and read the head again.
+                Err(e) if reconcile::is_unreconciled(&e) && reconciles < RECONCILES_PER_TICK => {
+                    reconciles += 1;
+                    if let Err(e) = lane.reconciler.ensure().await {
+                        break Err(e.context("reconciling Redis from MySQL"));
+                    }
+                    continue;
+                }
                 Err(e) => break Err(e),
             };
             next_head = next;

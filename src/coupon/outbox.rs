@@ -9,28 +9,48 @@
 //! A crash between the insert and the removal leaves entries that the next persist (this process
 //! after restart, or any replica) inserts again as no-ops: nothing lost, nothing doubled. While
 //! MySQL is down the outbox simply grows; the Redis side keeps deciding.
+//!
+//! Fenced against a Redis that forgot (see `reconcile.rs`): the batch is read with the identity
+//! of the Redis it came from (`outbox_read.lua`, which refuses an unreconciled Redis), and the
+//! insert runs in a transaction that first holds the lane's `redis_fence` row in share mode and
+//! finds that identity there. A batch read just before Redis restarted from an older snapshot is
+//! therefore either in MySQL before reconciliation reads `user_coupon` (and put back into Redis),
+//! or never inserted at all. Every MySQL call has a deadline ([`crate::mysql`]).
 
+use anyhow::Context;
 use chrono::DateTime;
 use fred::prelude::*;
+use fred::types::scripts::Script;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
 use super::member::parse_member;
 use crate::metrics::Metrics;
+use crate::mysql::{self, MYSQL_DEADLINE};
+
+const OUTBOX_READ_LUA: &str = include_str!("outbox_read.lua");
 
 /// Outbox entries per `INSERT`: a flash sale issues tens of thousands of coupons in seconds, and
 /// fewer, larger statements keep up with it (3 placeholders a row, well under MySQL's 65 535).
 pub const ROWS_PER_INSERT: usize = 5000;
 
-/// Outbox entries `(member, issue time in ms)`, oldest first.
-pub type OutboxEntries = Vec<(String, f64)>;
+/// Outbox entries `(member, issue time in ms)`, oldest first, and the identity of the Redis they
+/// were read from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutboxEntries {
+    pub identity: String,
+    pub entries: Vec<(String, f64)>,
+}
 
 #[derive(Clone)]
 pub struct Persister {
     client: Client,
     pool: MySqlPool,
     outbox_key: String,
+    /// The lane's reconciliation marker (`KeyTemplates::reconciled_marker`).
+    marker_key: String,
     batch_size: usize,
     metrics: Metrics,
+    read_script: Script,
 }
 
 impl Persister {
@@ -38,6 +58,7 @@ impl Persister {
         client: Client,
         pool: MySqlPool,
         outbox_key: String,
+        marker_key: String,
         batch_size: usize,
         metrics: Metrics,
     ) -> Self {
@@ -45,8 +66,10 @@ impl Persister {
             client,
             pool,
             outbox_key,
+            marker_key,
             batch_size,
             metrics,
+            read_script: Script::from_lua(OUTBOX_READ_LUA),
         }
     }
 
@@ -57,20 +80,31 @@ impl Persister {
         Ok(self.persist_entries(entries, false).await?.0)
     }
 
-    /// Up to `batch_size` of the oldest outbox entries.
+    /// Up to `batch_size` of the oldest outbox entries. Fails with `UNRECONCILED` when Redis
+    /// has not been reconciled since it (re)started.
     pub async fn read_batch(&self) -> anyhow::Result<OutboxEntries> {
-        Ok(self
-            .client
-            .zrange(
-                &self.outbox_key,
-                0,
-                self.batch_size as i64 - 1,
-                None,
-                false,
-                None,
-                true,
+        let reply: Vec<Value> = self
+            .read_script
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.outbox_key.clone(), self.marker_key.clone()],
+                vec![self.batch_size.to_string()],
             )
-            .await?)
+            .await?;
+        let mut items = reply.into_iter();
+        let identity = items
+            .next()
+            .and_then(|v| v.as_string())
+            .context("outbox read script returned no identity")?;
+        let mut entries = Vec::new();
+        while let (Some(member), Some(score)) = (items.next(), items.next()) {
+            let member = member
+                .as_string()
+                .context("outbox member is not a string")?;
+            let score = score.as_f64().context("outbox score is not a number")?;
+            entries.push((member, score));
+        }
+        Ok(OutboxEntries { identity, entries })
     }
 
     /// Inserts `entries` into `user_coupon`, then removes them from the outbox. With
@@ -82,6 +116,7 @@ impl Persister {
         entries: OutboxEntries,
         read_next: bool,
     ) -> anyhow::Result<(usize, Option<OutboxEntries>)> {
+        let OutboxEntries { identity, entries } = entries;
         if entries.is_empty() {
             return Ok((0, None));
         }
@@ -95,19 +130,45 @@ impl Persister {
                     "unexpected outbox member; removing it without a user_coupon row"),
             }
         }
+        let row_count = rows.len() as u64;
         if !rows.is_empty() {
-            let mut insert: QueryBuilder<MySql> =
-                QueryBuilder::new("INSERT INTO user_coupon (user_id, coupon_id, issued_at) ");
-            insert.push_values(&rows, |mut b, (request, issued_ms)| {
-                let issued_at = DateTime::from_timestamp_millis(*issued_ms as i64)
-                    .unwrap_or_default()
-                    .naive_utc();
-                b.push_bind(request.user_id)
-                    .push_bind(request.coupon_id)
-                    .push_bind(issued_at);
-            });
-            insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
-            insert.build().execute(&self.pool).await?;
+            let scope = self.outbox_key.clone();
+            mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    let mut tx = conn.begin().await?;
+                    // Share mode: reconciliation's update of this row waits for this insert to
+                    // commit, and an insert after it sees the new identity.
+                    let fence: Option<String> = sqlx::query_scalar(
+                        "SELECT identity FROM redis_fence WHERE scope = ? LOCK IN SHARE MODE",
+                    )
+                    .bind(&scope)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if fence.as_deref() != Some(identity.as_str()) {
+                        anyhow::bail!(
+                            "Redis changed since this outbox batch was read ({identity} read, {} reconciled); the batch is dropped with the Redis it came from",
+                            fence.as_deref().unwrap_or("none")
+                        );
+                    }
+                    let mut insert: QueryBuilder<MySql> =
+                        QueryBuilder::new("INSERT INTO user_coupon (user_id, coupon_id, issued_at) ");
+                    insert.push_values(&rows, |mut b, (request, issued_ms)| {
+                        let issued_at = DateTime::from_timestamp_millis(*issued_ms as i64)
+                            .unwrap_or_default()
+                            .naive_utc();
+                        b.push_bind(request.user_id)
+                            .push_bind(request.coupon_id)
+                            .push_bind(issued_at);
+                    });
+                    insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
+                    insert.build().execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+            })
+            .await
+            .context("inserting issued coupons into user_coupon")?;
         }
         let members: Vec<String> = entries.into_iter().map(|(m, _)| m).collect();
         let count = members.len();
@@ -120,7 +181,7 @@ impl Persister {
             acknowledge.await?;
             None
         };
-        self.metrics.coupon_rows_persisted.inc_by(rows.len() as u64);
+        self.metrics.coupon_rows_persisted.inc_by(row_count);
         Ok((count, next))
     }
 

@@ -205,6 +205,8 @@ fn kill_child(child: &mut Option<Child>) {
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
+    /// Where `SAVE` writes its snapshot and a restart loads it from (only with snapshots).
+    dir: Option<tempfile::TempDir>,
 }
 
 impl PrivateRedis {
@@ -212,9 +214,33 @@ impl PrivateRedis {
         let mut redis = Self {
             port: free_port(),
             child: None,
+            dir: None,
         };
         redis.resume();
         redis
+    }
+
+    /// A private Redis that loads `dump.rdb` from its own directory when (re)started: `SAVE`
+    /// through [`Self::cli`], then [`Self::stop`] and [`Self::resume`] roll it back to the snapshot.
+    pub fn with_snapshots() -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            child: None,
+            dir: Some(tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))),
+        };
+        redis.resume();
+        redis
+    }
+
+    /// Runs `redis-cli` against this server; returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("redis-cli: {e}"));
+        assert!(out.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn url(&self) -> String {
@@ -225,6 +251,11 @@ impl PrivateRedis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(
+                self.dir
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--dir"), d.path().as_os_str()]),
+            )
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("redis-server: {e}"));

@@ -115,7 +115,7 @@ async fn migrate_twice_is_harmless() {
     assert_eq!(
         env.count("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
             .await,
-        3
+        4
     );
     env.cleanup().await;
 }

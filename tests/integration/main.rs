@@ -10,3 +10,4 @@ mod deploy;
 mod drain_faults;
 mod ranking;
 mod ranking_log;
+mod reconcile;

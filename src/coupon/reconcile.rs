@@ -1,0 +1,392 @@
+//! Reconciling Redis from MySQL, the system of record for issued coupons (CONTRACT.md §2,
+//! README "When Redis forgets").
+//!
+//! Redis acknowledges writes before they are durable: a restart from an older snapshot or AOF,
+//! or a failover to a lagging replica, forgets coupons that already reached `user_coupon`.
+//! Deciding on against such a Redis would issue them a second time, beyond the stock.
+//!
+//! How a forgetful Redis is noticed: each lane (the single queue, or one coupon's queue in the
+//! per-coupon layout) has a marker key beside its outbox holding the *identity* of the Redis last
+//! reconciled — its `run_id`, which changes on every restart, restore and failover, and its
+//! replication id. `decide.lua` and the persister's read (`outbox_read.lua`) compare it with the
+//! live identity inside their own atomic step and refuse with `UNRECONCILED` when they differ
+//! (an empty Redis has no marker at all). No process memory is involved, so it works the same for
+//! every replica and across restarts of the worker.
+//!
+//! What reconciliation does, for one lane ([`Reconciler::reconcile`]):
+//! 1. read the live identity;
+//! 2. write it to MySQL's `redis_fence` row for the lane. The persister inserts only inside a
+//!    transaction holding that row in share mode and naming the identity it read its outbox from,
+//!    so this write waits for inserts in flight, and later inserts from the replaced Redis find a
+//!    different identity and are dropped (that Redis and its outbox are gone; nobody holds those
+//!    coupons). After it, every row a replaced Redis could still add is in `user_coupon`;
+//! 3. per coupon, in chunks of [`CHUNK`] users (index `(coupon_id, user_id)`): every holder in
+//!    MySQL that Redis lacks joins the issued set with `ISSUED` in the result hash, and the stock
+//!    is decremented for it, never below 0 (`reconcile.lua`). What the stock cannot explain is
+//!    an ERROR log and `commerce_worker_coupon_unexplained_rows`: a person must look;
+//! 4. `coupon:seq` is raised to the highest rank already in `ranking_logs` for the coupon, so new
+//!    decisions do not reuse ranks a rolled-back Redis handed out before;
+//! 5. set the marker — only if the live identity is still the one reconciled.
+//!
+//! Every Redis step checks the identity, so a restart in the middle restarts the reconciliation.
+//! Every step is safe to run twice and on several replicas at once.
+//!
+//! Not covered: ranks handed out by the rolled-back Redis whose log rows had not reached
+//! `ranking_logs` yet may be handed out again; a row written to `user_coupon` by someone other
+//! than the worker after step 2 is only seen by the next reconciliation.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use sqlx::MySqlPool;
+
+use crate::keys::KeyTemplates;
+use crate::metrics::Metrics;
+use crate::mysql::{self, MYSQL_DEADLINE};
+
+const MARKER_LUA: &str = include_str!("marker.lua");
+const RECONCILE_LUA: &str = include_str!("reconcile.lua");
+
+/// Users per `reconcile.lua` call and per MySQL read.
+pub const CHUNK: usize = 2000;
+
+/// Attempts when Redis changes again in the middle of a reconciliation.
+const ATTEMPTS: usize = 5;
+
+/// The error a script returns when the Redis it runs on has not been reconciled.
+pub const UNRECONCILED: &str = "UNRECONCILED";
+const REDIS_CHANGED: &str = "REDIS_CHANGED";
+
+/// Whether `error` (anywhere in its chain) is a script's `UNRECONCILED` refusal.
+pub fn is_unreconciled(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.to_string().contains(UNRECONCILED))
+}
+
+fn is_redis_changed(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.to_string().contains(REDIS_CHANGED))
+}
+
+/// What reconciliation found (and, unless a dry run, repaired) for one coupon.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CouponReport {
+    pub coupon_id: i64,
+    /// Rows in `user_coupon`.
+    pub rows: u64,
+    /// Holders in MySQL the issued set lacked (put back unless a dry run).
+    pub missing: u64,
+    /// Stock taken for them.
+    pub taken: u64,
+    /// Holders the stock could not explain (stock already 0, or no stock key): left for a person.
+    pub unexplained: u64,
+    /// Stock after (None: the coupon has no stock key).
+    pub stock_after: Option<i64>,
+    /// seq raised to this rank (the highest in `ranking_logs`).
+    pub seq_raised_to: Option<i64>,
+    /// Why the coupon's keys could not be reconciled (wrong type, stock not an integer): left
+    /// alone, as the decide script leaves them (it dead-letters their requests).
+    pub unusable: Option<String>,
+}
+
+impl CouponReport {
+    /// Whether Redis differed from MySQL for this coupon.
+    pub fn differs(&self) -> bool {
+        self.missing > 0 || self.seq_raised_to.is_some() || self.unusable.is_some()
+    }
+}
+
+/// One lane's reconciliation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaneReport {
+    /// The lane's outbox key (the fence's scope).
+    pub scope: String,
+    /// The Redis reconciled.
+    pub identity: String,
+    /// Whether the marker already named this Redis.
+    pub was_marked: bool,
+    pub coupons: Vec<CouponReport>,
+}
+
+impl LaneReport {
+    /// The coupons where Redis differed from MySQL.
+    pub fn differing(&self) -> impl Iterator<Item = &CouponReport> {
+        self.coupons.iter().filter(|c| c.differs())
+    }
+}
+
+/// Reconciles one lane.
+#[derive(Clone)]
+pub struct Reconciler {
+    client: Client,
+    pool: MySqlPool,
+    /// The lane's keys (queue, dead, outbox resolved).
+    keys: KeyTemplates,
+    /// The lane's coupon in the per-coupon layout; `None`: every coupon MySQL knows.
+    coupon: Option<i64>,
+    metrics: Metrics,
+    marker_script: Script,
+    chunk_script: Script,
+    /// One reconciliation of this lane at a time in this process (others wait, then find it done).
+    running: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Reconciler {
+    pub fn new(
+        client: Client,
+        pool: MySqlPool,
+        keys: KeyTemplates,
+        coupon: Option<i64>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            client,
+            pool,
+            keys,
+            coupon,
+            metrics,
+            marker_script: Script::from_lua(MARKER_LUA),
+            chunk_script: Script::from_lua(RECONCILE_LUA),
+            running: Arc::default(),
+        }
+    }
+
+    /// `(live identity, marker)` of the lane's Redis.
+    pub async fn identity(&self) -> anyhow::Result<(String, String)> {
+        let (live, marker): (String, String) = self
+            .marker_script
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.keys.reconciled_marker()],
+                vec!["get"],
+            )
+            .await?;
+        Ok((live, marker))
+    }
+
+    /// Reconciles the lane unless its marker already names the live Redis (the daemon's way,
+    /// after a script refused with `UNRECONCILED`).
+    pub async fn ensure(&self) -> anyhow::Result<LaneReport> {
+        self.run(false, false).await
+    }
+
+    /// Compares every coupon of the lane with MySQL whatever the marker says and, unless
+    /// `dry_run`, repairs Redis and sets the marker (the `reconcile` command).
+    pub async fn reconcile(&self, dry_run: bool) -> anyhow::Result<LaneReport> {
+        self.run(true, dry_run).await
+    }
+
+    async fn run(&self, always: bool, dry_run: bool) -> anyhow::Result<LaneReport> {
+        let _one_at_a_time = self.running.lock().await;
+        let mut last_error = None;
+        for _ in 0..ATTEMPTS {
+            match self.attempt(always, dry_run).await {
+                Ok(report) => return Ok(report),
+                Err(e) if is_redis_changed(&e) => {
+                    tracing::warn!(scope = %self.keys.outbox, error = %format!("{e:#}"),
+                        "Redis changed during reconciliation; starting over");
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| anyhow::anyhow!("reconciliation did not finish"))
+            .context(format!("Redis kept changing during {ATTEMPTS} attempts")))
+    }
+
+    async fn attempt(&self, always: bool, dry_run: bool) -> anyhow::Result<LaneReport> {
+        let scope = self.keys.outbox.clone();
+        let (identity, marker) = self.identity().await?;
+        let mut report = LaneReport {
+            scope: scope.clone(),
+            identity: identity.clone(),
+            was_marked: marker == identity,
+            coupons: Vec::new(),
+        };
+        if report.was_marked && !always {
+            return Ok(report);
+        }
+        tracing::warn!(%scope, %identity, previous = %marker, dry_run,
+            "Redis is not the one last reconciled (restart, restore, failover or a new Redis); reconciling from MySQL before deciding again");
+        if !dry_run {
+            mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
+                let (scope, identity) = (scope.clone(), identity.clone());
+                Box::pin(async move {
+                    sqlx::query(
+                        "INSERT INTO redis_fence (scope, identity) VALUES (?, ?) \
+                         ON DUPLICATE KEY UPDATE identity = ?",
+                    )
+                    .bind(&scope)
+                    .bind(&identity)
+                    .bind(&identity)
+                    .execute(&mut *conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .await
+            .context("fencing off inserts read from the replaced Redis")?;
+        }
+        let coupons = match self.coupon {
+            Some(id) => vec![id],
+            None => self.coupons_in_mysql().await?,
+        };
+        for (done, coupon_id) in coupons.iter().enumerate() {
+            let coupon = self.coupon(*coupon_id, &identity, dry_run).await?;
+            if coupon.differs() || coupon.rows > 0 {
+                tracing::info!(%scope, coupon = coupon.coupon_id, rows = coupon.rows,
+                    missing = coupon.missing, taken = coupon.taken, unexplained = coupon.unexplained,
+                    seq_raised_to = ?coupon.seq_raised_to, dry_run,
+                    progress = format!("{}/{}", done + 1, coupons.len()), "coupon reconciled");
+            }
+            if coupon.unexplained > 0 {
+                tracing::error!(coupon = coupon.coupon_id, unexplained = coupon.unexplained,
+                    rows = coupon.rows, stock_after = ?coupon.stock_after,
+                    "user_coupon holds more rows than the stock can explain; holders restored, stock left at 0: a person must look");
+                if !dry_run {
+                    self.metrics
+                        .coupon_unexplained_rows
+                        .inc_by(coupon.unexplained);
+                }
+            }
+            if !dry_run {
+                self.metrics.coupon_rows_restored.inc_by(coupon.missing);
+            }
+            report.coupons.push(coupon);
+        }
+        if !dry_run {
+            let _: Vec<String> = self
+                .marker_script
+                .evalsha_with_reload(
+                    &self.client,
+                    vec![self.keys.reconciled_marker()],
+                    vec!["set", identity.as_str()],
+                )
+                .await?;
+            self.metrics.coupon_reconciliations.inc();
+            tracing::info!(%scope, %identity, coupons = report.coupons.len(),
+                restored = report.coupons.iter().map(|c| c.missing).sum::<u64>(),
+                "Redis reconciled from MySQL; deciding again");
+        }
+        Ok(report)
+    }
+
+    async fn coupons_in_mysql(&self) -> anyhow::Result<Vec<i64>> {
+        coupons_in_mysql(&self.pool).await
+    }
+
+    async fn coupon(
+        &self,
+        coupon_id: i64,
+        identity: &str,
+        dry_run: bool,
+    ) -> anyhow::Result<CouponReport> {
+        let max_rank: i64 = mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
+            Box::pin(async move {
+                Ok(sqlx::query_scalar::<_, Option<i64>>(
+                    "SELECT CAST(MAX(`rank`) AS SIGNED) FROM ranking_logs WHERE coupon_type = ?",
+                )
+                .bind(coupon_id.to_string())
+                .fetch_one(&mut *conn)
+                .await?
+                .unwrap_or(0))
+            })
+        })
+        .await
+        .context("reading the highest logged rank")?;
+        let mut report = CouponReport {
+            coupon_id,
+            ..CouponReport::default()
+        };
+        let keys = vec![
+            self.keys.reconciled_marker(),
+            self.keys.stock(coupon_id),
+            self.keys.issued(coupon_id),
+            self.keys.result(coupon_id),
+            self.keys.seq(coupon_id),
+        ];
+        let mut after = 0_i64;
+        loop {
+            let users: Vec<i64> = mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
+                Box::pin(async move {
+                    Ok(sqlx::query_scalar(
+                        "SELECT user_id FROM user_coupon WHERE coupon_id = ? AND user_id > ? \
+                         ORDER BY user_id LIMIT ?",
+                    )
+                    .bind(coupon_id)
+                    .bind(after)
+                    .bind(CHUNK as i64)
+                    .fetch_all(&mut *conn)
+                    .await?)
+                })
+            })
+            .await
+            .with_context(|| format!("reading coupon {coupon_id}'s holders"))?;
+            let last = users.last().copied();
+            report.rows += users.len() as u64;
+            let mut args = vec![
+                identity.to_owned(),
+                if dry_run { "1" } else { "0" }.to_owned(),
+                max_rank.to_string(),
+                if dry_run { report.taken } else { 0 }.to_string(),
+            ];
+            args.extend(users.iter().map(i64::to_string));
+            let reply: Vec<Value> = self
+                .chunk_script
+                .evalsha_with_reload(&self.client, keys.clone(), args)
+                .await
+                .with_context(|| format!("reconciling coupon {coupon_id} in Redis"))?;
+            let numbers: Vec<i64> = reply.iter().take(5).filter_map(Value::as_i64).collect();
+            let [missing, taken, unexplained, stock, raised] = numbers[..] else {
+                anyhow::bail!("reconcile script returned {reply:?}");
+            };
+            if let Some(why) = reply.get(5).and_then(Value::as_string)
+                && !why.is_empty()
+            {
+                tracing::error!(coupon = coupon_id, %why, rows = report.rows,
+                    "coupon's keys cannot be reconciled; left alone for a person");
+                report.unusable = Some(why);
+                break;
+            }
+            report.missing += missing as u64;
+            report.taken += taken as u64;
+            report.unexplained += unexplained as u64;
+            report.stock_after = (stock >= 0).then_some(stock);
+            if raised >= 0 {
+                report.seq_raised_to = Some(raised);
+            }
+            match last {
+                Some(last) if users.len() == CHUNK => after = last,
+                _ => break,
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Every coupon with a row in `user_coupon` or `ranking_logs`.
+pub async fn coupons_in_mysql(pool: &MySqlPool) -> anyhow::Result<Vec<i64>> {
+    let (mut issued, logged) = mysql::with_deadline(pool, MYSQL_DEADLINE, |conn| {
+        Box::pin(async move {
+            let issued: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT coupon_id FROM user_coupon")
+                .fetch_all(&mut *conn)
+                .await?;
+            let logged: Vec<String> =
+                sqlx::query_scalar("SELECT DISTINCT coupon_type FROM ranking_logs")
+                    .fetch_all(&mut *conn)
+                    .await?;
+            Ok((issued, logged))
+        })
+    })
+    .await
+    .context("listing the coupons in MySQL")?;
+    issued.extend(logged.iter().filter_map(|c| super::member::parse_id(c)));
+    issued.sort_unstable();
+    issued.dedup();
+    Ok(issued)
+}
