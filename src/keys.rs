@@ -16,8 +16,9 @@ pub const COUPON_ID: &str = "{couponId}";
 pub const DATE: &str = "{date}";
 const DATE_FORMAT: &str = "%Y-%m-%d";
 
-/// The `[keys]` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The `[keys]` section (every key optional: the defaults are [`KeyTemplates::default`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct KeyTemplates {
     /// ZSET of requests, member `userId:couponId`, score = enqueue time in ms (written by the API).
     pub queue: String,

@@ -40,6 +40,9 @@ fn main() -> ExitCode {
         }
     };
     if let Command::CheckConfig = cli.command {
+        for warning in config.warning_lines() {
+            eprintln!("{warning}");
+        }
         print!("{}", config.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
@@ -49,6 +52,9 @@ fn main() -> ExitCode {
         log.level = "warn".into();
     }
     telemetry::init(&log);
+    for warning in config.warning_lines() {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -183,5 +183,5 @@ fn the_kubernetes_config_map_holds_a_valid_worker_toml_and_the_grace_period_cove
         .find_map(|l| l.strip_prefix("TimeoutStopSec="))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no TimeoutStopSec"));
-    assert!(stop > commerce_worker::config::defaults::SHUTDOWN_TIMEOUT_SECS + 5);
+    assert!(stop > commerce_worker::config::default_timeout().as_secs() + 5);
 }
