@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backends::{self, Unavailable};
 use crate::config::Config;
-use crate::coupon::{CouponDrain, DrainReport, RequeueReport};
+use crate::coupon::{CouponDrain, DeadAction, DeadFilter, DeadReport, DrainReport};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::ranking::{RankingRebuild, RebuildReport, WhenLocked, today};
@@ -489,10 +489,33 @@ pub async fn rebuild_once(
     rebuild.rebuild(day, WhenLocked::Wait).await
 }
 
-/// `requeue-dead`.
-pub async fn requeue_dead_once(config: &Config) -> anyhow::Result<RequeueReport> {
+/// `requeue-dead` and `purge-dead`: prints each matching entry as it is handled, then a summary.
+pub async fn dead_letters_once(
+    config: &Config,
+    action: DeadAction,
+    filter: &DeadFilter,
+    dry_run: bool,
+) -> anyhow::Result<DeadReport> {
     let redis = backends::connect_redis(&config.redis).await?;
-    crate::coupon::requeue_dead(&redis, &config.keys).await
+    let verb = match (action, dry_run) {
+        (DeadAction::Requeue, false) => "requeued",
+        (DeadAction::Requeue, true) => "would requeue",
+        (DeadAction::Purge, false) => "deleted",
+        (DeadAction::Purge, true) => "would delete",
+    };
+    let left = if dry_run { "would leave" } else { "left" };
+    crate::coupon::process_dead(&redis, &config.keys, action, filter, dry_run, |entry| {
+        let what = if entry.done {
+            verb.to_owned()
+        } else {
+            format!("{left} (no member or numeric score)")
+        };
+        println!(
+            "{what}: {} {} member={:?} score={:?} reason={:?}",
+            entry.stream, entry.id, entry.member, entry.score, entry.reason
+        );
+    })
+    .await
 }
 
 /// Completes on SIGTERM or SIGINT.

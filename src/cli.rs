@@ -42,8 +42,23 @@ pub enum Command {
         #[arg(long, value_name = "YYYY-MM-DD")]
         date: Option<NaiveDate>,
     },
-    /// Move dead-lettered entries back into the queue with their original score.
-    RequeueDead,
+    /// Move dead-lettered entries back into the queue with their original score, printing each
+    /// one (entries without a member or a numeric score stay).
+    RequeueDead {
+        /// Print what would be requeued; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        filter: DeadFilterArgs,
+    },
+    /// Delete dead-lettered entries on purpose, printing each one deleted.
+    PurgeDead {
+        /// Required: deleting is on purpose (without it, the command refuses with exit 64).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        filter: DeadFilterArgs,
+    },
     /// The tools: `demo` and `bench` (built with the `tools` feature, on by default).
     #[cfg(feature = "tools")]
     #[command(flatten)]
@@ -59,5 +74,25 @@ impl Command {
             return true;
         }
         false
+    }
+}
+
+/// Which dead letters `requeue-dead` and `purge-dead` work on (default: all).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DeadFilterArgs {
+    /// Only entries for this couponId (in the per-coupon layout: that coupon's stream).
+    #[arg(long, value_name = "ID")]
+    pub coupon: Option<i64>,
+    /// Only entries whose reason contains this text (case-sensitive), e.g. "stock is not".
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+}
+
+impl DeadFilterArgs {
+    pub fn to_filter(&self) -> commerce_worker::coupon::DeadFilter {
+        commerce_worker::coupon::DeadFilter {
+            coupon: self.coupon,
+            reason: self.reason.clone().filter(|r| !r.is_empty()),
+        }
     }
 }

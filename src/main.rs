@@ -9,6 +9,7 @@ use clap::Parser;
 use commerce_worker::app::{self, SetupError, ShutdownTimedOut, UsageError};
 use commerce_worker::backends::{self, Unavailable};
 use commerce_worker::config::{self, Config, ConfigError};
+use commerce_worker::coupon::DeadAction;
 use commerce_worker::telemetry;
 
 use crate::cli::{Cli, Command};
@@ -32,6 +33,12 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Command::PurgeDead { yes: false, .. } = cli.command {
+        eprintln!(
+            "error: purge-dead deletes dead-lettered entries for good: add --yes (try `requeue-dead --dry-run` with the same filter to see them)"
+        );
+        return ExitCode::from(EX_USAGE);
+    }
     let config = match Config::load(&cli.config, config::process_env) {
         Ok(config) => config,
         Err(e) => {
@@ -119,11 +126,29 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         }
         #[cfg(feature = "tools")]
         Command::Tools(command) => commerce_worker::tools::run(command, &config).await,
-        Command::RequeueDead => {
-            let report = app::requeue_dead_once(&config).await?;
+        Command::RequeueDead { dry_run, filter } => {
+            let report =
+                app::dead_letters_once(&config, DeadAction::Requeue, &filter.to_filter(), dry_run)
+                    .await?;
             println!(
-                "requeued {} dead-lettered entries; {} unreadable entries left in the stream",
-                report.requeued, report.left_unreadable
+                "{} {} of {} matching dead-lettered entries ({} looked at); {} left in the stream without a member or numeric score",
+                if dry_run { "would requeue" } else { "requeued" },
+                report.done,
+                report.matched,
+                report.looked_at,
+                report.left
+            );
+            Ok(())
+        }
+        Command::PurgeDead { yes, filter } => {
+            // Checked before parsing in `main`; kept here so no path deletes without it.
+            anyhow::ensure!(yes, "purge-dead deletes entries: add --yes");
+            let report =
+                app::dead_letters_once(&config, DeadAction::Purge, &filter.to_filter(), false)
+                    .await?;
+            println!(
+                "deleted {} matching dead-lettered entries ({} looked at)",
+                report.done, report.looked_at
             );
             Ok(())
         }

@@ -33,7 +33,9 @@ use sqlx::MySqlPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use dead::{RequeueReport, requeue_dead};
+pub use dead::{
+    DeadAction, DeadEntry, DeadFilter, DeadReport, RequeueReport, process_dead, requeue_dead,
+};
 pub use decide::{Decider, Decision, Outcome};
 pub use outbox::Persister;
 pub use reconcile::Reconciler;

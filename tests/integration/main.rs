@@ -4,6 +4,7 @@
 mod bench;
 mod cluster;
 mod common;
+mod console;
 mod coupon_drain;
 mod daemon;
 mod deploy;
