@@ -27,7 +27,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::backends::{self, Unavailable};
 use crate::config::Config;
-use crate::coupon::{CouponDrain, DeadAction, DeadFilter, DeadReport, DrainReport};
+use crate::control::Control;
+use crate::coupon::{CouponDrain, DeadAction, DeadFilter, DeadReport, DrainReport, StopReason};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::ranking::{RankingRebuild, RebuildReport, WhenLocked, today};
@@ -180,13 +181,15 @@ impl LoggedDrain {
 }
 
 /// A job the scheduler runs: one run at a time; a tick that finds the previous run still going
-/// is skipped and counted.
+/// is skipped and counted. Each run is recorded in the metrics and, with a [`Control`], in Redis
+/// for `status`.
 #[derive(Clone)]
 struct GuardedJob {
     name: &'static str,
     running: Arc<Mutex<()>>,
     metrics: Metrics,
     tasks: TaskTracker,
+    control: Option<Control>,
 }
 
 impl GuardedJob {
@@ -196,24 +199,42 @@ impl GuardedJob {
             running: Arc::new(Mutex::new(())),
             metrics: metrics.clone(),
             tasks: tasks.clone(),
+            control: None,
         }
     }
 
-    /// Runs `work` unless a previous run is still going.
+    fn recorded_in(mut self, control: &Control) -> Self {
+        self.control = Some(control.clone());
+        self
+    }
+
+    /// Runs `work` unless a previous run is still going. `work` returns its result label: `ok`,
+    /// or `paused` when an operator's pause kept it from working.
     async fn run<F, Fut>(&self, work: F)
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = anyhow::Result<()>>,
+        Fut: Future<Output = anyhow::Result<&'static str>>,
     {
         let Ok(_guard) = self.running.try_lock() else {
             tracing::debug!(job = self.name, "previous run still going; tick skipped");
             self.metrics.record_skip(self.name);
             return;
         };
+        let started_at = chrono::Utc::now();
         let started = Instant::now();
         let result = work().await;
-        self.metrics
-            .record_run(self.name, started.elapsed(), result.is_ok());
+        let elapsed = started.elapsed();
+        let label = match &result {
+            Ok(label) => *label,
+            Err(_) => "error",
+        };
+        self.metrics.record_run(self.name, elapsed, label);
+        if let Some(control) = &self.control {
+            let error = result.as_ref().err().map(|e| format!("{e:#}"));
+            control
+                .record_run(self.name, started_at, elapsed, label, error)
+                .await;
+        }
         if let Err(e) = result {
             tracing::error!(job = self.name, error = %format!("{e:#}"), "job run failed; will retry at the next tick");
         }
@@ -269,8 +290,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tasks.spawn(async move { drain.run_persister(persister_stop).await })
     };
 
-    let drain_job = GuardedJob::new("coupon_drain", &metrics, &tasks);
-    let rebuild_job = GuardedJob::new("ranking_rebuild", &metrics, &tasks);
+    let control = Control::new(backends.redis.clone(), &config.keys, metrics.clone());
+    let drain_job = GuardedJob::new("coupon_drain", &metrics, &tasks).recorded_in(&control);
+    let rebuild_job = GuardedJob::new("ranking_rebuild", &metrics, &tasks).recorded_in(&control);
+    let heartbeat_stop = CancellationToken::new();
+    let heartbeat = tokio::spawn(keep_heartbeat(control.clone(), heartbeat_stop.clone()));
     let mut scheduler =
         schedule_jobs(&config, &drain, &rebuild, &drain_job, &rebuild_job, &stop).await?;
     catch_up_ranking(&config, &rebuild, &rebuild_job);
@@ -320,6 +344,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
         clean = false;
     }
+    heartbeat_stop.cancel();
+    let _ = heartbeat.await;
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     if clean {
@@ -361,7 +387,12 @@ async fn schedule_jobs(
                             let _ = tasks
                                 .spawn(async move {
                                     job.run(|| async {
-                                        drain.tick(budget, &stop).await.map(|_| ())
+                                        let report = drain.tick(budget, &stop).await?;
+                                        Ok(if report.stopped == StopReason::Paused {
+                                            "paused"
+                                        } else {
+                                            "ok"
+                                        })
                                     })
                                     .await
                                 })
@@ -390,7 +421,7 @@ async fn schedule_jobs(
                                         rebuild
                                             .rebuild(today(timezone), WhenLocked::Skip)
                                             .await
-                                            .map(|_| ())
+                                            .map(|_| "ok")
                                     })
                                     .await
                                 })
@@ -421,6 +452,24 @@ async fn schedule_jobs(
     Ok(scheduler)
 }
 
+/// Refreshes this replica's heartbeat until `stop`, then removes it. A failed refresh is
+/// retried at the next interval (the key expires meanwhile if Redis stays away).
+async fn keep_heartbeat(control: Control, stop: CancellationToken) {
+    let started_at = chrono::Utc::now();
+    loop {
+        if let Err(e) = control.heartbeat(started_at).await {
+            tracing::debug!(error = %format!("{e:#}"), "heartbeat not written");
+        }
+        // Also refreshes the pause gauge and logs a pause even while no tick runs.
+        let _ = control.paused(Duration::ZERO).await;
+        tokio::select! {
+            _ = tokio::time::sleep(crate::control::HEARTBEAT_INTERVAL) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    control.forget_heartbeat().await;
+}
+
 /// If no rebuild ran for today yet (the worker was down at midnight), runs one now.
 fn catch_up_ranking(config: &Config, rebuild: &RankingRebuild, job: &GuardedJob) {
     let (rebuild, job, timezone) = (rebuild.clone(), job.clone(), config.ranking.timezone);
@@ -429,10 +478,10 @@ fn catch_up_ranking(config: &Config, rebuild: &RankingRebuild, job: &GuardedJob)
         job.run(|| async {
             let day = today(timezone);
             if rebuild.live().await?.map(|live| live.day) == Some(day) {
-                return Ok(());
+                return Ok("ok");
             }
             tracing::info!(%day, "no ranking rebuild recorded for today; catching up");
-            rebuild.rebuild(day, WhenLocked::Skip).await.map(|_| ())
+            rebuild.rebuild(day, WhenLocked::Skip).await.map(|_| "ok")
         })
         .await
     });
@@ -480,13 +529,27 @@ pub async fn rebuild_once(
         .into());
     }
     let redis = backends::connect_redis(&config.redis).await?;
-    let rebuild = RankingRebuild::new(
-        redis,
-        config.keys.clone(),
-        config.ranking.clone(),
-        Metrics::new(),
-    );
-    rebuild.rebuild(day, WhenLocked::Wait).await
+    let metrics = Metrics::new();
+    let control = Control::new(redis.clone(), &config.keys, metrics.clone());
+    let rebuild = RankingRebuild::new(redis, config.keys.clone(), config.ranking.clone(), metrics);
+    let started_at = chrono::Utc::now();
+    let started = Instant::now();
+    let result = rebuild.rebuild(day, WhenLocked::Wait).await;
+    // Recorded like a scheduled run, so `status` shows who rebuilt the ranking last.
+    let (label, error) = match &result {
+        Ok(_) => ("ok", None),
+        Err(e) => ("error", Some(format!("{e:#}"))),
+    };
+    control
+        .record_run(
+            "ranking_rebuild",
+            started_at,
+            started.elapsed(),
+            label,
+            error,
+        )
+        .await;
+    result
 }
 
 /// `requeue-dead` and `purge-dead`: prints each matching entry as it is handled, then a summary.
@@ -516,6 +579,26 @@ pub async fn dead_letters_once(
         );
     })
     .await
+}
+
+/// `pause` (`to = true`) and `resume`: sets or clears the chosen flags; returns the flags set
+/// afterwards.
+pub async fn pause_once(
+    config: &Config,
+    drain: bool,
+    persist: bool,
+    to: bool,
+) -> anyhow::Result<Vec<String>> {
+    let redis = backends::connect_redis(&config.redis).await?;
+    let pick = |chosen: bool| chosen.then_some(to);
+    let by = format!(
+        "commerce-worker {} on {}",
+        if to { "pause" } else { "resume" },
+        crate::control::replica_id()
+    );
+    crate::control::set_paused(&redis, &config.keys, pick(drain), pick(persist), &by).await?;
+    let records = crate::control::pause_records(&redis, &config.keys).await?;
+    Ok(records.into_iter().map(|(part, _)| part).collect())
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -553,7 +636,7 @@ mod tests {
                 job.run(|| async move {
                     let _ = started_tx.send(());
                     let _ = release_rx.await;
-                    Ok(())
+                    Ok("ok")
                 })
                 .await
             })
@@ -562,7 +645,7 @@ mod tests {
         let mut ran_second = false;
         job.run(|| async {
             ran_second = true;
-            Ok(())
+            Ok("ok")
         })
         .await;
         assert!(!ran_second, "the second run must not overlap the first");

@@ -59,6 +59,19 @@ pub enum Command {
         #[command(flatten)]
         filter: DeadFilterArgs,
     },
+    /// Health at a glance, across every replica: queue, outbox, dead-letter and ranking-log
+    /// depths and oldest ages per coupon, each job's last run, the ranking's day and age, pause
+    /// flags and live replicas. Exits 1 when something needs a person ([status] thresholds).
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause draining and/or persisting on every replica (honoured within a poll interval; a
+    /// paused worker stays ready).
+    Pause(PauseArgs),
+    /// Resume what `pause` paused.
+    Resume(PauseArgs),
     /// The tools: `demo` and `bench` (built with the `tools` feature, on by default).
     #[cfg(feature = "tools")]
     #[command(flatten)]
@@ -75,6 +88,19 @@ impl Command {
         }
         false
     }
+}
+
+/// What `pause` and `resume` act on: one of them or both.
+#[derive(Debug, Clone, Copy, clap::Args)]
+#[group(required = true, multiple = true)]
+pub struct PauseArgs {
+    /// Deciding queue entries (requests wait in the queue meanwhile).
+    #[arg(long)]
+    pub drain: bool,
+    /// Writing issued coupons to MySQL (they wait in the outbox meanwhile), e.g. during a MySQL
+    /// migration.
+    #[arg(long)]
+    pub persist: bool,
 }
 
 /// Which dead letters `requeue-dead` and `purge-dead` work on (default: all).

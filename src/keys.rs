@@ -41,6 +41,10 @@ pub struct KeyTemplates {
     pub ranking_daily: String,
     /// ZSET: the sum of the window's daily keys.
     pub ranking_window: String,
+    /// Prefix of the worker's control keys, shared by every replica: pause flags
+    /// ([`Self::pause_flags`]), job run records ([`Self::job_runs`]) and replica heartbeats
+    /// ([`Self::replica_heartbeat`]). Internal.
+    pub control: String,
 }
 
 impl Default for KeyTemplates {
@@ -56,6 +60,7 @@ impl Default for KeyTemplates {
             coupon_registry: "coupon:registry".into(),
             ranking_daily: "product:ranking:{date}".into(),
             ranking_window: "product:ranking:3d".into(),
+            control: "commerce-worker".into(),
         }
     }
 }
@@ -104,6 +109,7 @@ impl KeyTemplates {
             ("coupon_registry", &self.coupon_registry),
             ("ranking_daily", &self.ranking_daily),
             ("ranking_window", &self.ranking_window),
+            ("control", &self.control),
         ]
     }
 
@@ -119,6 +125,7 @@ impl KeyTemplates {
             ("coupon_registry", &mut self.coupon_registry),
             ("ranking_daily", &mut self.ranking_daily),
             ("ranking_window", &mut self.ranking_window),
+            ("control", &mut self.control),
         ]
     }
 
@@ -253,6 +260,28 @@ impl KeyTemplates {
         format!("{}:reconciled", self.outbox)
     }
 
+    /// HASH of pause flags every replica honours: field `drain` or `persist`, value a JSON
+    /// record of who paused it and when.
+    pub fn pause_flags(&self) -> String {
+        format!("{}:pause", self.control)
+    }
+
+    /// HASH of job run records: field `<job>` (the last run) and `<job>:ok` (the last
+    /// successful run), each a JSON record written by whichever replica ran it.
+    pub fn job_runs(&self) -> String {
+        format!("{}:jobs", self.control)
+    }
+
+    /// A replica's heartbeat (a JSON record with a TTL), refreshed while it runs.
+    pub fn replica_heartbeat(&self, replica: &str) -> String {
+        format!("{}:replica:{replica}", self.control)
+    }
+
+    /// A SCAN `MATCH` pattern for every replica's heartbeat.
+    pub fn replica_heartbeat_pattern(&self) -> String {
+        format!("{}:replica:*", glob_escape(&self.control))
+    }
+
     /// A temporary key for one rebuild; `token` makes it unique to that rebuild. It hashes to
     /// the ranking key's cluster slot even when `ranking_window` has no hash tag (the whole key
     /// then becomes the tag), so the swap script's RENAME works on Redis Cluster.
@@ -318,7 +347,7 @@ impl KeyTemplates {
             for (name, template) in self.entries() {
                 if matches!(
                     name,
-                    "queue" | "coupon_registry" | "ranking_daily" | "ranking_window"
+                    "queue" | "coupon_registry" | "ranking_daily" | "ranking_window" | "control"
                 ) {
                     continue;
                 }

@@ -14,8 +14,10 @@
 //!
 //! Around them: [`config`] (worker.toml → validated config), [`keys`] (key templates),
 //! [`backends`] (clients, migrations), [`mysql`] (a deadline on every MySQL call), [`app`] (the daemon, its scheduler and shutdown order),
+//! [`control`] (pause flags, job run records and replica heartbeats in Redis, shared by every
+//! replica and the operator's commands),
 //! [`http`] (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], [`retry`],
-//! [`systemd`] (readiness and watchdog notifications).
+//! [`systemd`] (readiness and watchdog notifications), [`status`] (the `status` command).
 //!
 //! Two wings. The **product** is everything above: the daemon and its commands. The **tools**
 //! wing, [`tools`] (built with the `tools` feature, on by default), is for trying, measuring and
@@ -26,6 +28,7 @@
 pub mod app;
 pub mod backends;
 pub mod config;
+pub mod control;
 pub mod coupon;
 pub mod http;
 pub mod keys;
@@ -34,6 +37,7 @@ pub mod mysql;
 pub mod ranking;
 pub mod ranking_log;
 pub mod retry;
+pub mod status;
 pub mod systemd;
 pub mod telemetry;
 #[cfg(feature = "tools")]

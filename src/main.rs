@@ -140,6 +140,33 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Pause(parts) | Command::Resume(parts) => {
+            let pausing = matches!(command, Command::Pause(_));
+            let paused = app::pause_once(&config, parts.drain, parts.persist, pausing).await?;
+            println!(
+                "{}; paused now: {} (every replica follows within {} ms)",
+                if pausing { "paused" } else { "resumed" },
+                if paused.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    paused.join(", ")
+                },
+                commerce_worker::coupon::PAUSE_CHECK_INTERVAL.as_millis()
+            );
+            Ok(())
+        }
+        Command::Status { json } => {
+            let report = commerce_worker::status::gather(&config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_table());
+            }
+            if !report.healthy() {
+                return Err(commerce_worker::status::NeedsAPerson.into());
+            }
+            Ok(())
+        }
         Command::PurgeDead { yes, filter } => {
             // Checked before parsing in `main`; kept here so no path deletes without it.
             anyhow::ensure!(yes, "purge-dead deletes entries: add --yes");

@@ -30,8 +30,15 @@ pub struct JobLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobResultLabel {
     pub job: &'static str,
-    /// `ok`, `error` or `skipped` (a tick that found the previous run still going).
+    /// `ok`, `error`, `skipped` (a tick that found the previous run still going) or `paused`
+    /// (a drain tick while an operator paused the drain).
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabel {
+    /// `drain` or `persist`.
+    pub part: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -64,6 +71,7 @@ pub struct Metrics {
     pub job_runs: Family<JobResultLabel, Counter>,
     pub job_duration: HistogramFamily<JobLabel>,
     pub job_last_success: Family<JobLabel, Gauge<f64, AtomicU64>>,
+    pub paused: Family<PartLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -190,6 +198,15 @@ impl Metrics {
             "Unix time of each job's last successful run",
             job_last_success.clone(),
         );
+        let paused = Family::<PartLabel, Gauge>::default();
+        registry.register(
+            "paused",
+            "1 while an operator has paused this part (drain: deciding requests; persist: writing issued coupons to MySQL), as last seen by this replica",
+            paused.clone(),
+        );
+        for part in crate::control::PAUSABLE {
+            let _ = paused.get_or_create(&PartLabel { part });
+        }
         Self {
             registry: Arc::new(registry),
             coupon_outcomes,
@@ -211,7 +228,14 @@ impl Metrics {
             job_runs,
             job_duration,
             job_last_success,
+            paused,
         }
+    }
+
+    pub fn set_paused(&self, part: &'static str, paused: bool) {
+        self.paused
+            .get_or_create(&PartLabel { part })
+            .set(i64::from(paused));
     }
 
     /// The registry in Prometheus text exposition format.
@@ -228,18 +252,16 @@ impl Metrics {
             .clone()
     }
 
-    /// Records one run of `job`: its duration, its result and, when ok, the time it succeeded.
-    pub fn record_run(&self, job: &'static str, elapsed: Duration, ok: bool) {
+    /// Records one run of `job`: its duration, its result (`ok`, `error`, `paused`) and, when
+    /// ok, the time it succeeded.
+    pub fn record_run(&self, job: &'static str, elapsed: Duration, result: &'static str) {
         self.job_duration
             .get_or_create(&JobLabel { job })
             .observe(elapsed.as_secs_f64());
         self.job_runs
-            .get_or_create(&JobResultLabel {
-                job,
-                result: if ok { "ok" } else { "error" },
-            })
+            .get_or_create(&JobResultLabel { job, result })
             .inc();
-        if ok {
+        if result == "ok" {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()

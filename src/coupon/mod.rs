@@ -40,6 +40,7 @@ pub use decide::{Decider, Decision, Outcome};
 pub use outbox::Persister;
 pub use reconcile::Reconciler;
 
+use crate::control::Control;
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 use crate::ranking_log::{LogOutcome, LogRow, LogSender};
@@ -52,6 +53,8 @@ pub enum StopReason {
     QueueEmpty,
     BudgetSpent,
     ShutdownRequested,
+    /// An operator paused the drain (`commerce-worker pause --drain`).
+    Paused,
 }
 
 /// What one tick (or one `drain` command) did.
@@ -111,6 +114,10 @@ impl DrainReport {
 /// Outboxes persisted at once in the per-coupon layout: enough to keep MySQL busy, well under
 /// the pool (`[mysql] max_connections`, 8 by default) shared with the log writer.
 const PARALLEL_PERSISTS: usize = 4;
+
+/// How stale this replica's copy of the pause flags may be: a `pause` takes effect within this
+/// long (one Redis read per interval, however many lanes ask).
+pub const PAUSE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One queue with its decider and persister: the whole drain in the single-queue layout, one
 /// coupon's share in the per-coupon layout.
@@ -179,6 +186,8 @@ pub struct CouponDrain {
     layout: Layout,
     log: LogSender,
     metrics: Metrics,
+    /// The pause flags every replica honours.
+    control: Control,
     /// Wakes the persister when a batch issued coupons.
     outbox_ready: Arc<Notify>,
 }
@@ -192,7 +201,9 @@ impl CouponDrain {
         log: LogSender,
         metrics: Metrics,
     ) -> Self {
+        let control = Control::new(client.clone(), keys, metrics.clone());
         let mut drain = Self {
+            control,
             client,
             pool,
             keys: keys.clone(),
@@ -295,6 +306,9 @@ impl CouponDrain {
     /// `PARALLEL_PERSISTS` outboxes at once (different shards, different MySQL connections).
     pub async fn persist_all(&self) -> anyhow::Result<usize> {
         use futures_util::{StreamExt, TryStreamExt};
+        if self.control.paused(PAUSE_CHECK_INTERVAL).await?.persist {
+            return Ok(0);
+        }
         futures_util::stream::iter(self.lanes().await?)
             .map(|lane| async move { lane.persist_all().await })
             .buffer_unordered(PARALLEL_PERSISTS)
@@ -311,6 +325,13 @@ impl CouponDrain {
         stop: &CancellationToken,
     ) -> anyhow::Result<DrainReport> {
         let started = Instant::now();
+        if self.control.paused(PAUSE_CHECK_INTERVAL).await?.drain {
+            return Ok(DrainReport {
+                stopped: StopReason::Paused,
+                elapsed: started.elapsed(),
+                ..DrainReport::default()
+            });
+        }
         let lanes = self.lanes().await?;
         let results = futures_util::future::join_all(
             lanes
@@ -383,6 +404,15 @@ impl CouponDrain {
             if started.elapsed() >= budget {
                 report.stopped = StopReason::BudgetSpent;
                 break Ok(());
+            }
+            // Cached: asks Redis at most once per PAUSE_CHECK_INTERVAL for all lanes.
+            match self.control.paused(PAUSE_CHECK_INTERVAL).await {
+                Ok(paused) if paused.drain => {
+                    report.stopped = StopReason::Paused;
+                    break Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => break Err(e),
             }
             let batch_started = Instant::now();
             let head = match next_head.take() {
@@ -550,9 +580,16 @@ impl CouponDrain {
                 }
             }
         }
-        // Wait for the outbox to empty (MySQL may be down: the persister keeps retrying).
+        // Wait for the outbox to empty (MySQL may be down: the persister keeps retrying), unless
+        // an operator paused persisting.
         loop {
             if let Ok(0) = self.outbox_depth().await {
+                break;
+            }
+            if let Ok(paused) = self.control.paused(PAUSE_CHECK_INTERVAL).await
+                && paused.persist
+            {
+                tracing::warn!("persisting is paused; issued coupons stay in the outbox");
                 break;
             }
             self.outbox_ready.notify_one();

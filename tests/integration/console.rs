@@ -262,3 +262,387 @@ async fn per_coupon_dead_letter_commands_work_on_the_coupons_own_stream() {
     assert_eq!(all.done, 1, "only coupon 7's entry was left");
     env.cleanup().await;
 }
+
+/// `GET path` on 127.0.0.1:port with an `Accept` header: (status code, headers and body), or
+/// (0, "") when nothing answers.
+pub fn http_get(port: u16, path: &str, accept: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (code, response)
+}
+
+/// The value of the sample `series` (name with labels, exactly as exposed) in `/metrics`.
+fn sample(port: u16, series: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics", "text/plain");
+    body.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// A running `commerce-worker run`, killed when dropped.
+pub struct Replica {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a replica of the daemon on `env` whose drain runs every second, and waits for
+/// `/readyz`.
+pub async fn start_replica(env: &TestEnv) -> Replica {
+    let port = crate::common::free_port();
+    let config = env.config_file(port);
+    let path = config.with_file_name(format!("worker-{port}.toml"));
+    let mut text = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
+    text.push_str("[coupon]\nschedule = \"* * * * * *\"\n");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let replica = Replica { child, port };
+    crate::common::eventually(
+        std::time::Duration::from_secs(30),
+        "the replica to answer /readyz",
+        async || http_get(port, "/readyz", "*/*").0 == 200,
+    )
+    .await;
+    replica
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_is_honoured_by_every_running_replica_which_stays_ready_and_resume_lets_them_drain() {
+    use std::time::Duration;
+    let env = TestEnv::new().await;
+    env.set_stock(7, "10").await;
+    let (a, b) = (start_replica(&env).await, start_replica(&env).await);
+
+    let paused = run_cli(&env, &["pause", "--drain"]);
+    assert_eq!(paused.status.code(), Some(0), "{paused:?}");
+    assert!(
+        stdout(&paused).contains("paused now: drain"),
+        "{}",
+        stdout(&paused)
+    );
+    for replica in [&a, &b] {
+        crate::common::eventually(
+            Duration::from_secs(20),
+            "each replica to export paused{part=\"drain\"} 1",
+            async || sample(replica.port, r#"commerce_worker_paused{part="drain"}"#) == Some(1.0),
+        )
+        .await;
+    }
+    // Requests arriving now wait: each replica runs a tick that finds the drain paused.
+    let before: Vec<f64> = [&a, &b]
+        .iter()
+        .map(|r| {
+            sample(
+                r.port,
+                r#"commerce_worker_job_runs_total{job="coupon_drain",result="paused"}"#,
+            )
+            .unwrap_or(0.0)
+        })
+        .collect();
+    env.enqueue(&[(1.0, "1:7".to_owned()), (2.0, "2:7".to_owned())])
+        .await;
+    for (replica, before) in [&a, &b].iter().zip(before) {
+        crate::common::eventually(
+            Duration::from_secs(20),
+            "each replica to run a paused drain tick after the requests arrived",
+            async || {
+                sample(
+                    replica.port,
+                    r#"commerce_worker_job_runs_total{job="coupon_drain",result="paused"}"#,
+                )
+                .unwrap_or(0.0)
+                    > before
+            },
+        )
+        .await;
+        assert_eq!(
+            http_get(replica.port, "/readyz", "*/*").0,
+            200,
+            "a paused worker is ready"
+        );
+    }
+    let waiting: u64 = env
+        .redis
+        .zcard(&env.keys().queue)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(waiting, 2, "no replica decided while paused");
+    let status = run_cli(&env, &["status", "--json"]);
+    let json: serde_json::Value =
+        serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status:?}"));
+    assert_eq!(json["paused"][0]["part"], "drain", "{json}");
+    assert_eq!(json["replicas"].as_array().map(Vec::len), Some(2), "{json}");
+
+    let resumed = run_cli(&env, &["resume", "--drain"]);
+    assert_eq!(resumed.status.code(), Some(0), "{resumed:?}");
+    crate::common::eventually(
+        Duration::from_secs(20),
+        "the queue to drain after resume",
+        async || {
+            env.redis
+                .zcard::<u64, _>(&env.keys().queue)
+                .await
+                .unwrap_or(1)
+                == 0
+        },
+    )
+    .await;
+    drop((a, b));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_needs_drain_or_persist_and_a_paused_persister_leaves_the_outbox_alone() {
+    let env = TestEnv::new().await;
+    let none = run_cli(&env, &["pause"]);
+    assert_eq!(
+        none.status.code(),
+        Some(64),
+        "pause without a part is a usage error"
+    );
+
+    env.set_stock(7, "5").await;
+    env.enqueue(&[(1.0, "1:7".to_owned())]).await;
+    assert_eq!(
+        run_cli(&env, &["pause", "--persist"]).status.code(),
+        Some(0)
+    );
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain
+        .tick(
+            std::time::Duration::MAX,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(report.issued, 1, "pausing persist does not pause deciding");
+    assert_eq!(
+        pipeline
+            .drain
+            .persist_all()
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}")),
+        0,
+        "nothing persisted while paused"
+    );
+    assert_eq!(env.count("SELECT COUNT(*) FROM user_coupon").await, 0);
+
+    assert_eq!(
+        run_cli(&env, &["pause", "--drain", "--persist"])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(
+        run_cli(&env, &["resume", "--persist"]).status.code(),
+        Some(0)
+    );
+    // A new drain (a fresh cache of the flags), as another replica would be.
+    let other = env.pipeline();
+    env.enqueue(&[(2.0, "2:7".to_owned())]).await;
+    let report = other
+        .drain
+        .tick(
+            std::time::Duration::MAX,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(report.stopped, commerce_worker::coupon::StopReason::Paused);
+    assert_eq!(report.decided(), 0);
+    assert_eq!(
+        other
+            .drain
+            .persist_all()
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}")),
+        1
+    );
+    assert_eq!(env.count("SELECT COUNT(*) FROM user_coupon").await, 1);
+    pipeline.finish().await;
+    other.finish().await;
+    env.cleanup().await;
+}
+
+/// Puts the control keys in the state of a healthy worker: a recent drain run, a ranking built
+/// now, one live replica.
+async fn healthy_worker_state(env: &TestEnv) {
+    let control = commerce_worker::control::Control::new(
+        env.redis.clone(),
+        env.keys(),
+        commerce_worker::metrics::Metrics::new(),
+    );
+    let now = chrono::Utc::now();
+    for job in ["coupon_drain", "ranking_rebuild"] {
+        control
+            .record_run(job, now, std::time::Duration::from_millis(3), "ok", None)
+            .await;
+    }
+    control
+        .heartbeat(now)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // The live record a rebuild's swap writes.
+    let _: i64 = env
+        .redis
+        .hset(
+            env.keys().ranking_live_record(),
+            vec![
+                ("day", "2026-11-24".to_owned()),
+                ("token", "t".to_owned()),
+                ("built_at", now.timestamp().to_string()),
+            ],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn status_json(env: &TestEnv) -> (Option<i32>, serde_json::Value) {
+    let out = run_cli(env, &["status", "--json"]);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    (out.status.code(), json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_depths_and_ages_per_coupon_and_exits_1_when_something_needs_a_person() {
+    let env = TestEnv::new().await;
+    healthy_worker_state(&env).await;
+    let (code, json) = status_json(&env);
+    assert_eq!(code, Some(0), "{json}");
+    assert_eq!(json["problems"], serde_json::json!([]));
+    assert_eq!(json["jobs"][0]["last_run"]["result"], "ok");
+    assert_eq!(json["ranking"]["built_for"], "2026-11-24");
+
+    let now_ms = chrono::Utc::now().timestamp_millis() as f64;
+    // Coupon 7: one request waiting 10 minutes, one just arrived; coupon 8: an issued coupon
+    // waiting for MySQL for 20 minutes and a dead letter.
+    env.enqueue(&[
+        (now_ms - 600_000.0, "1:7".to_owned()),
+        (now_ms, "2:7".to_owned()),
+    ])
+    .await;
+    let _: i64 = env
+        .redis
+        .zadd(
+            &env.keys().outbox,
+            None,
+            None,
+            false,
+            false,
+            (now_ms - 1_200_000.0, "3:8"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    dead_letter(
+        &env,
+        &env.keys().dead.clone(),
+        "4:8",
+        "5",
+        "stock is not a non-negative integer: x",
+    )
+    .await;
+
+    let (code, json) = status_json(&env);
+    assert_eq!(code, Some(1), "{json}");
+    let coupon = |id: i64| {
+        json["coupons"]
+            .as_array()
+            .and_then(|c| c.iter().find(|d| d["coupon"] == id).cloned())
+            .unwrap_or_else(|| panic!("coupon {id} missing: {json}"))
+    };
+    assert_eq!(coupon(7)["queue_depth"], 2);
+    let oldest = coupon(7)["queue_oldest_age_secs"].as_f64().unwrap_or(0.0);
+    assert!((600.0..700.0).contains(&oldest), "{oldest}");
+    assert_eq!(coupon(8)["outbox_depth"], 1);
+    assert_eq!(
+        coupon(8)["dead_by_reason"]["stock is not a non-negative integer"],
+        1
+    );
+    assert_eq!(json["total"]["queue_depth"], 2);
+    assert_eq!(json["total"]["dead_letters"], 1);
+    let problems = json["problems"].to_string();
+    for needle in ["oldest queued request", "waited", "dead-lettered"] {
+        assert!(
+            problems.contains(needle),
+            "{needle} missing from {problems}"
+        );
+    }
+    let table = stdout(&run_cli(&env, &["status"]));
+    assert!(table.contains("needs a person"), "{table}");
+    assert!(
+        table.contains("stock is not a non-negative integer"),
+        "{table}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_coupon_status_walks_every_registered_coupon() {
+    let mut env = TestEnv::new().await;
+    env.config.keys = KeyTemplates::per_coupon_layout().with_prefix(&format!("{}:", env.name));
+    healthy_worker_state(&env).await;
+    let keys = env.keys().clone();
+    let _: i64 = env
+        .redis
+        .sadd(&keys.coupon_registry, vec!["7", "8"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let now_ms = chrono::Utc::now().timestamp_millis() as f64;
+    for (coupon, n) in [(7, 3), (8, 1)] {
+        let entries: Vec<(f64, String)> =
+            (1..=n).map(|u| (now_ms, format!("{u}:{coupon}"))).collect();
+        let _: i64 = env
+            .redis
+            .zadd(
+                &keys.for_coupon(coupon).queue,
+                None,
+                None,
+                false,
+                false,
+                entries,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let (code, json) = status_json(&env);
+    assert_eq!(code, Some(0), "{json}");
+    assert_eq!(json["layout"], "per-coupon");
+    assert_eq!(json["coupons"][0]["coupon"], 7);
+    assert_eq!(json["coupons"][0]["queue_depth"], 3);
+    assert_eq!(json["coupons"][1]["queue_depth"], 1);
+    assert_eq!(json["total"]["queue_depth"], 4);
+    env.cleanup().await;
+}

@@ -1,0 +1,598 @@
+//! `commerce-worker status`: the worker's health at a glance, read from Redis alone so it works
+//! from any host and sees every replica's work: per coupon and in total the queue, outbox and
+//! dead-letter depths and oldest ages, each job's last run (as recorded by whichever replica ran
+//! it), the ranking's day and age, pause flags and the replicas alive now. Each threshold crossed
+//! is a problem; any problem makes the command exit 1 ("needs a person").
+//!
+//! In the per-coupon layout every coupon has its own keys, so the figures per coupon are exact.
+//! In the single-queue layout one queue holds every coupon: the breakdown per coupon is computed
+//! from the first [`BREAKDOWN_LIMIT`] entries of each key (the oldest ones, which are the ones
+//! that matter) and marked partial beyond that; the totals are always exact.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use fred::prelude::*;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::control::{self, Heartbeat, JobRun};
+use crate::keys::KeyTemplates;
+
+/// The jobs whose runs are recorded in Redis.
+pub const JOBS: [&str; 2] = ["coupon_drain", "ranking_rebuild"];
+
+/// Entries per key read for the per-coupon breakdown of a shared queue, outbox or dead-letter
+/// stream.
+pub const BREAKDOWN_LIMIT: i64 = 100_000;
+
+/// `status` found something that needs a person: the process exits 1.
+#[derive(Debug, thiserror::Error)]
+#[error("something needs a person (see above)")]
+pub struct NeedsAPerson;
+
+/// When `status` says a person is needed (`[status]` in worker.toml).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Thresholds {
+    /// The oldest request waiting in a queue longer than this.
+    pub oldest_waiting_secs: u64,
+    /// The oldest issued coupon waiting in an outbox (not yet in MySQL) longer than this.
+    pub outbox_oldest_secs: u64,
+    /// More dead letters than this (0: any).
+    pub dead_letters: u64,
+    /// More ranking-log rows waiting for MySQL than this.
+    pub log_backlog: u64,
+    /// No drain run recorded by any replica for this long.
+    pub drain_silent_secs: u64,
+    /// The ranking older than this (or never built).
+    pub ranking_max_age_hours: u64,
+    /// A pause flag set for longer than this (a forgotten pause).
+    pub paused_max_secs: u64,
+    /// Fewer live replicas than this.
+    pub min_replicas: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            oldest_waiting_secs: 60,
+            outbox_oldest_secs: 300,
+            dead_letters: 0,
+            log_backlog: 100_000,
+            drain_silent_secs: 120,
+            ranking_max_age_hours: 25,
+            paused_max_secs: 3600,
+            min_replicas: 1,
+        }
+    }
+}
+
+/// The figures of one coupon, or of all of them (`coupon: None`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Depths {
+    pub coupon: Option<i64>,
+    pub queue_depth: u64,
+    pub queue_oldest_age_secs: Option<f64>,
+    pub outbox_depth: u64,
+    pub outbox_oldest_age_secs: Option<f64>,
+    pub dead_letters: u64,
+    /// Dead letters by reason (the reason's text before its first `:`).
+    pub dead_by_reason: BTreeMap<String, u64>,
+    /// Ranking-log rows waiting for MySQL; `None` where the backlog is not kept per coupon.
+    pub log_backlog: Option<u64>,
+}
+
+impl Depths {
+    fn add(&mut self, other: &Depths) {
+        self.queue_depth += other.queue_depth;
+        self.outbox_depth += other.outbox_depth;
+        self.dead_letters += other.dead_letters;
+        self.queue_oldest_age_secs =
+            max_age(self.queue_oldest_age_secs, other.queue_oldest_age_secs);
+        self.outbox_oldest_age_secs =
+            max_age(self.outbox_oldest_age_secs, other.outbox_oldest_age_secs);
+        for (reason, n) in &other.dead_by_reason {
+            *self.dead_by_reason.entry(reason.clone()).or_default() += n;
+        }
+    }
+}
+
+fn max_age(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobStatus {
+    pub job: &'static str,
+    pub last_run: Option<JobRun>,
+    pub last_ok: Option<JobRun>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankingStatus {
+    pub built_for: Option<NaiveDate>,
+    /// Since the live ranking was swapped in (its live record's `built_at`).
+    pub age_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PauseStatus {
+    pub part: String,
+    pub since: Option<DateTime<Utc>>,
+    pub by: Option<String>,
+}
+
+/// Everything `status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusReport {
+    pub at: DateTime<Utc>,
+    pub layout: &'static str,
+    pub total: Depths,
+    pub coupons: Vec<Depths>,
+    /// The per-coupon breakdown covers only the oldest [`BREAKDOWN_LIMIT`] entries of a key.
+    pub breakdown_partial: bool,
+    pub jobs: Vec<JobStatus>,
+    pub ranking: RankingStatus,
+    pub paused: Vec<PauseStatus>,
+    pub replicas: Vec<Heartbeat>,
+    pub thresholds: Thresholds,
+    /// What needs a person; empty when healthy.
+    pub problems: Vec<String>,
+}
+
+impl StatusReport {
+    pub fn healthy(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// The human-readable form.
+    pub fn to_table(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let age = |a: Option<f64>| a.map(format_age).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "commerce-worker status at {} ({} layout)\n",
+            self.at.format("%Y-%m-%d %H:%M:%S UTC"),
+            self.layout
+        );
+        let _ = writeln!(
+            out,
+            "{:<12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12}",
+            "coupon", "queue", "oldest", "outbox", "oldest", "dead", "log backlog"
+        );
+        let rows = self.coupons.iter().chain(std::iter::once(&self.total));
+        for d in rows {
+            let name = d
+                .coupon
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "total".into());
+            let backlog = d
+                .log_backlog
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "{:<12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12}",
+                name,
+                d.queue_depth,
+                age(d.queue_oldest_age_secs),
+                d.outbox_depth,
+                age(d.outbox_oldest_age_secs),
+                d.dead_letters,
+                backlog
+            );
+        }
+        if self.breakdown_partial {
+            let _ = writeln!(
+                out,
+                "(per coupon: the oldest {BREAKDOWN_LIMIT} entries of each key; totals are exact)"
+            );
+        }
+        if !self.total.dead_by_reason.is_empty() {
+            let _ = writeln!(out, "\ndead letters by reason:");
+            for (reason, n) in &self.total.dead_by_reason {
+                let _ = writeln!(out, "  {n:>8}  {reason}");
+            }
+        }
+        let _ = writeln!(out, "\njobs:");
+        for job in &self.jobs {
+            let describe = |run: &Option<JobRun>| match run {
+                Some(run) => format!(
+                    "{} {} ago on {} ({} ms){}",
+                    run.result,
+                    format_age(secs_since(self.at, run.finished_at())),
+                    run.replica,
+                    run.duration_ms,
+                    run.error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+                None => "never recorded".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<16} last run: {}; last ok: {}",
+                job.job,
+                describe(&job.last_run),
+                describe(&job.last_ok)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nranking: built for {}, {}",
+            self.ranking
+                .built_for
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "no day yet".into()),
+            self.ranking
+                .age_secs
+                .map(|a| format!("{} ago", format_age(a)))
+                .unwrap_or_else(|| "age unknown".into())
+        );
+        if self.paused.is_empty() {
+            let _ = writeln!(out, "paused: nothing");
+        } else {
+            for p in &self.paused {
+                let _ = writeln!(
+                    out,
+                    "paused: {} since {} by {}",
+                    p.part,
+                    p.since
+                        .map(|s| s.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                        .unwrap_or_else(|| "?".into()),
+                    p.by.as_deref().unwrap_or("?")
+                );
+            }
+        }
+        let _ = writeln!(out, "replicas alive: {}", self.replicas.len());
+        for r in &self.replicas {
+            let _ = writeln!(
+                out,
+                "  {} (v{}, up {}, seen {} ago)",
+                r.replica,
+                r.version,
+                format_age(secs_since(self.at, r.started_at)),
+                format_age(secs_since(self.at, r.seen_at))
+            );
+        }
+        if self.problems.is_empty() {
+            let _ = writeln!(out, "\nhealthy");
+        } else {
+            let _ = writeln!(out, "\nneeds a person:");
+            for p in &self.problems {
+                let _ = writeln!(out, "  - {p}");
+            }
+        }
+        out
+    }
+}
+
+fn secs_since(now: DateTime<Utc>, then: DateTime<Utc>) -> f64 {
+    (now - then).num_milliseconds().max(0) as f64 / 1000.0
+}
+
+/// `42s`, `3m 5s`, `2h 10m`, `3d 4h`.
+pub fn format_age(secs: f64) -> String {
+    let s = secs.max(0.0);
+    if s < 60.0 {
+        return format!("{s:.1}s");
+    }
+    let s = s as u64;
+    match s {
+        0..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// The reason's class: its text before the first `:` (`stock is not a non-negative integer`).
+fn reason_class(reason: &str) -> String {
+    reason.split(':').next().unwrap_or(reason).trim().to_owned()
+}
+
+fn coupon_of(member: &str) -> Option<i64> {
+    member
+        .rsplit_once(':')
+        .and_then(|(_, c)| crate::coupon::member::parse_id(c))
+}
+
+fn age_of_score_ms(now_ms: f64, score: f64) -> f64 {
+    ((now_ms - score) / 1000.0).max(0.0)
+}
+
+/// Reads everything `status` shows.
+pub async fn gather(config: &Config) -> anyhow::Result<StatusReport> {
+    let client = crate::backends::connect_redis(&config.redis).await?;
+    gather_from(&client, config, Thresholds::default()).await
+}
+
+/// [`gather`] with a connected client and the thresholds to judge by.
+pub async fn gather_from(
+    client: &Client,
+    config: &Config,
+    thresholds: Thresholds,
+) -> anyhow::Result<StatusReport> {
+    let keys = &config.keys;
+    let at = Utc::now();
+    let now_ms = at.timestamp_millis() as f64;
+    let (coupons, total, breakdown_partial) = if keys.per_coupon() {
+        let ids = crate::coupon::registered_coupons(client, keys).await?;
+        let mut coupons = Vec::with_capacity(ids.len());
+        for id in ids {
+            let mut d = lane_depths(client, &keys.for_coupon(id), now_ms).await?;
+            d.coupon = Some(id);
+            coupons.push(d);
+        }
+        let mut total = Depths::default();
+        for d in &coupons {
+            total.add(d);
+        }
+        (coupons, total, false)
+    } else {
+        shared_depths(client, keys, now_ms).await?
+    };
+
+    let mut jobs = Vec::new();
+    for job in JOBS {
+        let (last_run, last_ok) = control::job_runs(client, keys, job).await?;
+        jobs.push(JobStatus {
+            job,
+            last_run,
+            last_ok,
+        });
+    }
+    let live = crate::ranking::RankingRebuild::new(
+        client.clone(),
+        keys.clone(),
+        config.ranking.clone(),
+        crate::metrics::Metrics::new(),
+    )
+    .live()
+    .await?;
+    let ranking = RankingStatus {
+        built_for: live.as_ref().map(|l| l.day),
+        age_secs: live.map(|l| secs_since(at, l.built_at)),
+    };
+    let paused = control::pause_records(client, keys)
+        .await?
+        .into_iter()
+        .map(|(part, record)| PauseStatus {
+            part,
+            since: record.as_ref().map(|r| r.since),
+            by: record.map(|r| r.by),
+        })
+        .collect();
+    let replicas = control::live_replicas(client, keys).await?;
+    let mut report = StatusReport {
+        at,
+        layout: if keys.per_coupon() {
+            "per-coupon"
+        } else {
+            "single-queue"
+        },
+        total,
+        coupons,
+        breakdown_partial,
+        jobs,
+        ranking,
+        paused,
+        replicas,
+        thresholds,
+        problems: Vec::new(),
+    };
+    report.problems = judge(&report);
+    Ok(report)
+}
+
+/// One lane's exact figures (a coupon's own keys, or the shared keys' totals).
+async fn lane_depths(client: &Client, lane: &KeyTemplates, now_ms: f64) -> anyhow::Result<Depths> {
+    let oldest = |key: String| async move {
+        let head: Vec<(String, f64)> = client.zrange(&key, 0, 0, None, false, None, true).await?;
+        anyhow::Ok(
+            head.first()
+                .map(|(_, score)| age_of_score_ms(now_ms, *score)),
+        )
+    };
+    let mut d = Depths {
+        queue_depth: client.zcard(&lane.queue).await?,
+        queue_oldest_age_secs: oldest(lane.queue.clone()).await?,
+        outbox_depth: client.zcard(&lane.outbox).await?,
+        outbox_oldest_age_secs: oldest(lane.outbox.clone()).await?,
+        dead_letters: client.xlen(&lane.dead).await?,
+        ..Depths::default()
+    };
+    for (_, reason) in dead_entries(client, &lane.dead).await? {
+        *d.dead_by_reason.entry(reason_class(&reason)).or_default() += 1;
+    }
+    Ok(d)
+}
+
+/// (member, reason) of the first [`BREAKDOWN_LIMIT`] dead letters.
+async fn dead_entries(client: &Client, stream: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = client
+        .xrange(stream, "-", "+", Some(BREAKDOWN_LIMIT as u64))
+        .await?;
+    Ok(entries
+        .into_iter()
+        .map(|(_, mut f)| {
+            (
+                f.remove("member").unwrap_or_default(),
+                f.remove("reason").unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+/// The single-queue layout: exact totals, and a breakdown per coupon from the oldest entries.
+async fn shared_depths(
+    client: &Client,
+    keys: &KeyTemplates,
+    now_ms: f64,
+) -> anyhow::Result<(Vec<Depths>, Depths, bool)> {
+    let total = lane_depths(client, keys, now_ms).await?;
+    let mut per: BTreeMap<i64, Depths> = BTreeMap::new();
+    for (key, is_queue) in [(&keys.queue, true), (&keys.outbox, false)] {
+        let head: Vec<(String, f64)> = client
+            .zrange(
+                key.as_str(),
+                0,
+                BREAKDOWN_LIMIT - 1,
+                None,
+                false,
+                None,
+                true,
+            )
+            .await?;
+        for (member, score) in head {
+            let Some(coupon) = coupon_of(&member) else {
+                continue;
+            };
+            let d = per.entry(coupon).or_insert_with(|| Depths {
+                coupon: Some(coupon),
+                ..Depths::default()
+            });
+            let age = Some(age_of_score_ms(now_ms, score));
+            if is_queue {
+                d.queue_depth += 1;
+                d.queue_oldest_age_secs = max_age(d.queue_oldest_age_secs, age);
+            } else {
+                d.outbox_depth += 1;
+                d.outbox_oldest_age_secs = max_age(d.outbox_oldest_age_secs, age);
+            }
+        }
+    }
+    for (member, reason) in dead_entries(client, &keys.dead).await? {
+        let Some(coupon) = coupon_of(&member) else {
+            continue;
+        };
+        let d = per.entry(coupon).or_insert_with(|| Depths {
+            coupon: Some(coupon),
+            ..Depths::default()
+        });
+        d.dead_letters += 1;
+        *d.dead_by_reason.entry(reason_class(&reason)).or_default() += 1;
+    }
+    let limit = BREAKDOWN_LIMIT as u64;
+    let partial =
+        total.queue_depth > limit || total.outbox_depth > limit || total.dead_letters > limit;
+    Ok((per.into_values().collect(), total, partial))
+}
+
+/// What needs a person, judged against the thresholds.
+fn judge(report: &StatusReport) -> Vec<String> {
+    let t = &report.thresholds;
+    let mut problems = Vec::new();
+    if let Some(age) = report.total.queue_oldest_age_secs
+        && age > t.oldest_waiting_secs as f64
+    {
+        problems.push(format!(
+            "the oldest queued request has waited {} (threshold {}s)",
+            format_age(age),
+            t.oldest_waiting_secs
+        ));
+    }
+    if let Some(age) = report.total.outbox_oldest_age_secs
+        && age > t.outbox_oldest_secs as f64
+    {
+        problems.push(format!(
+            "an issued coupon has waited {} for MySQL (threshold {}s)",
+            format_age(age),
+            t.outbox_oldest_secs
+        ));
+    }
+    if report.total.dead_letters > t.dead_letters {
+        problems.push(format!(
+            "{} dead-lettered entries (threshold {}): `requeue-dead --dry-run` lists them",
+            report.total.dead_letters, t.dead_letters
+        ));
+    }
+    if let Some(backlog) = report.total.log_backlog
+        && backlog > t.log_backlog
+    {
+        problems.push(format!(
+            "{backlog} ranking-log rows waiting for MySQL (threshold {})",
+            t.log_backlog
+        ));
+    }
+    if let Some(drain) = report.jobs.iter().find(|j| j.job == "coupon_drain") {
+        match &drain.last_run {
+            None => problems.push("no coupon drain run recorded by any replica".into()),
+            Some(run) => {
+                let silent = secs_since(report.at, run.finished_at());
+                if silent > t.drain_silent_secs as f64 {
+                    problems.push(format!(
+                        "no coupon drain run for {} (threshold {}s)",
+                        format_age(silent),
+                        t.drain_silent_secs
+                    ));
+                } else if run.result == "error" {
+                    problems.push(format!(
+                        "the last coupon drain run failed: {}",
+                        run.error.as_deref().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+    }
+    match report.ranking.age_secs {
+        Some(age) if age <= t.ranking_max_age_hours as f64 * 3600.0 => {}
+        Some(age) => problems.push(format!(
+            "the ranking was last rebuilt {} ago (threshold {}h)",
+            format_age(age),
+            t.ranking_max_age_hours
+        )),
+        None => problems.push("no successful ranking rebuild recorded".into()),
+    }
+    for p in &report.paused {
+        let paused_for = p.since.map(|s| secs_since(report.at, s));
+        if paused_for.is_none_or(|s| s > t.paused_max_secs as f64) {
+            problems.push(format!(
+                "{} paused for {} (threshold {}s): `commerce-worker resume --{}`",
+                p.part,
+                paused_for.map(format_age).unwrap_or_else(|| "?".into()),
+                t.paused_max_secs,
+                p.part
+            ));
+        }
+    }
+    if (report.replicas.len() as u64) < t.min_replicas {
+        problems.push(format!(
+            "{} replica(s) alive (threshold {})",
+            report.replicas.len(),
+            t.min_replicas
+        ));
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_as_a_person_would_say_them() {
+        assert_eq!(format_age(3.25), "3.2s");
+        assert_eq!(format_age(185.0), "3m 5s");
+        assert_eq!(format_age(7800.0), "2h 10m");
+        assert_eq!(format_age(3.0 * 86400.0 + 4.0 * 3600.0), "3d 4h");
+    }
+
+    #[test]
+    fn reasons_group_by_their_text_before_the_detail() {
+        assert_eq!(
+            reason_class("stock is not a non-negative integer: ten"),
+            "stock is not a non-negative integer"
+        );
+        assert_eq!(
+            reason_class("malformed member: bad userId"),
+            "malformed member"
+        );
+        assert_eq!(coupon_of("12:7"), Some(7));
+        assert_eq!(coupon_of("12:07"), None);
+    }
+}
