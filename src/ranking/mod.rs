@@ -3,17 +3,23 @@
 //!
 //! One rebuild for day D:
 //!
-//! 1. Take a short Redis lock so replicas firing at the same midnight do not all do the work (the
-//!    result is idempotent anyway: the lock saves work, not correctness).
+//! 1. Take the rebuild lease (a lock with a 10 s TTL, renewed while the rebuild runs, released
+//!    only by its holder) so replicas firing at the same midnight do not all do the work. The
+//!    result is idempotent anyway: the lease saves work, not correctness.
 //! 2. Build the sum into a fresh temporary key, either with one `ZUNIONSTORE` (small windows) or,
-//!    above `chunked_threshold` members, by reading each day with `ZSCAN` and writing the sum
-//!    with `ZADD` in chunks of 1000, so no single command blocks Redis for long (a ZUNIONSTORE
-//!    of 3 × 1 000 000 members blocks it for seconds).
-//! 3. Swap the temporary key in with one Lua call (`RENAME`), after moving the old ranking aside
-//!    and `UNLINK`ing it so its memory is freed off the main thread. Readers see the old ranking
-//!    or the new one, never a missing or half-built one.
+//!    above `chunked_threshold` members, inside Redis a chunk per call (`chunk_add.lua`,
+//!    `chunk_copy.lua`), so no call blocks Redis for long (a ZUNIONSTORE of 3 × 1 000 000
+//!    members blocks it for seconds) and the worker never holds more than one chunk.
+//! 3. Swap the temporary key in with one Lua call (`swap.lua`), which also records the day,
+//!    token and time of the live ranking. Readers see the old ranking or the new one, never a
+//!    missing or half-built one.
 //! 4. Prune: `SCAN` for every daily key and `UNLINK` those older than the window — including days
-//!    missed while the worker was down. Window keys get an `EXPIREAT` as a safety net.
+//!    missed while the worker was down, never a day inside or after the window. Window keys get
+//!    an `EXPIREAT` as a safety net.
+//!
+//! Every call is safe to send twice (fred resends a command whose connection dropped before its
+//! reply came): the swap and each chunk carry a token or step number Redis remembers, and
+//! everything else overwrites.
 //!
 //! Days are calendar days in `[ranking] timezone`; the API must name daily keys the same way.
 
@@ -50,8 +56,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
-/// Members read or written per command by the chunked strategy.
+const CHUNK_ADD_LUA: &str = include_str!("chunk_add.lua");
+const CHUNK_COPY_LUA: &str = include_str!("chunk_copy.lua");
+
+/// Members read or written per call by the chunked strategy (a call blocks Redis ~2-3 ms).
 const CHUNK: usize = 1000;
+/// A daily key may still be written this long after its day ended (a sale at 23:59:59 reaching
+/// the API a moment later); until then the chunked strategy snapshots it before summing.
+const SETTLE_GRACE: chrono::Duration = chrono::Duration::hours(1);
 /// The rebuild lock is a lease: it expires this long after its last renewal, so a replica that
 /// died mid-rebuild holds it for seconds, not minutes.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -67,7 +79,8 @@ const TEMP_KEY_TTL_SECS: i64 = 3600;
 pub enum Strategy {
     /// One ZUNIONSTORE: fastest, but blocks Redis for the whole computation.
     Zunionstore,
-    /// ZSCAN each day, sum in the worker, ZADD in chunks: never blocks Redis for long.
+    /// Sum inside Redis a chunk per call: never blocks Redis for long, and the worker holds
+    /// one chunk at a time.
     Chunked,
 }
 
@@ -114,6 +127,11 @@ pub struct RankingRebuild {
 /// The SHA1 the swap script is called by (EVALSHA), for tests that lose its reply on purpose.
 pub fn swap_script_sha() -> String {
     Script::from_lua(SWAP_LUA).sha1().to_string()
+}
+
+/// The SHA1 of the chunked strategy's adding script, for tests that lose its reply on purpose.
+pub fn chunk_add_script_sha() -> String {
+    Script::from_lua(CHUNK_ADD_LUA).sha1().to_string()
 }
 
 /// Today in `timezone`: the day a rebuild running now is for.
@@ -306,7 +324,7 @@ impl RankingRebuild {
                     .context("ZUNIONSTORE")?;
                 let _: bool = self.client.expire(&temp, TEMP_KEY_TTL_SECS, None).await?;
             }
-            Strategy::Chunked => self.build_chunked(&day_keys, &temp).await?,
+            Strategy::Chunked => self.build_chunked(window, &temp, token).await?,
         }
         let built: u64 = self.client.zcard(&temp).await?;
         let swap = self
@@ -381,36 +399,238 @@ impl RankingRebuild {
         }
     }
 
-    /// Sums the days in the worker and writes the result in chunks.
-    async fn build_chunked(&self, day_keys: &[(String, f64)], temp: &str) -> anyhow::Result<()> {
-        let mut total: HashMap<String, f64> = HashMap::new();
-        for (key, weight) in day_keys {
-            // ZSCAN may return a member twice (rehashing); keep one score per member per day.
-            let mut day: HashMap<String, f64> = HashMap::new();
-            let pages = self.client.zscan(key.as_str(), "*", Some(CHUNK as u32));
-            futures_util::pin_mut!(pages);
-            while let Some(mut page) = pages.try_next().await? {
-                for (member, score) in page.take_results().unwrap_or_default() {
-                    if let Some(member) = member.as_string() {
-                        day.insert(member, score);
-                    }
+    /// Sums the window inside Redis, one chunk per call (see `chunk_add.lua`), so that no call
+    /// blocks Redis for long and the worker holds at most one chunk.
+    ///
+    /// A daily key that may still be written (today's, or one whose day ended less than
+    /// [`SETTLE_GRACE`] ago) cannot be read by rank: a score that changes moves members between
+    /// chunks, and a member read twice would be counted twice. Such a key is read with ZSCAN and
+    /// written with ZADD, where a member seen twice is harmless: the first of them (the largest)
+    /// straight into the empty temporary key, any other into a snapshot that is then summed like
+    /// a settled day. Settled days are summed by rank; from the daily key itself when it shares
+    /// the temporary key's slot, else read by the worker a chunk at a time (Redis Cluster).
+    async fn build_chunked(
+        &self,
+        window: &[(NaiveDate, f64)],
+        temp: &str,
+        token: &str,
+    ) -> anyhow::Result<()> {
+        let progress = self.keys.ranking_temp(&format!("{token}:progress"));
+        let mut owned = vec![progress.clone()];
+        let result = self
+            .sum_chunks(window, temp, token, &progress, &mut owned)
+            .await;
+        let _ = crate::backends::unlink_keys(&self.client, &owned).await;
+        result
+    }
+
+    async fn sum_chunks(
+        &self,
+        window: &[(NaiveDate, f64)],
+        temp: &str,
+        token: &str,
+        progress: &str,
+        owned: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let now = Utc::now();
+        let mut sources = Vec::with_capacity(window.len());
+        for (day, weight) in window {
+            let key = self.keys.ranking_day(*day);
+            let size: u64 = self.client.zcard(&key).await?;
+            let ends = start_of_day(*day + Days::new(1), self.config.timezone);
+            sources.push(Source {
+                same_slot: !self.client.is_clustered()
+                    || crate::keys::hash_tag(&key) == crate::keys::hash_tag(temp),
+                settled: ends + SETTLE_GRACE <= now,
+                key,
+                weight: *weight,
+                size,
+            });
+        }
+        // The running sum, a HASH in the temporary key's slot.
+        let sum = self.keys.ranking_temp(&format!("{token}:sum"));
+        owned.push(sum.clone());
+        // The first source goes into the empty running sum by SCAN (either way is right for
+        // it); the largest of those that may still change saves the most snapshotting.
+        let first = sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.size > 0)
+            .max_by_key(|(_, s)| (!s.settled, s.size))
+            .map(|(i, _)| i);
+        let Some(first) = first else {
+            return Ok(()); // an empty window: no temporary key, an empty ranking
+        };
+        self.copy_scanned(&sources[first], &sum, Copy::ZsetToHash)
+            .await?;
+        let mut steps = 0_u64;
+        for (i, source) in sources.iter().enumerate() {
+            if source.size == 0 || i == first {
+                continue;
+            }
+            if source.settled {
+                self.add_ranked(source, &sum, progress, &mut steps).await?;
+                continue;
+            }
+            let snapshot = self.keys.ranking_temp(&format!("{token}:snapshot:{i}"));
+            owned.push(snapshot.clone());
+            let raw = Source {
+                weight: 1.0,
+                ..source.clone()
+            };
+            self.copy_scanned(&raw, &snapshot, Copy::ZsetToZset).await?;
+            let snapshot = Source {
+                key: snapshot,
+                same_slot: true,
+                settled: true,
+                ..source.clone()
+            };
+            self.add_ranked(&snapshot, &sum, progress, &mut steps)
+                .await?;
+        }
+        let finished = Source {
+            key: sum,
+            weight: 1.0,
+            size: 0,
+            same_slot: true,
+            settled: true,
+        };
+        self.copy_scanned(&finished, temp, Copy::HashToZset).await
+    }
+
+    /// SCANs `source` and writes each page, times its weight, into `dest` (see
+    /// `chunk_copy.lua`): in one script when they share a slot, else through the worker a page
+    /// at a time.
+    async fn copy_scanned(&self, source: &Source, dest: &str, copy: Copy) -> anyhow::Result<()> {
+        if source.same_slot {
+            let script = Script::from_lua(CHUNK_COPY_LUA);
+            let mut cursor = "0".to_owned();
+            loop {
+                let args = vec![
+                    cursor,
+                    CHUNK.to_string(),
+                    source.weight.to_string(),
+                    TEMP_KEY_TTL_SECS.to_string(),
+                    copy.mode().to_owned(),
+                ];
+                cursor = resend_on_error(|| {
+                    script.evalsha_with_reload(
+                        &self.client,
+                        vec![dest.to_owned(), source.key.clone()],
+                        args.clone(),
+                    )
+                })
+                .await
+                .context("copying a SCAN page")?;
+                if cursor == "0" {
+                    return Ok(());
                 }
             }
-            for (member, score) in day {
-                *total.entry(member).or_insert(0.0) += weight * score;
-            }
         }
-        let entries: Vec<(f64, String)> = total.into_iter().map(|(m, s)| (s, m)).collect();
-        for (i, chunk) in entries.chunks(CHUNK).enumerate() {
-            let _: i64 = self
-                .client
-                .zadd(temp, None, None, false, false, chunk.to_vec())
-                .await?;
-            if i == 0 {
-                let _: bool = self.client.expire(temp, TEMP_KEY_TTL_SECS, None).await?;
+        // Only daily keys live in other slots: they are sorted sets.
+        let pages = self
+            .client
+            .zscan(source.key.as_str(), "*", Some(CHUNK as u32));
+        futures_util::pin_mut!(pages);
+        while let Some(mut page) = pages.try_next().await? {
+            let entries = page.take_results().unwrap_or_default();
+            if entries.is_empty() {
+                continue;
             }
+            match copy {
+                Copy::ZsetToHash => {
+                    let fields: Vec<(Value, Value)> = entries
+                        .into_iter()
+                        .map(|(member, score)| {
+                            (member, Value::from((score * source.weight).to_string()))
+                        })
+                        .collect();
+                    let _: i64 = self.client.hset(dest, fields).await?;
+                }
+                Copy::ZsetToZset | Copy::HashToZset => {
+                    let weighted: Vec<(f64, Value)> = entries
+                        .into_iter()
+                        .map(|(member, score)| (score * source.weight, member))
+                        .collect();
+                    let _: i64 = self
+                        .client
+                        .zadd(dest, None, None, false, false, weighted)
+                        .await?;
+                }
+            }
+            let _: bool = self.client.expire(dest, TEMP_KEY_TTL_SECS, None).await?;
         }
         Ok(())
+    }
+
+    /// Adds `source`, times its weight, into the running sum by rank chunks; `source` must not
+    /// change meanwhile.
+    async fn add_ranked(
+        &self,
+        source: &Source,
+        sum: &str,
+        progress: &str,
+        steps: &mut u64,
+    ) -> anyhow::Result<()> {
+        let script = Script::from_lua(CHUNK_ADD_LUA);
+        let mut start = 0_i64;
+        loop {
+            *steps += 1;
+            let head = vec![
+                steps.to_string(),
+                source.weight.to_string(),
+                TEMP_KEY_TTL_SECS.to_string(),
+            ];
+            let read: u64 = if source.same_slot {
+                let mut args = head;
+                args.push(start.to_string());
+                args.push((start + CHUNK as i64 - 1).to_string());
+                resend_on_error(|| {
+                    script.evalsha_with_reload(
+                        &self.client,
+                        vec![sum.to_owned(), progress.to_owned(), source.key.clone()],
+                        args.clone(),
+                    )
+                })
+                .await
+                .context("adding a chunk")?
+            } else {
+                let chunk: Vec<(Value, f64)> = self
+                    .client
+                    .zrange(
+                        source.key.as_str(),
+                        start,
+                        start + CHUNK as i64 - 1,
+                        None,
+                        false,
+                        None,
+                        true,
+                    )
+                    .await?;
+                if chunk.is_empty() {
+                    return Ok(());
+                }
+                let mut args: Vec<Value> = head.into_iter().map(Value::from).collect();
+                args.reserve(chunk.len() * 2);
+                for (member, score) in chunk {
+                    args.push(member);
+                    args.push(Value::from(score.to_string()));
+                }
+                resend_on_error(|| {
+                    script.evalsha_with_reload(
+                        &self.client,
+                        vec![sum.to_owned(), progress.to_owned()],
+                        args.clone(),
+                    )
+                })
+                .await
+                .context("adding a chunk")?
+            };
+            if read < CHUNK as u64 {
+                return Ok(());
+            }
+            start += CHUNK as i64;
+        }
     }
 
     /// Deletes daily keys older than the window and sets the safety-net expiry on the rest.
@@ -479,6 +699,58 @@ pub struct LiveRanking {
     pub day: NaiveDate,
     /// When it was swapped in (Redis' clock).
     pub built_at: DateTime<Utc>,
+}
+
+/// Calls `call` again (up to 3 times in all, 100 ms apart) when it fails: only for calls that are
+/// safe to run twice, where a failure may be a lost reply after the call ran. A chunk's failure
+/// then costs a resend, not the whole rebuild.
+async fn resend_on_error<T, F, Fut>(mut call: F) -> Result<T, fred::error::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(e) if attempt >= 3 => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, attempt, "sending an idempotent ranking call again");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What `chunk_copy.lua` copies (its ARGV[5]).
+#[derive(Clone, Copy)]
+enum Copy {
+    ZsetToHash,
+    ZsetToZset,
+    HashToZset,
+}
+
+impl Copy {
+    fn mode(self) -> &'static str {
+        match self {
+            Copy::ZsetToHash => "zset_to_hash",
+            Copy::ZsetToZset => "zset_to_zset",
+            Copy::HashToZset => "hash_to_zset",
+        }
+    }
+}
+
+/// A daily key as the chunked strategy reads it.
+#[derive(Clone)]
+struct Source {
+    key: String,
+    weight: f64,
+    size: u64,
+    /// Whether a Lua script may read it alongside the temporary key.
+    same_slot: bool,
+    /// Whether its day ended long enough ago that nothing writes it any more.
+    settled: bool,
 }
 
 enum Swap {

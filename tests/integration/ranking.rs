@@ -8,7 +8,7 @@ use chrono::{DateTime, Days, NaiveDate, Utc};
 use commerce_worker::config::SecretUrl;
 use commerce_worker::metrics::Metrics;
 use commerce_worker::ranking::{
-    RankingRebuild, Strategy, WhenLocked, day_at, swap_script_sha, today,
+    RankingRebuild, Strategy, WhenLocked, chunk_add_script_sha, day_at, swap_script_sha, today,
 };
 use commerce_worker::tools::fault_proxy::FaultProxy;
 use fred::prelude::*;
@@ -456,6 +456,119 @@ async fn rebuilding_a_past_date_never_prunes_days_after_its_window() {
             exists(&env, env.keys().ranking_day(day(kept))).await,
             "{kept} kept"
         );
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_whose_reply_was_lost_and_that_was_sent_again_is_added_once() {
+    let env = TestEnv::new().await;
+    // Settled days (long past), several chunks each.
+    for (offset, d) in ["2026-02-01", "2026-02-02", "2026-02-03"]
+        .iter()
+        .enumerate()
+    {
+        let sales: Vec<(String, f64)> = (0..3500)
+            .map(|i| (format!("p{}", i + offset * 500), (i % 13 + 1) as f64))
+            .collect();
+        let refs: Vec<(&str, f64)> = sales.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+        add_sales(&env, d, &refs).await;
+    }
+    rebuilder(&env)
+        .with_strategy(Strategy::Zunionstore)
+        .rebuild(day("2026-02-03"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let by_union = ranking(&env).await;
+    let (proxy, client) = through_proxy(&env).await;
+    for _ in 0..3 {
+        proxy.drop_reply_when(chunk_add_script_sha());
+    }
+    RankingRebuild::new(
+        client,
+        env.keys().clone(),
+        env.config.ranking.clone(),
+        Metrics::new(),
+    )
+    .with_strategy(Strategy::Chunked)
+    .rebuild(day("2026-02-03"), WhenLocked::Wait)
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(proxy.replies_dropped(), 3, "three chunk replies were lost");
+    let by_chunks = ranking(&env).await;
+    assert_eq!(by_chunks.len(), by_union.len());
+    assert!(by_chunks == by_union, "a resent chunk was counted twice");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn todays_key_written_during_a_chunked_rebuild_is_never_counted_twice() {
+    let env = TestEnv::new().await;
+    let today = today(env.config.ranking.timezone);
+    let yesterday = today.pred_opt().unwrap_or_else(|| panic!("no yesterday"));
+    let sales: Vec<(String, f64)> = (0..20_000).map(|i| (format!("p{i}"), 1.0)).collect();
+    let refs: Vec<(&str, f64)> = sales.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+    add_sales(&env, &today.to_string(), &refs).await;
+    add_sales(&env, &yesterday.to_string(), &refs).await;
+    let done = Arc::new(AtomicBool::new(false));
+    // The API keeps selling: existing products gain a sale, new products appear (which grows
+    // and rehashes the set, when ZSCAN may return a member twice).
+    let writer = {
+        let (client, key, done) = (
+            env.redis.clone(),
+            env.keys().ranking_day(today),
+            done.clone(),
+        );
+        tokio::spawn(async move {
+            let mut i = 0_u64;
+            while !done.load(Ordering::Relaxed) {
+                let member = if i.is_multiple_of(2) {
+                    format!("p{}", (i * 7919) % 20_000)
+                } else {
+                    format!("new{i}")
+                };
+                let _: f64 = client.zincrby(&key, 1.0, member).await.unwrap_or(0.0);
+                i += 1;
+            }
+        })
+    };
+    rebuilder(&env)
+        .with_strategy(Strategy::Chunked)
+        .rebuild(today, WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    done.store(true, Ordering::Relaxed);
+    writer.await.unwrap_or_else(|e| panic!("{e}"));
+    let after_today: HashMap<String, f64> = env
+        .redis
+        .zrange::<Vec<(String, f64)>, _, _, _>(
+            env.keys().ranking_day(today),
+            0,
+            -1,
+            None,
+            false,
+            None,
+            true,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .collect();
+    let ranked = ranking(&env).await;
+    assert!(ranked.len() >= 20_000, "{}", ranked.len());
+    for (product, score) in &ranked {
+        let yesterday_part = if product.starts_with('p') { 1.0 } else { 0.0 };
+        let most = after_today.get(product).copied().unwrap_or(0.0) + yesterday_part;
+        assert!(
+            *score <= most,
+            "{product}: {score} in the ranking, but at most {most} was ever sold"
+        );
+        if product.starts_with('p') {
+            assert!(
+                *score >= 2.0,
+                "{product}: {score}, below its sales before the rebuild"
+            );
+        }
     }
     env.cleanup().await;
 }
