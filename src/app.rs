@@ -601,6 +601,51 @@ pub async fn pause_once(
     Ok(records.into_iter().map(|(part, _)| part).collect())
 }
 
+/// `reconcile --dry-run` found coupons where Redis differs from MySQL: exit 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} coupons differ from MySQL (dry run: nothing changed; run `reconcile` to repair)")]
+pub struct DifferencesFound(pub usize);
+
+/// `reconcile [--dry-run]`: every lane compared with MySQL and, unless a dry run, repaired.
+pub async fn reconcile_once(
+    config: &Config,
+    dry_run: bool,
+) -> anyhow::Result<Vec<crate::coupon::reconcile::LaneReport>> {
+    let metrics = Metrics::new();
+    let backends = Backends::connect(config).await?;
+    backends::check_migrated(&backends.mysql).await?;
+    let logged = LoggedDrain::start(config, &backends, &metrics)?;
+    let reports = logged.drain.reconcile_all(dry_run).await;
+    logged.finish_writing().await;
+    reports
+}
+
+/// One line for a coupon where Redis differed from MySQL.
+pub fn describe_difference(c: &crate::coupon::reconcile::CouponReport) -> String {
+    let mut line = format!(
+        "coupon {}: {} rows in user_coupon, {} missing from Redis' holders",
+        c.coupon_id, c.rows, c.missing
+    );
+    if c.missing > 0 {
+        line.push_str(&format!(
+            " (stock takes {}, {} beyond the stock{})",
+            c.taken,
+            c.unexplained,
+            match c.stock_after {
+                Some(stock) => format!(", stock after {stock}"),
+                None => ", no stock key".to_owned(),
+            }
+        ));
+    }
+    if let Some(rank) = c.seq_raised_to {
+        line.push_str(&format!("; seq below the logged rank {rank}"));
+    }
+    if let Some(why) = &c.unusable {
+        line.push_str(&format!("; left alone: {why}"));
+    }
+    line
+}
+
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let terminate = async {

@@ -72,6 +72,14 @@ pub enum Command {
     Pause(PauseArgs),
     /// Resume what `pause` paused.
     Resume(PauseArgs),
+    /// Compare Redis' coupon holders, stock and seq with MySQL (`user_coupon`, `ranking_logs`)
+    /// and repair Redis from MySQL. Exit 0: consistent or repaired; 1: differences found (with
+    /// --dry-run).
+    Reconcile {
+        /// Print the differences per coupon and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// The tools: `demo` and `bench` (built with the `tools` feature, on by default).
     #[cfg(feature = "tools")]
     #[command(flatten)]

@@ -253,6 +253,23 @@ impl KeyTemplates {
         self.in_ranking_slot("live")
     }
 
+    /// A SCAN `MATCH` pattern finding every coupon's outbox in the per-coupon layout (and
+    /// possibly other keys, which [`Self::coupon_of_outbox`] rejects).
+    pub fn outbox_pattern(&self) -> String {
+        let (before, after) = self
+            .outbox
+            .split_once(COUPON_ID)
+            .unwrap_or((&self.outbox, ""));
+        format!("{}*{}", glob_escape(before), glob_escape(after))
+    }
+
+    /// The coupon whose outbox `key` is, in the per-coupon layout.
+    pub fn coupon_of_outbox(&self, key: &str) -> Option<i64> {
+        let (before, after) = self.outbox.split_once(COUPON_ID)?;
+        let id = key.strip_prefix(before)?.strip_suffix(after)?;
+        crate::coupon::member::parse_id(id)
+    }
+
     /// The reconciliation marker of a lane (these templates resolved by [`Self::for_coupon`]):
     /// the identity of the Redis last reconciled from MySQL for this outbox. Beside the outbox,
     /// in its hash slot, so the decide script can read it on Redis Cluster.
@@ -478,6 +495,17 @@ mod tests {
         };
         let names: Vec<&str> = off_slot.cluster_problems().iter().map(|p| p.0).collect();
         assert_eq!(names, vec!["stock"]);
+    }
+
+    #[test]
+    fn outbox_keys_found_by_scan_name_their_coupon_and_nothing_else_does() {
+        let keys = KeyTemplates::per_coupon_layout().with_prefix("t*:");
+        assert_eq!(keys.outbox_pattern(), "t\\*:{coupon:*}:outbox");
+        let outbox = keys.for_coupon(42).outbox;
+        assert_eq!(keys.coupon_of_outbox(&outbox), Some(42));
+        assert_eq!(keys.coupon_of_outbox(&format!("{outbox}:reconciled")), None);
+        assert_eq!(keys.coupon_of_outbox("t*:{coupon:x}:outbox"), None);
+        assert_eq!(keys.coupon_of_outbox("t*:{coupon:007}:outbox"), None);
     }
 
     #[test]

@@ -179,6 +179,28 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Reconcile { dry_run } => {
+            let reports = app::reconcile_once(&config, dry_run).await?;
+            let coupons: Vec<_> = reports.iter().flat_map(|r| &r.coupons).collect();
+            let differing: Vec<_> = coupons.iter().filter(|c| c.differs()).collect();
+            for c in &differing {
+                println!("{}", app::describe_difference(c));
+            }
+            println!(
+                "{} coupons compared with MySQL, {} differed{}",
+                coupons.len(),
+                differing.len(),
+                if dry_run {
+                    " (dry run: nothing changed)"
+                } else {
+                    "; Redis repaired from MySQL"
+                }
+            );
+            if dry_run && !differing.is_empty() {
+                return Err(app::DifferencesFound(differing.len()).into());
+            }
+            Ok(())
+        }
     }
 }
 

@@ -154,8 +154,15 @@ enum Layout {
     /// One queue per coupon, the coupons listed in the registry set; lanes made on first sight.
     PerCoupon {
         lanes: Arc<std::sync::Mutex<BTreeMap<i64, Lane>>>,
+        /// Coupons with an outbox key though the registry no longer lists them (retired while
+        /// issued coupons were still waiting for MySQL), and when they were last looked for.
+        unlisted: Arc<std::sync::Mutex<(Option<Instant>, Vec<i64>)>>,
     },
 }
+
+/// How often the per-coupon layout looks for outboxes of coupons no longer in the registry (a
+/// SCAN of every primary).
+const UNLISTED_SCAN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The coupons of the per-coupon layout: the readable ids in `coupon_registry`.
 pub async fn registered_coupons(client: &Client, keys: &KeyTemplates) -> anyhow::Result<Vec<i64>> {
@@ -210,6 +217,7 @@ impl CouponDrain {
             batch_size,
             layout: Layout::PerCoupon {
                 lanes: Arc::default(),
+                unlisted: Arc::default(),
             },
             log,
             metrics,
@@ -251,28 +259,87 @@ impl CouponDrain {
     async fn lanes(&self) -> anyhow::Result<Vec<Lane>> {
         match &self.layout {
             Layout::Single(lane) => Ok(vec![(**lane).clone()]),
-            Layout::PerCoupon { lanes } => {
+            Layout::PerCoupon { .. } => {
                 let ids = registered_coupons(&self.client, &self.keys).await?;
-                let mut known = lanes
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("lane cache poisoned"))?;
-                Ok(ids
-                    .into_iter()
-                    .map(|id| {
-                        known
-                            .entry(id)
-                            .or_insert_with(|| self.lane(Some(id)))
-                            .clone()
-                    })
-                    .collect())
+                self.coupon_lanes(ids)
             }
         }
+    }
+
+    /// The per-coupon lanes of `ids`, made on first sight.
+    fn coupon_lanes(&self, ids: Vec<i64>) -> anyhow::Result<Vec<Lane>> {
+        let Layout::PerCoupon { lanes, .. } = &self.layout else {
+            return Ok(Vec::new());
+        };
+        let mut known = lanes
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lane cache poisoned"))?;
+        Ok(ids
+            .into_iter()
+            .map(|id| {
+                known
+                    .entry(id)
+                    .or_insert_with(|| self.lane(Some(id)))
+                    .clone()
+            })
+            .collect())
+    }
+
+    /// The lanes whose outboxes must be persisted: [`lanes`](Self::lanes), and in the per-coupon
+    /// layout every coupon with an outbox key whatever the registry says now — a coupon retired
+    /// while MySQL was down still has issued coupons to persist. Outbox keys are looked for with
+    /// SCAN on every primary at most every [`UNLISTED_SCAN_INTERVAL`].
+    async fn outbox_lanes(&self) -> anyhow::Result<Vec<Lane>> {
+        let mut lanes = self.lanes().await?;
+        let Layout::PerCoupon { unlisted, .. } = &self.layout else {
+            return Ok(lanes);
+        };
+        let due = {
+            let guard = unlisted
+                .lock()
+                .map_err(|_| anyhow::anyhow!("unlisted coupons poisoned"))?;
+            guard
+                .0
+                .is_none_or(|at| at.elapsed() >= UNLISTED_SCAN_INTERVAL)
+        };
+        let listed: std::collections::BTreeSet<i64> =
+            lanes.iter().filter_map(|l| l.decider.coupon()).collect();
+        let ids = if due {
+            let found: Vec<i64> =
+                crate::backends::scan_keys(&self.client, &self.keys.outbox_pattern())
+                    .await?
+                    .iter()
+                    .filter_map(|key| self.keys.coupon_of_outbox(key))
+                    .filter(|id| !listed.contains(id))
+                    .collect();
+            if !found.is_empty() {
+                tracing::info!(coupons = ?found,
+                    "outboxes of coupons no longer in the registry; persisting them until empty");
+            }
+            let mut guard = unlisted
+                .lock()
+                .map_err(|_| anyhow::anyhow!("unlisted coupons poisoned"))?;
+            *guard = (Some(Instant::now()), found.clone());
+            found
+        } else {
+            let guard = unlisted
+                .lock()
+                .map_err(|_| anyhow::anyhow!("unlisted coupons poisoned"))?;
+            guard
+                .1
+                .iter()
+                .copied()
+                .filter(|id| !listed.contains(id))
+                .collect()
+        };
+        lanes.extend(self.coupon_lanes(ids)?);
+        Ok(lanes)
     }
 
     /// Issued coupons waiting in the outbox(es).
     pub async fn outbox_depth(&self) -> anyhow::Result<u64> {
         let mut depth = 0;
-        for lane in self.lanes().await? {
+        for lane in self.outbox_lanes().await? {
             depth += lane.persister.depth().await?;
         }
         self.metrics.coupon_outbox_depth.set(depth as i64);
@@ -309,7 +376,7 @@ impl CouponDrain {
         if self.control.paused(PAUSE_CHECK_INTERVAL).await?.persist {
             return Ok(0);
         }
-        futures_util::stream::iter(self.lanes().await?)
+        futures_util::stream::iter(self.outbox_lanes().await?)
             .map(|lane| async move { lane.persist_all().await })
             .buffer_unordered(PARALLEL_PERSISTS)
             .try_fold(0, |total, n| async move { Ok(total + n) })

@@ -257,3 +257,132 @@ async fn reconcile_dry_run_lists_exactly_the_broken_coupons_and_the_repair_fixes
     pipeline.finish().await;
     env.cleanup().await;
 }
+
+fn reconcile_command(config: &std::path::Path, dry_run: bool) -> (Option<i32>, String) {
+    let mut command = std::process::Command::new(crate::common::BIN);
+    command.arg("reconcile").arg("--config").arg(config);
+    if dry_run {
+        command.arg("--dry-run");
+    }
+    let out = command
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconcile_command_exits_1_listing_broken_coupons_on_a_dry_run_and_0_once_repaired() {
+    let env = TestEnv::new().await;
+    for c in [31, 32] {
+        env.set_stock(c, "3").await;
+    }
+    enqueue(
+        &env,
+        vec![
+            (1.0, member(1, 31)),
+            (2.0, member(2, 31)),
+            (3.0, member(1, 32)),
+        ],
+    )
+    .await;
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain
+        .drain_to_empty(&CancellationToken::new())
+        .await;
+    assert_eq!(report.issued, 3, "{report:?}");
+    pipeline.finish().await;
+    let config = env.config_file(crate::common::free_port());
+    let (code, out) = reconcile_command(&config, true);
+    assert_eq!(code, Some(0), "consistent: {out}");
+
+    // By hand: coupon 32 forgets its holder and gets its stock back.
+    let _: i64 = env
+        .redis
+        .srem(env.keys().issued(32), "1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.set_stock(32, "3").await;
+    let (code, out) = reconcile_command(&config, true);
+    assert_eq!(code, Some(1), "differences found: {out}");
+    let listed: Vec<&str> = out.lines().filter(|l| l.starts_with("coupon ")).collect();
+    assert_eq!(listed.len(), 1, "{out}");
+    assert!(listed[0].starts_with("coupon 32: 1 rows"), "{out}");
+
+    let (code, out) = reconcile_command(&config, false);
+    assert_eq!(code, Some(0), "repaired: {out}");
+    assert_consistent(&env, 32, 3).await;
+    let (code, out) = reconcile_command(&config, true);
+    assert_eq!(code, Some(0), "consistent after the repair: {out}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coupon_retired_from_the_registry_while_mysql_is_down_still_reaches_mysql() {
+    let mut db = crate::common::PrivateMariadb::start();
+    let mut env = TestEnv::with_servers(&crate::common::redis_url(), &db.server_url()).await;
+    env.config.keys = crate::cluster::per_coupon_keys(&format!("{}:", env.name));
+    let coupon = 41;
+    env.set_stock(coupon, "5").await;
+    enqueue(
+        &env,
+        (1..=3).map(|u| (u as f64, member(u, coupon))).collect(),
+    )
+    .await;
+    let pipeline = env.pipeline();
+    pipeline
+        .drain
+        .reconcile_all(false)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // MySQL goes down; the drain issues three coupons into the coupon's outbox.
+    db.kill();
+    let report = pipeline
+        .drain
+        .tick(
+            std::time::Duration::from_secs(10),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(report.issued, 3, "{report:?}");
+    let outbox = env.keys().for_coupon(coupon).outbox;
+    let waiting: u64 = env
+        .redis
+        .zcard(&outbox)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(waiting, 3);
+
+    // The API retires the coupon while its issued coupons still wait for MySQL.
+    let _: i64 = env
+        .redis
+        .srem(&env.keys().coupon_registry, coupon.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    db.resume();
+    let drained = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        pipeline.drain.drain_to_empty(&CancellationToken::new()),
+    )
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the outbox was not persisted within 120 s of MySQL's return"
+    );
+    pipeline.finish().await;
+    assert_eq!(mysql_holders(&env, coupon).await, vec![1, 2, 3]);
+    let left: u64 = env
+        .redis
+        .zcard(&outbox)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(left, 0, "the retired coupon's outbox is empty");
+    env.cleanup().await;
+    drop(db);
+}
