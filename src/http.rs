@@ -45,13 +45,17 @@ pub async fn serve(
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     let redis = tokio::time::timeout(PROBE_TIMEOUT, state.redis.ping::<String>(None)).await;
-    let mysql = tokio::time::timeout(
-        PROBE_TIMEOUT,
-        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.mysql),
-    )
+    // Under the probe's deadline, and a connection that hangs is closed, not pooled again.
+    let mysql = crate::mysql::with_deadline(&state.mysql, PROBE_TIMEOUT, |conn| {
+        Box::pin(async move {
+            Ok(sqlx::query_scalar::<_, i32>("SELECT 1")
+                .fetch_one(&mut *conn)
+                .await?)
+        })
+    })
     .await;
     let redis_ok = matches!(redis, Ok(Ok(_)));
-    let mysql_ok = matches!(mysql, Ok(Ok(_)));
+    let mysql_ok = mysql.is_ok();
     let body = format!(
         "redis: {}\nmysql: {}\n",
         if redis_ok { "ok" } else { "unavailable" },

@@ -386,3 +386,94 @@ async fn a_coupon_retired_from_the_registry_while_mysql_is_down_still_reaches_my
     env.cleanup().await;
     drop(db);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issued_coupons_land_through_new_connections_when_mysql_connections_freeze() {
+    use commerce_worker::tools::fault_proxy::FaultProxy;
+    let server = mysql_server_url();
+    let upstream: std::net::SocketAddr = server
+        .trim_start_matches("mysql://")
+        .rsplit('@')
+        .next()
+        .and_then(|hostport| {
+            use std::net::ToSocketAddrs;
+            hostport.to_socket_addrs().ok()?.next()
+        })
+        .unwrap_or_else(|| panic!("cannot resolve {server}"));
+    let proxy = FaultProxy::start(upstream)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let env = TestEnv::with_servers(
+        &crate::common::redis_url(),
+        &format!("mysql://root@{}", proxy.addr()),
+    )
+    .await;
+    let coupon = 51;
+    env.set_stock(coupon, "100").await;
+    let pipeline = env.pipeline();
+    pipeline
+        .drain
+        .reconcile_all(false)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // The persister's insert transaction is made to wait on its fence row (a lock held from a
+    // connection that bypasses the proxy); while it waits, every open connection freezes (a
+    // hung server behind a name) and new ones pass. The reply to the waiting statement never
+    // comes: only the deadline gets the rows in.
+    let direct = sqlx::MySqlPool::connect(&format!("{server}/{}", env.name))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut locker = direct.begin().await.unwrap_or_else(|e| panic!("{e}"));
+    let _: Vec<String> = sqlx::query_scalar("SELECT identity FROM redis_fence FOR UPDATE")
+        .fetch_all(&mut *locker)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    enqueue(
+        &env,
+        (1..=60).map(|u| (u as f64, member(u, coupon))).collect(),
+    )
+    .await;
+    let drain = pipeline.drain.clone();
+    let drained =
+        tokio::spawn(async move { drain.drain_to_empty(&CancellationToken::new()).await });
+    let waited_since = std::time::Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = ? AND INFO LIKE CONCAT('%LOCK IN ', 'SHARE MODE%')",
+        )
+        .bind(&env.name)
+        .fetch_one(&direct)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        // (The pattern is split so that this query does not match itself.)
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            waited_since.elapsed() < std::time::Duration::from_secs(30),
+            "the persister never reached its fence row"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let frozen = proxy.freeze_existing();
+    assert!(frozen > 0, "the persister's connection was frozen");
+    locker.commit().await.unwrap_or_else(|e| panic!("{e}"));
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(120), drained).await;
+    assert!(
+        drained.is_ok(),
+        "the outbox did not reach MySQL within 120 s while a connection hung mid-statement"
+    );
+    assert_eq!(mysql_holders(&env, coupon).await.len(), 60);
+    let accepted = proxy.connections_accepted();
+    assert!(
+        accepted > frozen as u64,
+        "rows went through new connections ({accepted} accepted, {frozen} frozen)"
+    );
+    direct.close().await;
+    proxy.thaw();
+    pipeline.finish().await;
+    env.cleanup().await;
+    proxy.stop().await;
+}
