@@ -1,36 +1,25 @@
 //! `commerce-worker`: parses the command line, loads the configuration, starts logging, runs the
-//! command and maps failures to exit codes (78 configuration, 69 backend unavailable at start).
+//! command and maps failures to exit codes ([`commerce_worker::exit`]).
 
 mod cli;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use commerce_worker::app::{self, SetupError, ShutdownTimedOut, UsageError};
-use commerce_worker::backends::{self, Unavailable};
-use commerce_worker::config::{self, Config, ConfigError};
+use commerce_worker::config::{self, Config};
 use commerce_worker::coupon::DeadAction;
-use commerce_worker::telemetry;
+use commerce_worker::exit::{EX_CONFIG, EX_USAGE, code_for};
+use commerce_worker::{app, backends, telemetry};
 
 use crate::cli::{Cli, Command};
-
-/// sysexits.h
-const EX_USAGE: u8 = 64;
-const EX_UNAVAILABLE: u8 = 69;
-const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        // clap exits 2 on a usage error; the contract says 64. `--help`/`--version` are no error.
         Err(e) => {
-            // clap exits 2 on a usage error; the contract says 64 (EX_USAGE). `--help` and
-            // `--version` are not errors.
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EX_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
         }
     };
     if let Command::PurgeDead { yes: false, .. } = cli.command {
@@ -47,9 +36,7 @@ fn main() -> ExitCode {
         }
     };
     if let Command::CheckConfig = cli.command {
-        for warning in config.warning_lines() {
-            eprintln!("{warning}");
-        }
+        config.warning_lines().iter().for_each(|w| eprintln!("{w}"));
         print!("{}", config.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
@@ -59,27 +46,19 @@ fn main() -> ExitCode {
         log.level = "warn".into();
     }
     telemetry::init(&log);
-    for warning in config.warning_lines() {
-        tracing::warn!("{warning}");
+    config
+        .warning_lines()
+        .iter()
+        .for_each(|w| tracing::warn!("{w}"));
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+        .and_then(|runtime| runtime.block_on(execute(cli.command, config)));
+    if let Err(e) = result {
+        tracing::error!(error = %format!("{e:#}"), "exiting");
+        eprintln!("error: {e:#}");
+        return ExitCode::from(code_for(&e));
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(execute(cli.command, config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "exiting");
-            eprintln!("error: {e:#}");
-            exit_code_for(&e)
-        }
-    }
+    ExitCode::SUCCESS
 }
 
 async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
@@ -94,34 +73,13 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Drain => {
             let (report, log) = app::drain_once(&config, app::shutdown_signal()).await?;
             println!(
-                "drained: {} decided in {:.2}s ({} issued, {} duplicate, {} sold out, {} unknown coupon, {} dead-lettered; {} taken by other replicas); queue left: {}; ranking-log rows written: {}, spilled: {}",
-                report.decided(),
-                report.elapsed.as_secs_f64(),
-                report.issued,
-                report.duplicate,
-                report.sold_out,
-                report.unknown_coupon,
-                report.dead_lettered,
-                report.gone,
-                report.queue_depth,
-                log.rows_written,
-                log.rows_left_spilled,
+                "drained: {report}; ranking-log rows written: {}, spilled: {}",
+                log.rows_written, log.rows_left_spilled,
             );
             Ok(())
         }
         Command::RebuildRanking { date } => {
-            let report = app::rebuild_once(&config, date).await?;
-            let window: Vec<String> = report.window.iter().map(|d| d.to_string()).collect();
-            println!(
-                "ranking rebuilt for {}: window {} ({} members summed, strategy {:?}), {} products, {} old daily keys pruned, {:.2}s",
-                report.day,
-                window.join(" .. "),
-                report.source_members,
-                report.strategy,
-                report.products,
-                report.pruned,
-                report.elapsed.as_secs_f64()
-            );
+            println!("{}", app::rebuild_once(&config, date).await?);
             Ok(())
         }
         #[cfg(feature = "tools")]
@@ -201,21 +159,5 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
-    }
-}
-
-fn exit_code_for(error: &anyhow::Error) -> ExitCode {
-    if error.downcast_ref::<UsageError>().is_some() {
-        ExitCode::from(EX_USAGE)
-    } else if error.downcast_ref::<Unavailable>().is_some() {
-        ExitCode::from(EX_UNAVAILABLE)
-    } else if error.downcast_ref::<ConfigError>().is_some()
-        || error.downcast_ref::<SetupError>().is_some()
-    {
-        ExitCode::from(EX_CONFIG)
-    } else if error.downcast_ref::<ShutdownTimedOut>().is_some() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::FAILURE
     }
 }

@@ -7,7 +7,7 @@
 //! a typo must never silently fall back to a default.
 //!
 //! Loading happens in two steps, as in ripgrep and vector: each section is deserialized through
-//! its struct ([`read`] tries every key alone when a section fails, so every problem in it is
+//! its struct (`read.rs` tries every key alone when a section fails, so every problem in it is
 //! found), then each section's `validate` checks ranges and what spans keys. Every problem — a
 //! typo'd key, a wrong type, an out-of-range number, a bad cron expression — is collected, so one
 //! `check-config` run reports all of them, each naming the file and the key.

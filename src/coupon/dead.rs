@@ -72,6 +72,16 @@ pub struct RequeueReport {
     pub left_unreadable: u64,
 }
 
+impl std::fmt::Display for RequeueReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "requeued {} dead-lettered entries; {} unreadable entries left in the stream",
+            self.requeued, self.left_unreadable
+        )
+    }
+}
+
 /// Moves every readable dead-letter entry back into its queue — every coupon's, in the
 /// per-coupon layout.
 pub async fn requeue_dead(client: &Client, keys: &KeyTemplates) -> anyhow::Result<RequeueReport> {

@@ -12,48 +12,9 @@ use fred::types::scripts::Script;
 
 use super::member::{Request, parse_member};
 use crate::keys::KeyTemplates;
+use crate::outcome::Outcome;
 
 const DECIDE_LUA: &str = include_str!("decide.lua");
-
-/// What happened to one queue entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    Issued,
-    Duplicate,
-    SoldOut,
-    UnknownCoupon,
-    /// Moved to the dead-letter stream.
-    DeadLettered,
-    /// Decided by another replica between our read and our script.
-    Gone,
-}
-
-impl Outcome {
-    /// The one-letter code `decide.lua` returns.
-    fn from_code(code: u8) -> Option<Self> {
-        Some(match code {
-            b'I' => Self::Issued,
-            b'D' => Self::Duplicate,
-            b'S' => Self::SoldOut,
-            b'U' => Self::UnknownCoupon,
-            b'X' => Self::DeadLettered,
-            b'G' => Self::Gone,
-            _ => return None,
-        })
-    }
-
-    /// The label used in metrics and reports.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Issued => "issued",
-            Self::Duplicate => "duplicate",
-            Self::SoldOut => "sold_out",
-            Self::UnknownCoupon => "unknown_coupon",
-            Self::DeadLettered => "dead_lettered",
-            Self::Gone => "gone",
-        }
-    }
-}
 
 /// One entry's decision.
 #[derive(Debug, Clone, PartialEq)]

@@ -33,17 +33,19 @@ use sqlx::MySqlPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::outcome::Outcome;
 pub use dead::{
     DeadAction, DeadEntry, DeadFilter, DeadReport, RequeueReport, process_dead, requeue_dead,
 };
-pub use decide::{Decider, Decision, Outcome};
+pub use decide::{Decider, Decision};
 pub use outbox::Persister;
 pub use reconcile::Reconciler;
 
 use crate::control::Control;
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
-use crate::ranking_log::{LogOutcome, LogRow, LogSender};
+use crate::outcome::OutcomeCounts;
+use crate::ranking_log::{LogRow, LogSender};
 use crate::retry::Backoff;
 
 /// Why a tick stopped taking batches.
@@ -60,13 +62,9 @@ pub enum StopReason {
 /// What one tick (or one `drain` command) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DrainReport {
-    pub issued: u64,
-    pub duplicate: u64,
-    pub sold_out: u64,
-    pub unknown_coupon: u64,
-    pub dead_lettered: u64,
-    /// Entries another replica decided between our read and our script.
-    pub gone: u64,
+    /// Entries by outcome (`report[Outcome::Issued]`); `Gone`: another replica decided them
+    /// between our read and our script.
+    pub outcomes: OutcomeCounts,
     pub batches: u64,
     pub stopped: StopReason,
     /// Queue length after the tick.
@@ -75,31 +73,14 @@ pub struct DrainReport {
 }
 
 impl DrainReport {
-    /// Requests decided here (every outcome but `gone`).
+    /// Requests decided here (every outcome but `Gone`).
     pub fn decided(&self) -> u64 {
-        self.issued + self.duplicate + self.sold_out + self.unknown_coupon + self.dead_lettered
-    }
-
-    fn count(&mut self, outcome: Outcome) {
-        let slot = match outcome {
-            Outcome::Issued => &mut self.issued,
-            Outcome::Duplicate => &mut self.duplicate,
-            Outcome::SoldOut => &mut self.sold_out,
-            Outcome::UnknownCoupon => &mut self.unknown_coupon,
-            Outcome::DeadLettered => &mut self.dead_lettered,
-            Outcome::Gone => &mut self.gone,
-        };
-        *slot += 1;
+        self.outcomes.decided()
     }
 
     /// Adds another report's counts to these.
     fn add_counts(&mut self, other: &DrainReport) {
-        self.issued += other.issued;
-        self.duplicate += other.duplicate;
-        self.sold_out += other.sold_out;
-        self.unknown_coupon += other.unknown_coupon;
-        self.dead_lettered += other.dead_lettered;
-        self.gone += other.gone;
+        self.outcomes += &other.outcomes;
         self.batches += other.batches;
     }
 
@@ -108,6 +89,28 @@ impl DrainReport {
         self.add_counts(other);
         self.queue_depth = other.queue_depth;
         self.stopped = other.stopped;
+    }
+}
+
+impl std::ops::Index<Outcome> for DrainReport {
+    type Output = u64;
+
+    fn index(&self, outcome: Outcome) -> &u64 {
+        &self.outcomes[outcome]
+    }
+}
+
+/// `1200 decided in 0.35s (… issued, …; 0 taken by other replicas); queue left: 0`.
+impl std::fmt::Display for DrainReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} decided in {:.2}s ({}); queue left: {}",
+            self.decided(),
+            self.elapsed.as_secs_f64(),
+            self.outcomes,
+            self.queue_depth
+        )
     }
 }
 
@@ -430,14 +433,9 @@ impl CouponDrain {
         report.queue_depth = depth;
         report.elapsed = started.elapsed();
         self.metrics.coupon_queue_depth.set(depth as i64);
-        if report.decided() > 0 || report.gone > 0 {
+        if report.decided() > 0 || report[Outcome::Gone] > 0 {
             tracing::info!(
-                issued = report.issued,
-                duplicate = report.duplicate,
-                sold_out = report.sold_out,
-                unknown_coupon = report.unknown_coupon,
-                dead_lettered = report.dead_lettered,
-                gone = report.gone,
+                outcomes = %report.outcomes,
                 batches = report.batches,
                 queue_depth = report.queue_depth,
                 lanes = lanes.len(),
@@ -536,40 +534,31 @@ impl CouponDrain {
         let mut batch = DrainReport::default();
         let mut rows = Vec::with_capacity(decisions.len());
         for decision in decisions {
-            batch.count(decision.outcome);
-            let outcome = match decision.outcome {
-                Outcome::Issued => LogOutcome::Issued,
-                Outcome::Duplicate => LogOutcome::Duplicate,
-                Outcome::SoldOut => LogOutcome::SoldOut,
-                Outcome::UnknownCoupon => LogOutcome::UnknownCoupon,
-                // Not decided: a dead-lettered entry gets its row when requeued and decided.
-                Outcome::DeadLettered | Outcome::Gone => continue,
-            };
+            batch.outcomes[decision.outcome] += 1;
+            // A dead-lettered entry gets its row when requeued and decided; a gone one from the
+            // replica that decided it.
+            if decision.outcome.row_name().is_none() {
+                continue;
+            }
             if let Some(request) = decision.request {
-                tracing::debug!(member = %decision.member, ?outcome, rank = decision.rank, "decided");
+                tracing::debug!(member = %decision.member, outcome = decision.outcome.label(), rank = decision.rank, "decided");
                 rows.push(LogRow {
                     user_id: request.user_id,
                     coupon_id: request.coupon_id,
                     rank: decision.rank,
-                    outcome,
+                    outcome: decision.outcome,
                     decided_at: now,
                     retry_count: 0,
                 });
             }
         }
         // One metric update per outcome and batch, not per entry.
-        for (outcome, count) in [
-            (Outcome::Issued, batch.issued),
-            (Outcome::Duplicate, batch.duplicate),
-            (Outcome::SoldOut, batch.sold_out),
-            (Outcome::UnknownCoupon, batch.unknown_coupon),
-            (Outcome::DeadLettered, batch.dead_lettered),
-        ] {
-            if count > 0 {
+        for (outcome, count) in batch.outcomes.iter() {
+            if count > 0 && outcome.is_decided() {
                 self.metrics.outcome(outcome.label()).inc_by(count);
             }
         }
-        if batch.issued > 0 {
+        if batch[Outcome::Issued] > 0 {
             self.outbox_ready.notify_one();
         }
         report.add_counts(&batch);

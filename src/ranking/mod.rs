@@ -114,6 +114,24 @@ pub struct RebuildReport {
     pub superseded_by: Option<NaiveDate>,
 }
 
+/// `ranking rebuilt for 2026-11-24: window 2026-11-22 .. 2026-11-24 (…), 500 products, …`.
+impl std::fmt::Display for RebuildReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let window: Vec<String> = self.window.iter().map(|d| d.to_string()).collect();
+        write!(
+            f,
+            "ranking rebuilt for {}: window {} ({} members summed, strategy {:?}), {} products, {} old daily keys pruned, {:.2}s",
+            self.day,
+            window.join(" .. "),
+            self.source_members,
+            self.strategy,
+            self.products,
+            self.pruned,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
 #[derive(Clone)]
 pub struct RankingRebuild {
     client: Client,

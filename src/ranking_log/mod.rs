@@ -35,29 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RankingLogConfig;
 use crate::metrics::Metrics;
+use crate::outcome::Outcome;
 use crate::retry::{Backoff, is_transient};
 pub use spill::SpillFiles;
-
-/// The outcome recorded in a row: `ISSUED`, or the reason of a `FAILED` row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum LogOutcome {
-    Issued,
-    Duplicate,
-    SoldOut,
-    UnknownCoupon,
-}
-
-impl LogOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Issued => "ISSUED",
-            Self::Duplicate => "DUPLICATE",
-            Self::SoldOut => "SOLD_OUT",
-            Self::UnknownCoupon => "UNKNOWN_COUPON",
-        }
-    }
-}
 
 /// One `ranking_logs` row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,7 +46,8 @@ pub struct LogRow {
     pub coupon_id: i64,
     /// 1-based arrival order among the decided requests for this coupon.
     pub rank: i64,
-    pub outcome: LogOutcome,
+    /// One of the outcomes that make a row ([`Outcome::row_name`]).
+    pub outcome: Outcome,
     pub decided_at: DateTime<Utc>,
     /// Failed write attempts so far.
     #[serde(default)]
@@ -455,13 +436,13 @@ pub(crate) fn insert_statement(rows: &[LogRow]) -> QueryBuilder<MySql> {
         "INSERT INTO ranking_logs (user_id, coupon_type, `rank`, `timestamp`, status, reason, retry_count) ",
     );
     insert.push_values(rows, |mut b, row| {
-        let issued = row.outcome == LogOutcome::Issued;
+        let issued = row.outcome == Outcome::Issued;
         b.push_bind(row.user_id)
             .push_bind(row.coupon_id.to_string())
             .push_bind(i32::try_from(row.rank).unwrap_or(i32::MAX))
             .push_bind(row.decided_at)
             .push_bind(if issued { "ISSUED" } else { "FAILED" })
-            .push_bind((!issued).then(|| row.outcome.as_str()))
+            .push_bind(if issued { None } else { row.outcome.row_name() })
             .push_bind(row.retry_count);
     });
     insert

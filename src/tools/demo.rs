@@ -21,6 +21,7 @@ use crate::app::LoggedDrain;
 use crate::config::Config;
 use crate::coupon::{DrainReport, StopReason};
 use crate::metrics::Metrics;
+use crate::outcome::Outcome;
 use crate::ranking::{RankingRebuild, WhenLocked, today};
 use crate::tools::options::DemoOptions;
 use crate::tools::report::{Latencies, group, millis};
@@ -202,16 +203,11 @@ async fn run_in(sandbox: &Sandbox, options: DemoOptions) -> anyhow::Result<Repor
         let watching = watching.clone();
         async move {
             while !watching.is_cancelled() {
-                let decided: u64 = [
-                    "issued",
-                    "duplicate",
-                    "sold_out",
-                    "unknown_coupon",
-                    "dead_lettered",
-                ]
-                .iter()
-                .map(|o| metrics.outcome(o).get())
-                .sum();
+                let decided: u64 = Outcome::ALL
+                    .into_iter()
+                    .filter(|o| o.is_decided())
+                    .map(|o| metrics.outcome(o.label()).get())
+                    .sum();
                 decided_bar.set_position(decided);
                 persisted_bar.set_position(metrics.coupon_rows_persisted.get());
                 logged_bar.set_position(metrics.ranking_log_rows_written.get());
@@ -328,17 +324,18 @@ async fn run_in(sandbox: &Sandbox, options: DemoOptions) -> anyhow::Result<Repor
         format!(
             "every accepted request has exactly one outcome ({} accepted = {} decided + {} dead-lettered; queue empty)",
             group(report.accepted as f64),
-            group((report.drain.decided() - report.drain.dead_lettered) as f64),
-            report.drain.dead_lettered
+            group((report.drain.decided() - report.drain[Outcome::DeadLettered]) as f64),
+            report.drain[Outcome::DeadLettered]
         ),
         report.drain.decided() == report.accepted && queue_left == 0,
     );
     check(
         format!(
             "every malformed entry dead-lettered with its reason ({} of {})",
-            report.drain.dead_lettered, options.malformed
+            report.drain[Outcome::DeadLettered],
+            options.malformed
         ),
-        report.drain.dead_lettered == options.malformed,
+        report.drain[Outcome::DeadLettered] == options.malformed,
     );
     let mut conserved = true;
     for coupon_id in 1..=options.coupons as i64 {
@@ -364,7 +361,7 @@ async fn run_in(sandbox: &Sandbox, options: DemoOptions) -> anyhow::Result<Repor
     let logged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ranking_logs")
         .fetch_one(&sandbox.mysql)
         .await?;
-    let decided_not_dead = report.drain.decided() - report.drain.dead_lettered;
+    let decided_not_dead = report.drain.decided() - report.drain[Outcome::DeadLettered];
     check(
         format!(
             "one ranking-log row per decided request ({} rows, {} spilled and replayed)",
@@ -409,14 +406,13 @@ fn print_report(report: &Report, options: DemoOptions, rebuild: &crate::ranking:
         "  accepted by ZADD NX: {} (the rest were already queued: asked twice before the drain got to them)",
         group(report.accepted as f64)
     );
-    println!(
-        "  outcomes: {} issued, {} duplicate, {} sold out, {} unknown coupon, {} dead-lettered",
-        group(d.issued as f64),
-        group(d.duplicate as f64),
-        group(d.sold_out as f64),
-        d.unknown_coupon,
-        d.dead_lettered
-    );
+    let outcomes: Vec<String> = d
+        .outcomes
+        .iter()
+        .filter(|(outcome, _)| outcome.is_decided())
+        .map(|(outcome, count)| format!("{} {outcome}", group(count as f64)))
+        .collect();
+    println!("  outcomes: {}", outcomes.join(", "));
     println!(
         "  throughput: {} requests decided in {:.3} s of drain ticks ({} batches) = {} decided/s",
         group(d.decided() as f64),

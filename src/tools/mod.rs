@@ -5,7 +5,7 @@
 //!
 //! - [`options`]: every option of the tools' commands, declared once.
 //! - [`demo`]: the main job end to end, with progress bars and a report.
-//! - [`bench`]: the performance targets, each against its baseline.
+//! - [`bench`](mod@bench): the performance targets, each against its baseline.
 //! - [`simulated_api`]: the API's side of the contract, played by `bench` and `demo`.
 //! - [`sandbox`]: a private key prefix and database on the configured servers.
 //! - [`report`]: the figures the tools print and how they print them.

@@ -5,6 +5,7 @@ use std::process::{Command, Output, Stdio};
 
 use commerce_worker::coupon::{DeadAction, DeadFilter, process_dead};
 use commerce_worker::keys::KeyTemplates;
+use commerce_worker::outcome::Outcome;
 use fred::prelude::*;
 
 use crate::common::{BIN, TestEnv};
@@ -448,7 +449,11 @@ async fn pause_needs_drain_or_persist_and_a_paused_persister_leaves_the_outbox_a
         )
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(report.issued, 1, "pausing persist does not pause deciding");
+    assert_eq!(
+        report[Outcome::Issued],
+        1,
+        "pausing persist does not pause deciding"
+    );
     assert_eq!(
         pipeline
             .drain

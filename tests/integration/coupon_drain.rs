@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use commerce_worker::coupon::{StopReason, requeue_dead};
+use commerce_worker::outcome::Outcome;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -70,8 +71,8 @@ async fn the_first_stock_requests_by_score_get_the_coupon() {
         .drain
         .drain_to_empty(&CancellationToken::new())
         .await;
-    assert_eq!(report.issued, 5);
-    assert_eq!(report.sold_out, 17);
+    assert_eq!(report[Outcome::Issued], 5);
+    assert_eq!(report[Outcome::SoldOut], 17);
     // Lowest scores: 400 and 500 (tied at 3, member order), then users 20, 19, 18.
     assert_eq!(rows_for(&env, 7).await, vec![18, 19, 20, 400, 500]);
     let rows = pipeline.finish().await;
@@ -106,7 +107,11 @@ async fn each_outcome_is_recorded_in_redis_mysql_and_the_ranking_log() {
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(
-        (first.issued, first.sold_out, first.unknown_coupon),
+        (
+            first[Outcome::Issued],
+            first[Outcome::SoldOut],
+            first[Outcome::UnknownCoupon]
+        ),
         (1, 1, 1)
     );
 
@@ -123,7 +128,11 @@ async fn each_outcome_is_recorded_in_redis_mysql_and_the_ranking_log() {
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(
-        (second.issued, second.duplicate, second.sold_out),
+        (
+            second[Outcome::Issued],
+            second[Outcome::Duplicate],
+            second[Outcome::SoldOut]
+        ),
         (1, 1, 1)
     );
     assert_eq!(second.stopped, StopReason::QueueEmpty);
@@ -214,7 +223,7 @@ async fn results_of_holders_stay_issued_and_holders_added_elsewhere_get_duplicat
         .tick(Duration::from_secs(10), &stop)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!((first.duplicate, first.issued), (1, 1));
+    assert_eq!((first[Outcome::Duplicate], first[Outcome::Issued]), (1, 1));
 
     // Coupon 1 is retired (its stock key deleted); its holder and a newcomer ask again.
     let _: i64 = env
@@ -229,7 +238,7 @@ async fn results_of_holders_stay_issued_and_holders_added_elsewhere_get_duplicat
         .tick(Duration::from_secs(10), &stop)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(second.unknown_coupon, 2);
+    assert_eq!(second[Outcome::UnknownCoupon], 2);
 
     let res = results(&env, 1).await;
     assert_eq!(res.get("20").map(String::as_str), Some("DUPLICATE"));
@@ -260,7 +269,11 @@ async fn the_largest_batch_is_decided_whole_across_the_scripts_command_slices() 
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(
-        (report.batches, report.issued, report.sold_out),
+        (
+            report.batches,
+            report[Outcome::Issued],
+            report[Outcome::SoldOut]
+        ),
         (1, 4500, 500)
     );
     assert_eq!(issued_set(&env, 1).await.len(), 4500);
@@ -303,7 +316,11 @@ async fn per_coupon_lanes_are_drained_strays_dead_lettered_and_requeue_dead_walk
         .drain
         .drain_to_empty(&CancellationToken::new())
         .await;
-    assert_eq!((report.issued, report.dead_lettered), (60, 1), "{report:?}");
+    assert_eq!(
+        (report[Outcome::Issued], report[Outcome::DeadLettered]),
+        (60, 1),
+        "{report:?}"
+    );
     let dead: Vec<(String, HashMap<String, String>)> = env
         .redis
         .xrange(&env.keys().for_coupon(7).dead, "-", "+", None)
@@ -335,7 +352,7 @@ async fn per_coupon_lanes_are_drained_strays_dead_lettered_and_requeue_dead_walk
     .unwrap_or_else(|e| panic!("{e:#}"));
     let stop = CancellationToken::new();
     let dead = pipeline.drain.tick(Duration::from_secs(10), &stop).await;
-    assert_eq!(dead.map(|r| r.dead_lettered).ok(), Some(3));
+    assert_eq!(dead.map(|r| r[Outcome::DeadLettered]).ok(), Some(3));
     env.set_stock(9, "2").await;
     let requeued = commerce_worker::coupon::requeue_dead(&env.redis, env.keys())
         .await
@@ -348,7 +365,11 @@ async fn per_coupon_lanes_are_drained_strays_dead_lettered_and_requeue_dead_walk
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(
-        (again.issued, again.sold_out, again.dead_lettered),
+        (
+            again[Outcome::Issued],
+            again[Outcome::SoldOut],
+            again[Outcome::DeadLettered]
+        ),
         (2, 1, 1)
     );
     pipeline.finish().await;
@@ -385,8 +406,8 @@ async fn malformed_members_are_dead_lettered_while_the_rest_of_the_batch_is_issu
         .drain
         .drain_to_empty(&CancellationToken::new())
         .await;
-    assert_eq!(report.dead_lettered, malformed.len() as u64);
-    assert_eq!(report.issued, 10);
+    assert_eq!(report[Outcome::DeadLettered], malformed.len() as u64);
+    assert_eq!(report[Outcome::Issued], 10);
     let dead = dead_entries(&env).await;
     let dead_members: HashSet<&str> = dead
         .iter()
@@ -438,7 +459,10 @@ async fn bad_stock_and_wrong_key_types_dead_letter_and_requeue_dead_brings_them_
         .drain
         .drain_to_empty(&CancellationToken::new())
         .await;
-    assert_eq!((report.dead_lettered, report.issued), (2, 1));
+    assert_eq!(
+        (report[Outcome::DeadLettered], report[Outcome::Issued]),
+        (2, 1)
+    );
     let dead = dead_entries(&env).await;
     let reasons: HashMap<&str, &str> = dead
         .iter()
@@ -484,7 +508,7 @@ async fn bad_stock_and_wrong_key_types_dead_letter_and_requeue_dead_brings_them_
         .drain
         .drain_to_empty(&CancellationToken::new())
         .await;
-    assert_eq!(again.issued, 2);
+    assert_eq!(again[Outcome::Issued], 2);
     assert_eq!(stock(&env, 1).await, 3);
     assert_eq!(stock(&env, 2).await, 2);
     pipeline.finish().await;
@@ -523,7 +547,11 @@ async fn a_key_of_the_wrong_type_dead_letters_its_coupons_requests_and_nothing_o
         .drain
         .drain_to_empty(&CancellationToken::new())
         .await;
-    assert_eq!((report.dead_lettered, report.issued), (3, 1), "{report:?}");
+    assert_eq!(
+        (report[Outcome::DeadLettered], report[Outcome::Issued]),
+        (3, 1),
+        "{report:?}"
+    );
     let reasons: HashMap<String, String> = dead_entries(&env)
         .await
         .into_iter()
@@ -609,7 +637,7 @@ async fn four_concurrent_drainers_conserve_stock_and_decide_every_request_once()
     for h in handles {
         let report = h.await.unwrap_or_else(|e| panic!("{e}"));
         decided += report.decided();
-        issued += report.issued;
+        issued += report[Outcome::Issued];
     }
     let mut logged = 0;
     for p in pipelines {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use commerce_worker::outcome::Outcome;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -192,7 +193,7 @@ async fn mariadb_stopped_mid_drain_and_restarted_loses_nothing() {
         .await
         .unwrap_or_else(|_| panic!("drain did not finish after MySQL came back"))
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(report.issued, initial as u64);
+    assert_eq!(report[Outcome::Issued], initial as u64);
     pipeline.finish().await;
     assert_invariants(&env, &coupons, initial, users).await;
     env.cleanup().await;

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use commerce_worker::metrics::Metrics;
-use commerce_worker::ranking_log::{LogOutcome, LogRow, channel};
+use commerce_worker::outcome::Outcome;
+use commerce_worker::ranking_log::{LogRow, channel};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{PrivateMariadb, TestEnv, eventually, redis_url};
@@ -17,9 +18,9 @@ fn rows(coupon: i64, from: i64, count: i64) -> Vec<LogRow> {
             coupon_id: coupon,
             rank,
             outcome: if rank % 3 == 0 {
-                LogOutcome::Issued
+                Outcome::Issued
             } else {
-                LogOutcome::SoldOut
+                Outcome::SoldOut
             },
             decided_at: Utc::now(),
             retry_count: 0,

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use commerce_worker::outcome::Outcome;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -103,7 +104,11 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
     )
     .await;
     let report = first.drain.drain_to_empty(&CancellationToken::new()).await;
-    assert_eq!((report.issued, report.sold_out), (2, 1), "{report:?}");
+    assert_eq!(
+        (report[Outcome::Issued], report[Outcome::SoldOut]),
+        (2, 1),
+        "{report:?}"
+    );
     first.finish().await;
     assert_eq!(mysql_holders(&env, coupon).await, vec![1001, 1002]);
 
@@ -131,7 +136,11 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
     let report = second.drain.drain_to_empty(&CancellationToken::new()).await;
     second.finish().await;
     assert_eq!(
-        (report.issued, report.sold_out, report.duplicate),
+        (
+            report[Outcome::Issued],
+            report[Outcome::SoldOut],
+            report[Outcome::Duplicate]
+        ),
         (0, 2, 1),
         "nothing issued beyond the stock: {report:?}"
     );
@@ -187,7 +196,7 @@ async fn reconcile_dry_run_lists_exactly_the_broken_coupons_and_the_repair_fixes
         .drain
         .drain_to_empty(&CancellationToken::new())
         .await;
-    assert_eq!(report.issued, 9, "{report:?}");
+    assert_eq!(report[Outcome::Issued], 9, "{report:?}");
     let clean = pipeline
         .drain
         .reconcile_all(true)

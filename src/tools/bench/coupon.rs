@@ -229,9 +229,9 @@ async fn run_worker(sandbox: &Sandbox, sale: FlashSale) -> anyhow::Result<Worker
         sale.requests
     );
     ensure!(
-        report.issued == expected && rows_persisted == expected,
+        report[Outcome::Issued] == expected && rows_persisted == expected,
         "issued {} and persisted {rows_persisted}, expected {expected}",
-        report.issued
+        report[Outcome::Issued]
     );
     ensure!(
         log_rows as u64 == sale.requests && written.rows_left_spilled == 0,

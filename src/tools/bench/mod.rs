@@ -1,5 +1,5 @@
 //! `commerce-worker bench`: the performance targets of the three jobs, measured against the
-//! configured Redis and MySQL in a [`Sandbox`](crate::tools::sandbox::Sandbox) (private key prefix and
+//! configured Redis and MySQL in a [`Sandbox`] (private key prefix and
 //! database, removed afterwards).
 //!
 //! Each benchmark runs the worker's real code and, in the same run and on the same data, the

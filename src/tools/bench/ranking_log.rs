@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::{MemorySampler, in_sandbox};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::ranking_log::{self, LogOutcome, LogRow, insert_statement};
+use crate::outcome::Outcome;
+use crate::ranking_log::{self, LogRow, insert_statement};
 use crate::tools::options::RankingLogBenchOptions;
 use crate::tools::report::{group, rate};
 use crate::tools::sandbox::Sandbox;
@@ -53,9 +54,9 @@ fn row(i: u64) -> LogRow {
         coupon_id: (i % 10 + 1) as i64,
         rank: (i / 10 + 1) as i64,
         outcome: if i.is_multiple_of(10) {
-            LogOutcome::Issued
+            Outcome::Issued
         } else {
-            LogOutcome::SoldOut
+            Outcome::SoldOut
         },
         decided_at: Utc::now(),
         retry_count: 0,
