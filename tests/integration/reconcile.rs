@@ -303,7 +303,7 @@ async fn the_reconcile_command_exits_1_listing_broken_coupons_on_a_dry_run_and_0
         .drain
         .drain_to_empty(&CancellationToken::new())
         .await;
-    assert_eq!(report.issued, 3, "{report:?}");
+    assert_eq!(report[Outcome::Issued], 3, "{report:?}");
     pipeline.finish().await;
     let config = env.config_file(crate::common::free_port());
     let (code, out) = reconcile_command(&config, true);
@@ -359,7 +359,7 @@ async fn a_coupon_retired_from_the_registry_while_mysql_is_down_still_reaches_my
         )
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(report.issued, 3, "{report:?}");
+    assert_eq!(report[Outcome::Issued], 3, "{report:?}");
     let outbox = env.keys().for_coupon(coupon).outbox;
     let waiting: u64 = env
         .redis
