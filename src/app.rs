@@ -31,8 +31,9 @@ use crate::control::Control;
 use crate::coupon::{CouponDrain, DeadAction, DeadFilter, DeadReport, DrainReport, StopReason};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
-use crate::ranking::{RankingRebuild, RebuildReport, WhenLocked, today};
+use crate::ranking::{RankingKeeper, RankingRebuild, RebuildReport, WhenLocked, today};
 use crate::ranking_log::{self, LogSender, LogWriter, WriterReport};
+use crate::schedule::{Clock, SchedulerClock, ZonedSchedule, run_zoned};
 
 /// The shutdown deadline passed with work left; the process exits non-zero.
 #[derive(Debug, thiserror::Error)]
@@ -188,17 +189,15 @@ struct GuardedJob {
     name: &'static str,
     running: Arc<Mutex<()>>,
     metrics: Metrics,
-    tasks: TaskTracker,
     control: Option<Control>,
 }
 
 impl GuardedJob {
-    fn new(name: &'static str, metrics: &Metrics, tasks: &TaskTracker) -> Self {
+    fn new(name: &'static str, metrics: &Metrics) -> Self {
         Self {
             name,
             running: Arc::new(Mutex::new(())),
             metrics: metrics.clone(),
-            tasks: tasks.clone(),
             control: None,
         }
     }
@@ -291,13 +290,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
 
     let control = Control::new(backends.redis.clone(), &config.keys, metrics.clone());
-    let drain_job = GuardedJob::new("coupon_drain", &metrics, &tasks).recorded_in(&control);
-    let rebuild_job = GuardedJob::new("ranking_rebuild", &metrics, &tasks).recorded_in(&control);
+    let drain_job = GuardedJob::new("coupon_drain", &metrics).recorded_in(&control);
+    let keeper = RankingKeeper::new(
+        rebuild,
+        Arc::new(crate::schedule::SystemClock),
+        metrics.clone(),
+    )
+    .recorded_in(&control);
     let heartbeat_stop = CancellationToken::new();
     let heartbeat = tokio::spawn(keep_heartbeat(control.clone(), heartbeat_stop.clone()));
-    let mut scheduler =
-        schedule_jobs(&config, &drain, &rebuild, &drain_job, &rebuild_job, &stop).await?;
-    catch_up_ranking(&config, &rebuild, &rebuild_job);
+    let mut scheduler = schedule_jobs(&config, &drain, &keeper, &drain_job, &tasks, &stop).await?;
     crate::systemd::ready();
     tracing::info!(listen = %config.http.listen, coupon_schedule = config.coupon.schedule.as_str(),
         ranking_schedule = config.ranking.schedule.as_str(), timezone = %config.ranking.timezone,
@@ -317,7 +319,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut clean = true;
     let jobs_idle = async {
         drain_job.wait_idle().await;
-        rebuild_job.wait_idle().await;
+        keeper.wait_idle().await;
     };
     if tokio::time::timeout_at(deadline, jobs_idle).await.is_err() {
         tracing::warn!("a job was still running at the shutdown deadline");
@@ -359,82 +361,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
 }
 
+/// Starts the scheduler and arms both jobs on it through [`crate::schedule::run_zoned`] (which
+/// follows DST changes in `[ranking] timezone`; tokio-cron-scheduler's own cron jobs would keep
+/// the offset they were created with), plus the ranking's catch-up loop.
 async fn schedule_jobs(
     config: &Config,
     drain: &CouponDrain,
-    rebuild: &RankingRebuild,
+    keeper: &RankingKeeper,
     drain_job: &GuardedJob,
-    rebuild_job: &GuardedJob,
+    tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> anyhow::Result<JobScheduler> {
+    let timezone = config.ranking.timezone;
+    let coupon_schedule =
+        ZonedSchedule::new(config.coupon.schedule.as_str(), timezone).context("coupon.schedule")?;
+    let ranking_schedule = ZonedSchedule::new(config.ranking.schedule.as_str(), timezone)
+        .context("ranking.schedule")?;
     let scheduler = JobScheduler::new()
         .await
         .context("creating the scheduler")?;
-    let timezone = config.ranking.timezone;
-    let budget = config.coupon.tick_budget;
-    {
-        let (drain, job, stop) = (drain.clone(), drain_job.clone(), stop.clone());
-        scheduler
-            .add(
-                Job::new_async_tz(
-                    config.coupon.schedule.as_str(),
-                    timezone,
-                    move |_id, _sched| {
-                        let (drain, job, stop) = (drain.clone(), job.clone(), stop.clone());
-                        Box::pin(async move {
-                            let tasks = job.tasks.clone();
-                            // Tracked so shutdown can wait for it; the guard keeps runs from overlapping.
-                            let _ = tasks
-                                .spawn(async move {
-                                    job.run(|| async {
-                                        let report = drain.tick(budget, &stop).await?;
-                                        Ok(if report.stopped == StopReason::Paused {
-                                            "paused"
-                                        } else {
-                                            "ok"
-                                        })
-                                    })
-                                    .await
-                                })
-                                .await;
-                        })
-                    },
-                )
-                .context("coupon.schedule")?,
-            )
-            .await?;
-    }
-    {
-        let (rebuild, job) = (rebuild.clone(), rebuild_job.clone());
-        scheduler
-            .add(
-                Job::new_async_tz(
-                    config.ranking.schedule.as_str(),
-                    timezone,
-                    move |_id, _sched| {
-                        let (rebuild, job) = (rebuild.clone(), job.clone());
-                        Box::pin(async move {
-                            let tasks = job.tasks.clone();
-                            let _ = tasks
-                                .spawn(async move {
-                                    job.run(|| async {
-                                        rebuild
-                                            .rebuild(today(timezone), WhenLocked::Skip)
-                                            .await
-                                            .map(|_| "ok")
-                                    })
-                                    .await
-                                })
-                                .await;
-                        })
-                    },
-                )
-                .context("ranking.schedule")?,
-            )
-            .await?;
-    }
     if let Some(interval) = crate::systemd::watchdog_interval() {
-        // Pinged by the scheduler itself: if its loop stops, so do the pings.
+        // Pinged by the scheduler itself: if its loop stops, so do the pings (and the jobs,
+        // whose fires it also runs).
         scheduler
             .add(
                 Job::new_repeated_async(interval, |_id, _sched| {
@@ -449,6 +397,48 @@ async fn schedule_jobs(
         );
     }
     scheduler.start().await.context("starting the scheduler")?;
+    let clock: Arc<dyn Clock> = Arc::new(SchedulerClock::new(scheduler.clone()));
+    let budget = config.coupon.tick_budget;
+    {
+        let (drain, job, stop, clock) = (
+            drain.clone(),
+            drain_job.clone(),
+            stop.clone(),
+            clock.clone(),
+        );
+        tasks.spawn(async move {
+            run_zoned(coupon_schedule, clock, stop.clone(), |_tick| {
+                let (drain, job, stop) = (drain.clone(), job.clone(), stop.clone());
+                async move {
+                    job.run(|| async {
+                        let report = drain.tick(budget, &stop).await?;
+                        Ok(if report.stopped == StopReason::Paused {
+                            "paused"
+                        } else {
+                            "ok"
+                        })
+                    })
+                    .await
+                }
+            })
+            .await
+        });
+    }
+    {
+        let (keeper, stop) = (keeper.clone(), stop.clone());
+        tasks.spawn(async move {
+            run_zoned(ranking_schedule, clock, stop.clone(), |tick| {
+                let (keeper, stop) = (keeper.clone(), stop.clone());
+                async move { keeper.on_tick(tick, &stop).await }
+            })
+            .await
+        });
+    }
+    {
+        // At start and every minute: the ranking for today is live, or is built now.
+        let (keeper, stop) = (keeper.clone(), stop.clone());
+        tasks.spawn(async move { keeper.keep_current(stop).await });
+    }
     Ok(scheduler)
 }
 
@@ -468,23 +458,6 @@ async fn keep_heartbeat(control: Control, stop: CancellationToken) {
         }
     }
     control.forget_heartbeat().await;
-}
-
-/// If no rebuild ran for today yet (the worker was down at midnight), runs one now.
-fn catch_up_ranking(config: &Config, rebuild: &RankingRebuild, job: &GuardedJob) {
-    let (rebuild, job, timezone) = (rebuild.clone(), job.clone(), config.ranking.timezone);
-    let tasks = job.tasks.clone();
-    tasks.spawn(async move {
-        job.run(|| async {
-            let day = today(timezone);
-            if rebuild.live().await?.map(|live| live.day) == Some(day) {
-                return Ok("ok");
-            }
-            tracing::info!(%day, "no ranking rebuild recorded for today; catching up");
-            rebuild.rebuild(day, WhenLocked::Skip).await.map(|_| "ok")
-        })
-        .await
-    });
 }
 
 /// `drain`: one drain until the queue is empty and every issued coupon is in MySQL.
@@ -672,7 +645,7 @@ mod tests {
     #[tokio::test]
     async fn a_tick_that_finds_the_previous_run_going_is_skipped_and_counted() {
         let metrics = Metrics::new();
-        let job = GuardedJob::new("coupon_drain", &metrics, &TaskTracker::new());
+        let job = GuardedJob::new("coupon_drain", &metrics);
         let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
         let slow = {

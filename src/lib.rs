@@ -17,7 +17,8 @@
 //! [`control`] (pause flags, job run records and replica heartbeats in Redis, shared by every
 //! replica and the operator's commands),
 //! [`http`] (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], [`retry`],
-//! [`systemd`] (readiness and watchdog notifications), [`status`] (the `status` command).
+//! [`systemd`] (readiness and watchdog notifications), [`status`] (the `status` command),
+//! [`schedule`] (cron schedules that follow the timezone across DST changes, for every job).
 //!
 //! Two wings. The **product** is everything above: the daemon and its commands. The **tools**
 //! wing, [`tools`] (built with the `tools` feature, on by default), is for trying, measuring and
@@ -39,6 +40,7 @@ pub mod outcome;
 pub mod ranking;
 pub mod ranking_log;
 pub mod retry;
+pub mod schedule;
 pub mod status;
 pub mod systemd;
 pub mod telemetry;

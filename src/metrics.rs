@@ -62,6 +62,10 @@ pub struct Metrics {
     pub coupon_unexplained_rows: Counter,
     pub coupon_outbox_waiting_replicas: Gauge,
     pub ranking_products: Gauge,
+    /// The day the live ranking was built for, as YYYYMMDD (0 until known).
+    pub ranking_built_day: Gauge,
+    /// When the live ranking was swapped in (Unix seconds, Redis' clock; 0 until known).
+    pub ranking_built_timestamp: Gauge,
     pub ranking_log_channel_depth: Gauge,
     pub ranking_log_rows_written: Counter,
     pub ranking_log_rows_retried: Counter,
@@ -143,6 +147,18 @@ impl Metrics {
             "Products in the window ranking after the last rebuild",
             ranking_products.clone(),
         );
+        let ranking_built_day = Gauge::default();
+        registry.register(
+            "ranking_built_day",
+            "The day the live ranking was built for, as YYYYMMDD in [ranking] timezone (0 until known); stale when below today's",
+            ranking_built_day.clone(),
+        );
+        let ranking_built_timestamp = Gauge::default();
+        registry.register(
+            "ranking_built_timestamp_seconds",
+            "Unix time the live ranking was swapped in, read from Redis by every replica (0 until known)",
+            ranking_built_timestamp.clone(),
+        );
         let ranking_log_channel_depth = Gauge::default();
         registry.register(
             "ranking_log_channel_depth",
@@ -219,6 +235,8 @@ impl Metrics {
             coupon_unexplained_rows,
             coupon_outbox_waiting_replicas,
             ranking_products,
+            ranking_built_day,
+            ranking_built_timestamp,
             ranking_log_channel_depth,
             ranking_log_rows_written,
             ranking_log_rows_retried,

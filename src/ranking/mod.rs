@@ -35,6 +35,10 @@ use fred::types::scripts::Script;
 use futures_util::TryStreamExt;
 use tokio_util::sync::CancellationToken;
 
+mod keeper;
+
+pub use keeper::RankingKeeper;
+
 use crate::config::RankingConfig;
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
@@ -190,6 +194,11 @@ impl RankingRebuild {
             metrics,
             forced_strategy: None,
         }
+    }
+
+    /// The zone whose calendar days the daily keys are named after.
+    pub fn timezone(&self) -> Tz {
+        self.config.timezone
     }
 
     pub fn with_strategy(mut self, strategy: Strategy) -> Self {

@@ -8,12 +8,16 @@ use chrono::{DateTime, Days, NaiveDate, Utc};
 use commerce_worker::config::SecretUrl;
 use commerce_worker::metrics::Metrics;
 use commerce_worker::ranking::{
-    RankingRebuild, Strategy, WhenLocked, chunk_add_script_sha, day_at, swap_script_sha, today,
+    RankingKeeper, RankingRebuild, Strategy, WhenLocked, chunk_add_script_sha, day_at,
+    swap_script_sha, today,
 };
 use commerce_worker::tools::fault_proxy::FaultProxy;
 use fred::prelude::*;
 
-use crate::common::{BIN, TestEnv, redis_url};
+use commerce_worker::schedule::{Clock, SystemClock, ZonedSchedule, run_zoned};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{BIN, PrivateRedis, TestEnv, eventually, redis_url};
 
 fn day(text: &str) -> NaiveDate {
     text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
@@ -570,5 +574,289 @@ async fn todays_key_written_during_a_chunked_rebuild_is_never_counted_twice() {
             );
         }
     }
+    env.cleanup().await;
+}
+
+/// A clock a test steps: every wait completes at once, moving the time to its end.
+struct SteppedClock(std::sync::Mutex<DateTime<Utc>>);
+
+impl Clock for SteppedClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait_until(
+        &self,
+        at: DateTime<Utc>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let mut now = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *now = (*now).max(at);
+        Box::pin(async {})
+    }
+}
+
+/// Runs the daemon's ranking schedule (`0 0 0 * * *` in `timezone`) on a stepped clock from
+/// `from` for `fires` fires, each handled by the keeper against real Redis; returns, per fire,
+/// its local time, the live ranking's day and the products in the ranking (one per daily key).
+async fn scheduled_fires(
+    timezone: chrono_tz::Tz,
+    from: &str,
+    fires: usize,
+) -> Vec<(String, NaiveDate, Vec<String>)> {
+    let mut env = TestEnv::new().await;
+    env.config.ranking.timezone = timezone;
+    let start: DateTime<Utc> = from.parse().unwrap_or_else(|e| panic!("{e}"));
+    let first_day = day_at(start, timezone);
+    for back in 0..=(fires as u64 + 3) {
+        let d = first_day
+            .checked_sub_days(Days::new(3))
+            .and_then(|d| d.checked_add_days(Days::new(back)))
+            .unwrap_or_else(|| panic!("date out of range"));
+        add_sales(&env, &d.to_string(), &[(&format!("sold-on-{d}"), 1.0)]).await;
+    }
+    let clock = Arc::new(SteppedClock(std::sync::Mutex::new(start)));
+    let keeper = RankingKeeper::new(rebuilder(&env), clock.clone(), Metrics::new());
+    let schedule = ZonedSchedule::new("0 0 0 * * *", timezone).unwrap_or_else(|e| panic!("{e}"));
+    let stop = CancellationToken::new();
+    let seen = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let run = run_zoned(schedule, clock, stop.clone(), |tick| {
+        let (keeper, stop, seen, env) = (keeper.clone(), stop.clone(), seen.clone(), &env);
+        async move {
+            keeper.on_tick(tick, &stop).await;
+            let live = rebuilder(env)
+                .live()
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .unwrap_or_else(|| panic!("nothing live after the fire at {tick}"));
+            let mut products: Vec<String> = ranking(env).await.into_keys().collect();
+            products.sort();
+            let mut seen = seen.lock().await;
+            seen.push((
+                tick.with_timezone(&timezone).to_rfc3339(),
+                live.day,
+                products,
+            ));
+            if seen.len() == fires {
+                stop.cancel();
+            }
+        }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(60), run)
+        .await
+        .unwrap_or_else(|_| panic!("{fires} scheduled fires did not finish within 60 s"));
+    env.cleanup().await;
+    Arc::try_unwrap(seen)
+        .unwrap_or_else(|_| panic!("fires still referenced"))
+        .into_inner()
+}
+
+fn window_products(day_text: &str) -> Vec<String> {
+    let d = day(day_text);
+    let mut products: Vec<String> = (0..3)
+        .filter_map(|back| d.checked_sub_days(Days::new(back)))
+        .map(|d| format!("sold-on-{d}"))
+        .collect();
+    products.sort();
+    products
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_rebuild_fires_at_new_york_midnight_on_both_sides_of_each_dst_change() {
+    let ny = chrono_tz::America::New_York;
+    for (from, expected) in [
+        // Spring forward on 2026-03-08 at 02:00 (EST -05:00 -> EDT -04:00).
+        (
+            "2026-03-06T12:00:00Z",
+            [
+                ("2026-03-07T00:00:00-05:00", "2026-03-07"),
+                ("2026-03-08T00:00:00-05:00", "2026-03-08"),
+                ("2026-03-09T00:00:00-04:00", "2026-03-09"),
+                ("2026-03-10T00:00:00-04:00", "2026-03-10"),
+            ],
+        ),
+        // Fall back on 2026-11-01 at 02:00 (EDT -04:00 -> EST -05:00).
+        (
+            "2026-10-30T12:00:00Z",
+            [
+                ("2026-10-31T00:00:00-04:00", "2026-10-31"),
+                ("2026-11-01T00:00:00-04:00", "2026-11-01"),
+                ("2026-11-02T00:00:00-05:00", "2026-11-02"),
+                ("2026-11-03T00:00:00-05:00", "2026-11-03"),
+            ],
+        ),
+    ] {
+        let fired = scheduled_fires(ny, from, expected.len()).await;
+        for ((local, live_day, products), (want_local, want_day)) in fired.iter().zip(expected) {
+            assert_eq!(local, want_local, "fired at the wrong local time");
+            assert_eq!(
+                *live_day,
+                day(want_day),
+                "fire at {local} built the wrong day"
+            );
+            assert_eq!(
+                *products,
+                window_products(want_day),
+                "fire at {local} summed the wrong window"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_rebuild_fires_at_seoul_midnight_every_day() {
+    let fired = scheduled_fires(chrono_tz::Asia::Seoul, "2026-03-07T03:00:00Z", 3).await;
+    let expected = [
+        ("2026-03-08T00:00:00+09:00", "2026-03-08"),
+        ("2026-03-09T00:00:00+09:00", "2026-03-09"),
+        ("2026-03-10T00:00:00+09:00", "2026-03-10"),
+    ];
+    assert_eq!(fired.len(), expected.len());
+    for ((local, live_day, products), (want_local, want_day)) in fired.iter().zip(expected) {
+        assert_eq!(local, want_local);
+        assert_eq!(*live_day, day(want_day));
+        assert_eq!(*products, window_products(want_day));
+    }
+}
+
+fn metric(metrics: &Metrics, line_start: &str) -> Option<f64> {
+    metrics
+        .encode()
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_left_by_a_dead_replica_is_a_skip_not_a_success_and_the_tick_retries_until_built() {
+    let env = TestEnv::new().await;
+    let today = today(env.config.ranking.timezone);
+    add_sales(&env, &today.to_string(), &[("p", 3.0)]).await;
+    // A replica died holding the lease: nobody renews it, and it lapses by itself.
+    let _: () = env
+        .redis
+        .set(
+            env.keys().ranking_lock(),
+            "dead-replica",
+            Some(Expiration::PX(3000)),
+            None,
+            false,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let metrics = Metrics::new();
+    let keeper = RankingKeeper::new(rebuilder(&env), Arc::new(SystemClock), metrics.clone());
+    let stop = CancellationToken::new();
+    let tick = Utc::now();
+    let run = tokio::spawn({
+        let (keeper, stop) = (keeper.clone(), stop.clone());
+        async move { keeper.on_tick(tick, &stop).await }
+    });
+    eventually(
+        std::time::Duration::from_secs(20),
+        "a rebuild skipped for the dead replica's lease",
+        async || {
+            metric(
+                &metrics,
+                r#"commerce_worker_job_runs_total{job="ranking_rebuild",result="skipped"}"#,
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"commerce_worker_job_runs_total{job="ranking_rebuild",result="ok"}"#
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "a skip is not a success"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"commerce_worker_job_last_success_timestamp_seconds{job="ranking_rebuild"}"#
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "a skip does not move the last success"
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(30), run)
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the tick did not build the ranking within 30 s of the lease lapsing")
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ranking(&env).await.get("p"), Some(&3.0));
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"commerce_worker_job_runs_total{job="ranking_rebuild",result="ok"}"#
+        ),
+        Some(1.0)
+    );
+    let yyyymmdd: f64 = today
+        .format("%Y%m%d")
+        .to_string()
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        metric(&metrics, "commerce_worker_ranking_built_day "),
+        Some(yyyymmdd)
+    );
+    assert!(
+        metric(&metrics, "commerce_worker_ranking_built_timestamp_seconds ").unwrap_or(0.0) > 0.0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_midnight_the_tick_keeps_trying_until_the_ranking_is_built() {
+    // Restarted from its snapshot, so the daily sales survive the outage.
+    let mut redis = PrivateRedis::with_snapshots();
+    let env = TestEnv::with_servers(&redis.url(), &crate::common::mysql_server_url()).await;
+    let today = today(env.config.ranking.timezone);
+    add_sales(&env, &today.to_string(), &[("p", 2.0)]).await;
+    let metrics = Metrics::new();
+    let keeper = RankingKeeper::new(rebuilder(&env), Arc::new(SystemClock), metrics.clone());
+    redis.cli(&["SAVE"]);
+    redis.stop();
+    let stop = CancellationToken::new();
+    let tick = Utc::now();
+    let run = tokio::spawn({
+        let (keeper, stop) = (keeper.clone(), stop.clone());
+        async move { keeper.on_tick(tick, &stop).await }
+    });
+    eventually(
+        std::time::Duration::from_secs(60),
+        "a rebuild failing while Redis is down",
+        async || {
+            metric(
+                &metrics,
+                r#"commerce_worker_job_runs_total{job="ranking_rebuild",result="error"}"#,
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await;
+    assert!(!run.is_finished(), "the tick gave up while Redis was down");
+    redis.resume();
+    tokio::time::timeout(std::time::Duration::from_secs(90), run)
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the tick did not build the ranking within 90 s of Redis coming back")
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ranking(&env).await.get("p"), Some(&2.0));
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"commerce_worker_job_runs_total{job="ranking_rebuild",result="ok"}"#
+        ),
+        Some(1.0)
+    );
     env.cleanup().await;
 }
