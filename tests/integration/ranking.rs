@@ -860,3 +860,132 @@ async fn redis_down_at_midnight_the_tick_keeps_trying_until_the_ranking_is_built
     );
     env.cleanup().await;
 }
+
+fn start_daemon(config: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_sigkilled_mid_rebuild_leaves_a_lease_that_lapses_and_the_next_daemon_builds_today()
+ {
+    let env = TestEnv::new().await;
+    let today = today(env.config.ranking.timezone);
+    // Big enough for the chunked strategy to take a while: 3 days x 150 000, overlapping 90 %.
+    const PRODUCTS: u64 = 150_000;
+    for back in 0..3_u64 {
+        let d = today
+            .checked_sub_days(Days::new(back))
+            .unwrap_or_else(|| panic!("date out of range"));
+        let first = back * PRODUCTS / 10;
+        let entries: Vec<(f64, String)> = (first..first + PRODUCTS)
+            .map(|p| (1.0, p.to_string()))
+            .collect();
+        for chunk in entries.chunks(50_000) {
+            let _: i64 = env
+                .redis
+                .zadd(
+                    env.keys().ranking_day(d),
+                    None,
+                    None,
+                    false,
+                    false,
+                    chunk.to_vec(),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let config = env.config_file(crate::common::free_port());
+    let mut first = start_daemon(&config);
+    // The start-up check finds no ranking for today and rebuilds; wait until it is mid-way.
+    let sum_pattern = format!("{{{}}}:tmp:*:sum", env.keys().ranking_window);
+    eventually(
+        std::time::Duration::from_secs(60),
+        "the first daemon's rebuild under way (its running sum in Redis)",
+        async || {
+            commerce_worker::backends::scan_keys(&env.redis, &sum_pattern)
+                .await
+                .is_ok_and(|keys| !keys.is_empty())
+        },
+    )
+    .await;
+    first.kill().unwrap_or_else(|e| panic!("{e}"));
+    let _ = first.wait();
+    let lease_ms: i64 = env
+        .redis
+        .pttl(env.keys().ranking_lock())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        (1..=10_000).contains(&lease_ms),
+        "the dead daemon's lease lapses within seconds (PTTL {lease_ms} ms)"
+    );
+    assert!(
+        rebuilder(&env)
+            .live()
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .is_none(),
+        "killed mid-way, nothing was swapped in"
+    );
+
+    let port = crate::common::free_port();
+    let config = env.config_file(port);
+    let mut second = start_daemon(&config);
+    eventually(
+        std::time::Duration::from_secs(120),
+        "the second daemon to build today's ranking",
+        async || {
+            rebuilder(&env)
+                .live()
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|live| live.day == today)
+        },
+    )
+    .await;
+    let products: u64 = env
+        .redis
+        .zcard(&env.keys().ranking_window)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(products, PRODUCTS * 12 / 10, "every product of the window");
+    let score: Option<f64> = env
+        .redis
+        .zscore(&env.keys().ranking_window, (PRODUCTS / 2).to_string())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        score,
+        Some(3.0),
+        "a product sold once on each of the 3 days"
+    );
+    let yyyymmdd = today.format("%Y%m%d").to_string();
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the built-day gauge on /metrics",
+        async || {
+            crate::console::http_get(port, "/metrics", "text/plain")
+                .1
+                .lines()
+                .any(|l| l == format!("commerce_worker_ranking_built_day {yyyymmdd}"))
+        },
+    )
+    .await;
+    crate::common::sigterm(&second);
+    let _ = crate::common::wait_exit(
+        &mut second,
+        std::time::Duration::from_secs(30),
+        "the second daemon did not stop after SIGTERM",
+    )
+    .await;
+    env.cleanup().await;
+}
