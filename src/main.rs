@@ -28,6 +28,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EX_USAGE);
     }
+    #[cfg(feature = "tools")]
+    if let Command::Tools(commerce_worker::tools::ToolCommand::Chaos(options)) = cli.command {
+        // The run brings its own servers and writes its replicas' configs: no config file.
+        return chaos(options);
+    }
     let config = match Config::load(&cli.config, config::process_env) {
         Ok(config) => config,
         Err(e) => {
@@ -59,6 +64,30 @@ fn main() -> ExitCode {
         return ExitCode::from(code_for(&e));
     }
     ExitCode::SUCCESS
+}
+
+/// `chaos`: exits 0 only if every check held, 1 if one failed, 2 if the run could not complete.
+#[cfg(feature = "tools")]
+fn chaos(options: commerce_worker::tools::options::ChaosOptions) -> ExitCode {
+    // The report is the output; the clients' reconnection warnings would bury it (RUST_LOG
+    // still wins).
+    telemetry::init(&config::LogConfig {
+        level: "error".into(),
+        format: config::LogFormat::Text,
+    });
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(commerce_worker::tools::chaos::run(options)));
+    match outcome {
+        Ok(report) if report.all_passed() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn execute(command: Command, config: Config) -> anyhow::Result<()> {

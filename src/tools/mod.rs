@@ -6,6 +6,7 @@
 //! - [`options`]: every option of the tools' commands, declared once.
 //! - [`demo`]: the main job end to end, with progress bars and a report.
 //! - [`bench`](mod@bench): the performance targets, each against its baseline.
+//! - [`chaos`]: a seeded nemesis against a private deployment during a sale, then the invariants.
 //! - [`simulated_api`]: the API's side of the contract, played by `bench` and `demo`.
 //! - [`sandbox`]: a private key prefix and database on the configured servers.
 //! - [`report`]: the figures the tools print and how they print them.
@@ -13,6 +14,7 @@
 //!   used by the fault tests and the `chaos` nemesis.
 
 pub mod bench;
+pub mod chaos;
 pub mod demo;
 pub mod fault_proxy;
 pub mod options;
@@ -33,5 +35,11 @@ pub async fn run(command: ToolCommand, config: &Config) -> anyhow::Result<()> {
             Ok(())
         }
         ToolCommand::Bench(which) => bench::run(which, config).await,
+        // Needs no configuration: `main` runs it before loading one; here for completeness.
+        ToolCommand::Chaos(options) => {
+            let report = chaos::run(options).await?;
+            anyhow::ensure!(report.all_passed(), "a check failed (see above)");
+            Ok(())
+        }
     }
 }

@@ -16,6 +16,10 @@ pub enum ToolCommand {
     /// configured servers (removed afterwards). Build with --release.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Attack a private deployment (its own Redis, MariaDB and worker replicas, started here) with
+    /// seeded random faults during a flash sale, then check every invariant. Needs no config
+    /// file. Exits 0 only if every check holds, 1 if one failed, 2 if the run could not complete.
+    Chaos(ChaosOptions),
 }
 
 /// `demo`: the sale's and the orders' sizes.
@@ -97,4 +101,32 @@ pub struct RankingBenchOptions {
 pub struct RankingLogBenchOptions {
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: u64,
+}
+
+/// `chaos`: the run's length, seed, replicas and fault menu.
+#[derive(Debug, Clone, Args)]
+pub struct ChaosOptions {
+    /// How long the sale and the nemesis run (healing and checking come after).
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Seeds every random choice: the same seed replays the same faults at the same offsets.
+    /// Default: a random seed, printed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Worker replicas (child processes running `commerce-worker run`).
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// The fault menu: `all`, or fault names separated by commas (the menu is printed at the
+    /// start of every run).
+    #[arg(long, default_value = "all")]
+    pub faults: String,
+    /// Well-formed coupon requests per second.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u64,
+    /// How long to wait, after healing, for the system to become quiet before checking.
+    #[arg(long, default_value_t = 120)]
+    pub quiesce_secs: u64,
+    /// Keep the run's directory (servers' data, replicas' logs) even when every check passes.
+    #[arg(long)]
+    pub keep: bool,
 }

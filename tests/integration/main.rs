@@ -2,6 +2,7 @@
 //! fault tests). One binary with a module per job keeps link time down.
 
 mod bench;
+mod chaos;
 mod cluster;
 mod common;
 mod console;

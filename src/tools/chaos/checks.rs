@@ -1,0 +1,447 @@
+//! The invariants a chaos run checks once everything is healed and quiet, each printed with its
+//! figures (CONTRACT.md §2–§4): conservation per coupon, nobody twice, one outcome per accepted
+//! request, one ranking-log row per decided request with ranks 1..n, the ranking equal to its
+//! window's sum, dead letters with reasons, and nothing given up silently.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+
+use fred::prelude::*;
+use sqlx::MySqlPool;
+
+use super::workload::{Ledger, Sale, member_parts};
+use crate::keys::KeyTemplates;
+
+/// A check and whether it held.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    /// The figures, one line each.
+    pub details: Vec<String>,
+}
+
+impl Check {
+    fn new(name: impl Into<String>, passed: bool, details: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            passed,
+            details,
+        }
+    }
+}
+
+/// Shows at most a few examples of a long list.
+fn examples<T: std::fmt::Debug>(items: &[T]) -> String {
+    let shown: Vec<String> = items.iter().take(5).map(|i| format!("{i:?}")).collect();
+    if items.len() > 5 {
+        format!("{} (+{} more)", shown.join(", "), items.len() - 5)
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// A `ranking_logs` row: user_id, coupon_type, rank, status, reason.
+type LogRow = (i64, String, i32, String, Option<String>);
+
+pub struct Inputs<'a> {
+    pub redis: &'a Client,
+    pub mysql: &'a MySqlPool,
+    pub keys: &'a KeyTemplates,
+    pub sale: &'a Sale,
+    pub ledger: &'a Ledger,
+    pub window_days: u32,
+    pub stale_day: chrono::NaiveDate,
+    /// Every spill directory any replica had.
+    pub spill_dirs: Vec<PathBuf>,
+    /// `ranking_log_rows_given_up_total` summed over the replicas' last scrape.
+    pub given_up_metric: f64,
+}
+
+/// Runs every check on the final state.
+pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
+    let Inputs {
+        redis,
+        mysql,
+        keys,
+        sale,
+        ledger,
+        ..
+    } = *inputs;
+    let mut checks = Vec::new();
+
+    // Conservation.
+    let mut details = Vec::new();
+    let mut passed = true;
+    let mut holders_by_coupon: HashMap<i64, HashSet<i64>> = HashMap::new();
+    for (coupon, initial) in &sale.coupons {
+        let remaining: Option<i64> = redis.get(keys.stock(*coupon)).await?;
+        let remaining = remaining.unwrap_or(-1);
+        let holders: Vec<String> = redis.smembers(keys.issued(*coupon)).await?;
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM user_coupon WHERE coupon_id = ?")
+            .bind(coupon)
+            .fetch_one(mysql)
+            .await?;
+        let ok = *initial == remaining + holders.len() as i64 && holders.len() as i64 == rows;
+        passed &= ok;
+        details.push(format!(
+            "coupon {coupon}: initial {initial} {} remaining {remaining} + holders {} {} rows {rows}",
+            if *initial == remaining + holders.len() as i64 { "=" } else { "!=" },
+            holders.len(),
+            if holders.len() as i64 == rows { "=" } else { "!=" },
+        ));
+        holders_by_coupon.insert(
+            *coupon,
+            holders.iter().filter_map(|h| h.parse().ok()).collect(),
+        );
+    }
+    checks.push(Check::new(
+        "per coupon: initial stock = remaining + holders = rows in user_coupon",
+        passed,
+        details,
+    ));
+
+    // Nobody twice; the holders are exactly the rows.
+    let doubled: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, coupon_id, COUNT(*) FROM user_coupon GROUP BY user_id, coupon_id HAVING COUNT(*) > 1",
+    )
+    .fetch_all(mysql)
+    .await?;
+    let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT user_id, coupon_id FROM user_coupon")
+        .fetch_all(mysql)
+        .await?;
+    let row_set: HashSet<(i64, i64)> = rows.iter().copied().collect();
+    let holder_set: HashSet<(i64, i64)> = holders_by_coupon
+        .iter()
+        .flat_map(|(c, users)| users.iter().map(move |u| (*u, *c)))
+        .collect();
+    let mut only_rows: Vec<(i64, i64)> = row_set.difference(&holder_set).copied().collect();
+    let mut only_redis: Vec<(i64, i64)> = holder_set.difference(&row_set).copied().collect();
+    only_rows.sort_unstable();
+    only_redis.sort_unstable();
+    // A holder must have asked.
+    let mut never_asked: Vec<(i64, i64)> = holder_set
+        .iter()
+        .filter(|(u, c)| !ledger.accepted.contains_key(&format!("{u}:{c}")))
+        .copied()
+        .collect();
+    never_asked.sort_unstable();
+    checks.push(Check::new(
+        "no user holds a coupon twice; holders in Redis = rows in MySQL; every holder asked",
+        doubled.is_empty()
+            && only_rows.is_empty()
+            && only_redis.is_empty()
+            && never_asked.is_empty(),
+        vec![
+            format!(
+                "{} rows, {} (user, coupon) pairs held twice {}",
+                rows.len(),
+                doubled.len(),
+                examples(&doubled)
+            ),
+            format!(
+                "rows without a holder in Redis: {} {}",
+                only_rows.len(),
+                examples(&only_rows)
+            ),
+            format!(
+                "holders without a row: {} {}",
+                only_redis.len(),
+                examples(&only_redis)
+            ),
+            format!(
+                "holders who never asked: {} {}",
+                never_asked.len(),
+                examples(&never_asked)
+            ),
+        ],
+    ));
+
+    // One outcome per accepted request: the queue and outbox are empty, every coupon's seq
+    // counts its accepted requests, every asking user has a result, ISSUED iff a holder.
+    let queue: u64 = redis.zcard(&keys.queue).await?;
+    let outbox: u64 = redis.zcard(&keys.outbox).await?;
+    let mut details = vec![format!(
+        "{} requests accepted ({} well-formed, {} malformed), {} refused by ZADD NX (still waiting); queue left {queue}, outbox left {outbox}",
+        ledger.accepted_total(),
+        ledger.accepted_total() - ledger.malformed.len() as u64,
+        ledger.malformed.len(),
+        ledger.refused
+    )];
+    let mut passed = queue == 0 && outbox == 0;
+    for coupon in sale.coupon_ids() {
+        let accepted = ledger.accepted_for(coupon);
+        let seq: Option<i64> = redis.get(keys.seq(coupon)).await?;
+        let seq = seq.unwrap_or(0);
+        let results: HashMap<String, String> = redis.hgetall(keys.result(coupon)).await?;
+        let askers: HashSet<String> = ledger
+            .accepted
+            .keys()
+            .filter_map(|m| member_parts(m))
+            .filter(|(_, c)| *c == coupon)
+            .map(|(u, _)| u.to_string())
+            .collect();
+        let mut without: Vec<&String> = askers
+            .iter()
+            .filter(|u| !results.contains_key(*u))
+            .collect();
+        without.sort_unstable();
+        let holders = holders_by_coupon.get(&coupon);
+        let mut wrong: Vec<(String, String)> = results
+            .iter()
+            .filter(|(u, outcome)| {
+                let holds = u
+                    .parse::<i64>()
+                    .ok()
+                    .is_some_and(|u| holders.is_some_and(|h| h.contains(&u)));
+                holds != (outcome.as_str() == "ISSUED")
+            })
+            .map(|(u, o)| (u.clone(), o.clone()))
+            .collect();
+        wrong.sort_unstable();
+        let ok = seq == accepted as i64 && without.is_empty() && wrong.is_empty();
+        passed &= ok;
+        details.push(format!(
+            "coupon {coupon}: {accepted} accepted, {seq} decided (seq){}; {} users asked, {} without a result {}; {} results disagreeing with the holders {}",
+            if seq == accepted as i64 { "" } else { " MISMATCH" },
+            askers.len(),
+            without.len(),
+            examples(&without),
+            wrong.len(),
+            examples(&wrong),
+        ));
+    }
+    checks.push(Check::new(
+        "every accepted request has exactly one outcome",
+        passed,
+        details,
+    ));
+
+    // The ranking log: one row per decided request, ranks 1..n per coupon.
+    let log_rows: Vec<LogRow> = sqlx::query_as(
+        "SELECT user_id, coupon_type, `rank`, CAST(status AS CHAR), reason FROM ranking_logs",
+    )
+    .fetch_all(mysql)
+    .await?;
+    let mut by_coupon: BTreeMap<String, Vec<&LogRow>> = BTreeMap::new();
+    for row in &log_rows {
+        by_coupon.entry(row.1.clone()).or_default().push(row);
+    }
+    let mut details = vec![format!("{} rows in ranking_logs", log_rows.len())];
+    let mut passed = true;
+    for coupon in sale.coupon_ids() {
+        let expected = ledger.accepted_for(coupon) as i64;
+        let rows = by_coupon.remove(&coupon.to_string()).unwrap_or_default();
+        let mut rank_counts: BTreeMap<i32, u32> = BTreeMap::new();
+        for row in &rows {
+            *rank_counts.entry(row.2).or_default() += 1;
+        }
+        let missing: Vec<i64> = (1..=expected)
+            .filter(|r| !rank_counts.contains_key(&(*r as i32)))
+            .collect();
+        let doubled: Vec<i32> = rank_counts
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(r, _)| *r)
+            .collect();
+        let beyond: Vec<i32> = rank_counts
+            .keys()
+            .filter(|r| **r < 1 || i64::from(**r) > expected)
+            .copied()
+            .collect();
+        // Per request: rows per (user, coupon) = requests accepted for it.
+        let mut per_member: HashMap<String, u32> = HashMap::new();
+        for row in &rows {
+            *per_member.entry(format!("{}:{coupon}", row.0)).or_default() += 1;
+        }
+        let mut off: Vec<(String, u32, u32)> = ledger
+            .accepted
+            .iter()
+            .filter(|(m, _)| member_parts(m).is_some_and(|(_, c)| c == coupon))
+            .map(|(m, n)| (m.clone(), *n, per_member.remove(m).unwrap_or(0)))
+            .filter(|(_, want, got)| want != got)
+            .collect();
+        off.extend(per_member.into_iter().map(|(m, got)| (m, 0, got)));
+        off.sort_unstable();
+        let issued_rows = rows.iter().filter(|r| r.3 == "ISSUED").count();
+        let holders = holders_by_coupon.get(&coupon).map_or(0, HashSet::len);
+        let issued_ok = coupon == sale.unknown_coupon || issued_rows == holders;
+        let ok = rows.len() as i64 == expected
+            && missing.is_empty()
+            && doubled.is_empty()
+            && beyond.is_empty()
+            && off.is_empty()
+            && issued_ok;
+        passed &= ok;
+        details.push(format!(
+            "coupon {coupon}: {} rows for {expected} decided; ranks missing {} {}, doubled {} {}, out of 1..{expected} {}; requests with the wrong number of rows {} {}; ISSUED rows {issued_rows} vs holders {holders}",
+            rows.len(),
+            missing.len(),
+            examples(&missing),
+            doubled.len(),
+            examples(&doubled),
+            beyond.len(),
+            off.len(),
+            examples(&off),
+        ));
+    }
+    if !by_coupon.is_empty() {
+        passed = false;
+        details.push(format!(
+            "rows for coupons nobody asked for: {:?}",
+            by_coupon.keys().collect::<Vec<_>>()
+        ));
+    }
+    checks.push(Check::new(
+        "one ranking_logs row per decided request, ranks 1..n per coupon",
+        passed,
+        details,
+    ));
+
+    // The ranking.
+    let built: Option<String> = redis.hget(keys.ranking_live_record(), "day").await?;
+    let built_day = built
+        .as_deref()
+        .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok());
+    let ranking: Vec<(String, f64)> = redis
+        .zrange(&keys.ranking_window, 0, -1, None, false, None, true)
+        .await?;
+    let stale_left: bool = redis.exists(keys.ranking_day(inputs.stale_day)).await?;
+    let (passed, detail) = match built_day {
+        None => (false, format!("no live ranking recorded ({built:?})")),
+        Some(day) => {
+            let expected = ledger.expected_ranking(day, inputs.window_days);
+            let got: HashMap<String, f64> = ranking.iter().cloned().collect();
+            let mut differ: Vec<(String, f64, f64)> = expected
+                .iter()
+                .map(|(p, want)| (p.clone(), *want, got.get(p).copied().unwrap_or(0.0)))
+                .filter(|(_, want, got)| (want - got).abs() > 1e-6)
+                .collect();
+            differ.extend(
+                got.iter()
+                    .filter(|(p, _)| !expected.contains_key(*p))
+                    .map(|(p, g)| (p.clone(), 0.0, *g)),
+            );
+            differ.sort_by(|a, b| a.0.cmp(&b.0));
+            (
+                differ.is_empty(),
+                format!(
+                    "last day built {day}: {} products in the ranking, {} expected from the orders of {} .. {day}; {} differ {}",
+                    got.len(),
+                    expected.len(),
+                    day.checked_sub_days(chrono::Days::new(u64::from(
+                        inputs.window_days.saturating_sub(1)
+                    )))
+                    .unwrap_or(day),
+                    differ.len(),
+                    examples(&differ)
+                ),
+            )
+        }
+    };
+    checks.push(Check::new(
+        "the ranking equals the sum of the window of the last day built; the stale day pruned",
+        passed && !stale_left,
+        vec![
+            detail,
+            format!(
+                "simulated midnights: {}",
+                ledger
+                    .midnights
+                    .iter()
+                    .map(|(d, out)| format!("{d}: {out}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            format!(
+                "day before the window ({}) still there: {stale_left}",
+                inputs.stale_day
+            ),
+        ],
+    ));
+
+    // Dead letters.
+    let dead: Vec<(String, HashMap<String, String>)> =
+        redis.xrange(&keys.dead, "-", "+", None).await?;
+    let without_reason: Vec<&String> = dead
+        .iter()
+        .filter(|(_, f)| {
+            f.get("reason").is_none_or(|r| r.is_empty())
+                || f.get("member").is_none()
+                || f.get("score").is_none()
+        })
+        .map(|(id, _)| id)
+        .collect();
+    let mut dead_members: HashMap<&str, u32> = HashMap::new();
+    for (_, fields) in &dead {
+        if let Some(m) = fields.get("member") {
+            *dead_members.entry(m.as_str()).or_default() += 1;
+        }
+    }
+    let mut missing: Vec<&String> = ledger
+        .malformed
+        .iter()
+        .filter(|m| !dead_members.contains_key(m.as_str()))
+        .collect();
+    missing.sort_unstable();
+    let mut extra: Vec<(&str, u32)> = dead_members
+        .iter()
+        .filter(|(m, n)| **n > 1 || !ledger.malformed.iter().any(|x| x == *m))
+        .map(|(m, n)| (*m, *n))
+        .collect();
+    extra.sort_unstable();
+    checks.push(Check::new(
+        "every malformed request dead-lettered exactly once, none without a reason",
+        without_reason.is_empty() && missing.is_empty() && extra.is_empty(),
+        vec![format!(
+            "{} dead letters for {} malformed requests; without member/score/reason {} {}; malformed not dead-lettered {} {}; unexpected or repeated {} {}",
+            dead.len(),
+            ledger.malformed.len(),
+            without_reason.len(),
+            examples(&without_reason),
+            missing.len(),
+            examples(&missing),
+            extra.len(),
+            examples(&extra)
+        )],
+    ));
+
+    // Nothing given up silently: no rows left in a spill file, every given-up row in a
+    // rejected file.
+    let mut spilled_left = 0usize;
+    let mut rejected = 0usize;
+    let mut files = Vec::new();
+    for dir in &inputs.spill_dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let lines = std::fs::read_to_string(&path)
+                .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+                .unwrap_or(0);
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if lines > 0 {
+                files.push(format!("{} ({lines} lines)", path.display()));
+            }
+            if name.contains("rejected") {
+                rejected += lines;
+            } else {
+                spilled_left += lines;
+            }
+        }
+    }
+    checks.push(Check::new(
+        "nothing given up silently: spill files replayed, given-up rows only in rejected files",
+        spilled_left == 0 && rejected == 0 && inputs.given_up_metric == 0.0,
+        vec![format!(
+            "rows left in spill files {spilled_left}, in rejected files {rejected}; given-up rows counted by the replicas' metrics {}{}",
+            inputs.given_up_metric,
+            if files.is_empty() { String::new() } else { format!("; files: {}", files.join(", ")) }
+        )],
+    ));
+    Ok(checks)
+}

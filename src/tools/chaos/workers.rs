@@ -1,0 +1,299 @@
+//! The worker replicas a chaos run attacks: the real binary (`commerce-worker run`), one child
+//! process per replica, each with its own config file, HTTP port, spill directory and log file.
+//!
+//! A replica restarted after a SIGKILL keeps its spill directory (a process restarted by systemd
+//! on the same machine); a *replaced* replica gets an empty one (a Kubernetes pod rescheduled
+//! with its local disk gone).
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::servers::{describe_exit, free_port, kill_child, signal};
+
+/// Where the replicas' servers are (directly, or through a fault proxy).
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub redis_url: String,
+    pub mysql_url: String,
+}
+
+/// The worker settings a chaos run uses: fast schedules and small batches, so that faults land
+/// between many small steps.
+pub fn config_text(endpoints: &Endpoints, http_port: u16, spill_dir: &Path) -> String {
+    format!(
+        r#"# Written by `commerce-worker chaos`.
+[redis]
+url = {redis:?}
+
+[mysql]
+url = {mysql:?}
+max_connections = 4
+
+[coupon]
+schedule = "*/1 * * * * *"
+batch_size = 25
+tick_budget_ms = 700
+
+[ranking]
+schedule = "*/3 * * * * *"
+timezone = "Asia/Seoul"
+
+[ranking_log]
+batch_size = 100
+flush_interval_ms = 50
+spill_dir = {spill:?}
+max_attempts = 10
+
+[http]
+listen = "127.0.0.1:{http_port}"
+
+[log]
+level = "info"
+format = "text"
+
+[shutdown]
+timeout_secs = 20
+"#,
+        redis = endpoints.redis_url,
+        mysql = endpoints.mysql_url,
+        spill = spill_dir.display().to_string(),
+    )
+}
+
+/// What the run believes a replica is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Running,
+    /// SIGSTOPped.
+    Stopped,
+    /// SIGKILLed, not restarted yet.
+    Down,
+}
+
+pub struct Worker {
+    pub id: usize,
+    pub http_port: u16,
+    dir: PathBuf,
+    binary: PathBuf,
+    endpoints: Endpoints,
+    /// Bumped when the replica is replaced with an empty disk.
+    generation: u32,
+    pub state: State,
+    child: Option<Child>,
+    pub starts: u32,
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        run_dir: &Path,
+        binary: &Path,
+        endpoints: Endpoints,
+    ) -> anyhow::Result<Self> {
+        let dir = run_dir.join(format!("worker-{id}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            id,
+            http_port: free_port()?,
+            dir,
+            binary: binary.to_owned(),
+            endpoints,
+            generation: 0,
+            state: State::Down,
+            child: None,
+            starts: 0,
+        })
+    }
+
+    pub fn spill_dir(&self) -> PathBuf {
+        self.dir.join(format!("spill-{}", self.generation))
+    }
+
+    /// Every spill directory this replica had (replaced disks included, for the final checks).
+    pub fn spill_dirs(&self) -> Vec<PathBuf> {
+        (0..=self.generation)
+            .map(|g| self.dir.join(format!("spill-{g}")))
+            .collect()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("worker.toml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("worker.log")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Writes the config and starts `commerce-worker run`; its log is appended to `worker.log`.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        std::fs::write(
+            self.config_path(),
+            config_text(&self.endpoints, self.http_port, &self.spill_dir()),
+        )?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(&self.binary)
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .env_remove("REDIS_URL")
+            .env_remove("DATABASE_URL")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting worker {}", self.id))?;
+        self.child = Some(child);
+        self.state = State::Running;
+        self.starts += 1;
+        Ok(())
+    }
+
+    /// SIGKILL (also ends a SIGSTOPped replica).
+    pub fn kill(&mut self) {
+        kill_child(&mut self.child);
+        self.state = State::Down;
+    }
+
+    /// The next start gets an empty spill directory.
+    pub fn lose_disk(&mut self) {
+        self.generation += 1;
+    }
+
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.pid() {
+            signal(pid, "STOP")?;
+            self.state = State::Stopped;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.pid() {
+            signal(pid, "CONT")?;
+            self.state = State::Running;
+        }
+        Ok(())
+    }
+
+    /// `Some(status)` if the replica ended without being killed by the run.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        self.state = State::Down;
+        Some(status)
+    }
+
+    /// SIGTERM, then waits up to `limit` for the graceful shutdown; the exit, or an error if it
+    /// did not come (the replica is then SIGKILLed).
+    pub async fn terminate(&mut self, limit: Duration) -> anyhow::Result<String> {
+        let Some(pid) = self.pid() else {
+            bail!("worker {} was not running", self.id);
+        };
+        if self.state == State::Stopped {
+            signal(pid, "CONT")?;
+        }
+        signal(pid, "TERM")?;
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                self.state = State::Down;
+                return Ok(describe_exit(status));
+            }
+            if started.elapsed() > limit {
+                self.kill();
+                bail!(
+                    "worker {} did not exit within {limit:?} of SIGTERM",
+                    self.id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `GET path` on the replica's HTTP port: status code and body.
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(self.http_port, path).await
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.state == State::Stopped
+            && let Some(pid) = self.pid()
+        {
+            let _ = signal(pid, "CONT");
+        }
+        kill_child(&mut self.child);
+    }
+}
+
+/// A minimal HTTP/1.1 GET (one request per connection): the worker's endpoints are all the run
+/// reads, and no HTTP client crate is worth adding for them.
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/plain\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = tokio::time::timeout(Duration::from_secs(3), exchange)
+        .await
+        .context("HTTP request timed out")??;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The sum of a metric's samples (all label sets) in a Prometheus text exposition.
+pub fn metric_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sum_adds_every_label_set_and_ignores_longer_names() {
+        let text = "# HELP x_total help\nx_total{a=\"1\"} 2\nx_total{a=\"2\"} 3\nx_total_more 7\nx_total 1\n";
+        assert_eq!(metric_sum(text, "x_total"), 6.0);
+        assert_eq!(metric_sum(text, "absent"), 0.0);
+    }
+}
