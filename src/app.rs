@@ -257,6 +257,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             source: anyhow::Error::new(e)
                 .context(format!("cannot listen on {}", config.http.listen)),
         })?;
+    // The address actually bound: with port 0 the system picks one, and this line is how a
+    // supervisor (or a test) learns it.
+    let listen = listener.local_addr().unwrap_or(config.http.listen);
     let log = start_log(&config, &backends, &metrics)?;
     let drain = new_drain(&config, &backends, log.sender.clone(), &metrics);
     let rebuild = RankingRebuild::new(
@@ -301,7 +304,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let heartbeat = tokio::spawn(keep_heartbeat(control.clone(), heartbeat_stop.clone()));
     let mut scheduler = schedule_jobs(&config, &drain, &keeper, &drain_job, &tasks, &stop).await?;
     crate::systemd::ready();
-    tracing::info!(listen = %config.http.listen, coupon_schedule = config.coupon.schedule.as_str(),
+    tracing::info!(%listen, coupon_schedule = config.coupon.schedule.as_str(),
         ranking_schedule = config.ranking.schedule.as_str(), timezone = %config.ranking.timezone,
         "commerce-worker running");
 

@@ -5,16 +5,18 @@
 
 use std::process::Command;
 
-use crate::common::{BIN, TestEnv, free_port};
+use crate::common::{BIN, TestEnv};
 
 fn bench(config: &std::path::Path, args: &[&str]) -> String {
-    let output = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .arg("bench")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let output = crate::common::output_within(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .arg("bench")
+            .args(args),
+        std::time::Duration::from_secs(600),
+        "commerce-worker",
+    );
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -40,7 +42,7 @@ async fn sandbox_keys(env: &TestEnv) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_benchmark_runs_checks_itself_prints_its_ratio_and_cleans_up() {
     let env = TestEnv::new().await;
-    let config = env.config_file(free_port());
+    let config = env.config_file();
     let cluster = crate::common::PrivateCluster::start();
     let before = sandbox_databases(&env).await;
     let keys_before = sandbox_keys(&env).await;
@@ -72,10 +74,11 @@ async fn each_benchmark_runs_checks_itself_prints_its_ratio_and_cleans_up() {
         .ports
         .iter()
         .map(|port| {
-            let out = Command::new("redis-cli")
-                .args(["-p", &port.to_string(), "dbsize"])
-                .output()
-                .unwrap_or_else(|e| panic!("{e}"));
+            let out = crate::common::output_within(
+                Command::new("redis-cli").args(["-p", &port.to_string(), "dbsize"]),
+                std::time::Duration::from_secs(60),
+                "redis-cli",
+            );
             String::from_utf8_lossy(&out.stdout)
                 .trim()
                 .parse::<usize>()

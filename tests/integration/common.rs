@@ -95,8 +95,9 @@ impl TestEnv {
         &self.config.keys
     }
 
-    /// Writes the config to a file for tests that run the binary.
-    pub fn config_file(&self, http_port: u16) -> PathBuf {
+    /// Writes the config to a file for tests that run the binary. HTTP listens on port 0: the
+    /// daemon binds a free port and logs it ([`Daemon::start`] reads it from there).
+    pub fn config_file(&self) -> PathBuf {
         let path = self.dir.path().join("worker.toml");
         let keys: String = self
             .config
@@ -106,11 +107,21 @@ impl TestEnv {
             .map(|(k, v)| format!("{k} = {v:?}\n"))
             .collect();
         let text = format!(
-            "[redis]\nurl = {:?}\n[mysql]\nurl = {:?}\n[keys]\n{keys}[ranking_log]\nspill_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[log]\nformat = \"text\"\n",
+            "[redis]\nurl = {:?}\n[mysql]\nurl = {:?}\n[keys]\n{keys}[ranking_log]\nspill_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"text\"\n",
             self.config.redis.url.expose(),
             self.config.mysql.url.expose(),
             self.config.ranking_log.spill_dir.display().to_string(),
         );
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        path
+    }
+
+    /// [`Self::config_file`] with `extra` TOML appended (sections the base file leaves out).
+    pub fn config_file_with(&self, extra: &str) -> PathBuf {
+        let mut text =
+            std::fs::read_to_string(self.config_file()).unwrap_or_else(|e| panic!("{e}"));
+        text.push_str(extra);
+        let path = self.dir.path().join("worker-extra.toml");
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
         path
     }
@@ -177,19 +188,241 @@ pub async fn wait_exit(child: &mut Child, limit: Duration, why: &str) -> std::pr
     }
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
+/// Runs `command` to its exit; fails the test with `why` after `limit`.
+pub async fn run_to_exit(
+    command: &mut Command,
+    limit: Duration,
+    why: &str,
+) -> std::process::ExitStatus {
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("{e}"));
+    wait_exit(&mut child, limit, why).await
+}
+
+/// Runs `command` with its output captured; fails the test with `what` after `limit` (and kills
+/// the process).
+pub fn output_within(command: &mut Command, limit: Duration, what: &str) -> std::process::Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(output) => output.unwrap_or_else(|e| panic!("{what}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("timed out after {limit:?} waiting for {what} to finish")
+        }
+    }
+}
+
+/// Starts `command` `rounds` times and SIGKILLs it each time the queue (every lane) has shrunk
+/// by another tenth of `total`: kills land at points of progress, not after fixed delays, since
+/// the drain's speed varies with the machine and each kill must land while work is left.
+/// Returns how many kills landed while the process was still running.
+pub async fn sigkill_at_progress(
+    env: &TestEnv,
+    mut command: impl FnMut() -> Command,
+    rounds: u64,
+    total: u64,
+) -> u64 {
+    let mut kills = 0;
+    for round in 1..=rounds {
+        let mut child = command().spawn().unwrap_or_else(|e| panic!("{e}"));
+        let kill_below = total.saturating_sub(round * total / 10);
+        let started = Instant::now();
+        loop {
+            let left = commerce_worker::tools::simulated_api::queued(&env.redis, env.keys())
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            if left <= kill_below || child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_some() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "timed out waiting for the queue to shrink below {kill_below} (round {round}, {left} left)"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_none() {
+            kills += 1;
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+    }
+    kills
+}
+
+/// A port on 127.0.0.1 where nothing answers, for as long as the returned socket lives: bound but
+/// not listening, so connections are refused and no other process can take the port meanwhile.
+pub fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+    socket
+        .bind(([127, 0, 0, 1], 0).into())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let port = socket.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
+    (socket, port)
+}
+
+/// A port the system reports free now. Another process may take it before a server binds it,
+/// so every server started on it goes through [`spawn_ready`], which sees the bind fail, and
+/// [`start_on_free_port`] then tries another port.
+fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn wait_for_port(port: u16, timeout: Duration) {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < timeout, "port {port} did not open");
-        std::thread::sleep(Duration::from_millis(50));
+/// How many ports a private server tries before the test gives up.
+const BIND_ATTEMPTS: usize = 5;
+
+/// Drops ANSI colour codes from a log line.
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters, then a final byte in '@'..='~'.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Spawns `command` with stdout (or stderr) piped and waits until a line of it contains `ready`:
+/// the server itself says it listens (a port that merely opens may belong to someone else). The
+/// rest of the output is drained in the background. `Err` with the output's last lines when the
+/// process ends first (a failed bind, say); a panic naming `what` after `limit`.
+fn spawn_ready(
+    command: &mut Command,
+    stderr: bool,
+    ready: &'static str,
+    what: &str,
+    limit: Duration,
+) -> Result<(Child, String), String> {
+    use std::io::BufRead;
+    if stderr {
+        command.stderr(Stdio::piped());
+    } else {
+        command.stdout(Stdio::piped());
+    }
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let output: Box<dyn std::io::Read + Send> = match (child.stderr.take(), child.stdout.take()) {
+        (Some(err), _) if stderr => Box::new(err),
+        (_, Some(out)) if !stderr => Box::new(out),
+        _ => panic!("{what}: no output to read"),
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<Result<String, String>>();
+    std::thread::spawn(move || {
+        let mut tail: Vec<String> = Vec::new();
+        let mut told = false;
+        for line in std::io::BufReader::new(output).lines() {
+            let Ok(line) = line else { break };
+            if told {
+                continue;
+            }
+            let line = plain(&line);
+            if line.contains(ready) {
+                told = true;
+                let _ = tx.send(Ok(line));
+            } else {
+                tail.push(line);
+                if tail.len() > 10 {
+                    tail.remove(0);
+                }
+            }
+        }
+        if !told {
+            let _ = tx.send(Err(tail.join("\n")));
+        }
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(line)) => Ok((child, line)),
+        Ok(Err(tail)) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(tail)
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("timed out after {limit:?} waiting for {what} to say {ready:?}")
+        }
+    }
+}
+
+/// Starts a server on a free port, and on another one when the bind fails (another process took
+/// the port between [`free_port`] and the server's bind). Returns the child and its port.
+fn start_on_free_port(
+    what: &str,
+    mut start: impl FnMut(u16) -> Result<Child, String>,
+) -> (Child, u16) {
+    let mut failures = Vec::new();
+    for _ in 0..BIND_ATTEMPTS {
+        let port = free_port();
+        match start(port) {
+            Ok(child) => return (child, port),
+            Err(tail) => failures.push(format!("port {port}: {tail}")),
+        }
+    }
+    panic!(
+        "{what} did not start in {BIND_ATTEMPTS} attempts:\n{}",
+        failures.join("\n")
+    )
+}
+
+/// The worker daemon (`run`) started from a config file, with the HTTP port it bound.
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Daemon {
+    /// `commerce-worker run --config <config>` with `envs`; waits for its "running" log line and
+    /// reads the port it listens on from it.
+    pub fn start(config: &Path, envs: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn,commerce_worker::app=info")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null());
+        let (child, line) = spawn_ready(
+            &mut command,
+            true,
+            "commerce-worker running",
+            "the daemon",
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|tail| panic!("the daemon exited before running:\n{tail}"));
+        let port = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("listen="))
+            .and_then(|addr| addr.parse::<std::net::SocketAddr>().ok())
+            .map(|addr| addr.port())
+            .unwrap_or_else(|| panic!("no listen= in the daemon's line: {line}"));
+        Self { child, port }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -201,6 +434,9 @@ fn kill_child(child: &mut Option<Child>) {
     }
 }
 
+/// What redis-server logs once it accepts connections.
+const REDIS_READY: &str = "Ready to accept connections";
+
 /// A private redis-server a test may stop and start.
 pub struct PrivateRedis {
     pub port: u16,
@@ -211,34 +447,53 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub fn start() -> Self {
-        let mut redis = Self {
-            port: free_port(),
-            child: None,
-            dir: None,
-        };
-        redis.resume();
-        redis
+        Self::start_in(None)
+    }
+
+    fn start_in(dir: Option<tempfile::TempDir>) -> Self {
+        let path = dir.as_ref().map(|d| d.path().to_owned());
+        let (child, port) =
+            start_on_free_port("redis-server", |port| Self::spawn(port, path.as_deref()));
+        Self {
+            port,
+            child: Some(child),
+            dir,
+        }
+    }
+
+    fn spawn(port: u16, dir: Option<&Path>) -> Result<Child, String> {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"]);
+        if let Some(dir) = dir {
+            command.arg("--dir").arg(dir);
+        }
+        spawn_ready(
+            &mut command,
+            false,
+            REDIS_READY,
+            "redis-server",
+            Duration::from_secs(10),
+        )
+        .map(|(child, _)| child)
     }
 
     /// A private Redis that loads `dump.rdb` from its own directory when (re)started: `SAVE`
     /// through [`Self::cli`], then [`Self::stop`] and [`Self::resume`] roll it back to the snapshot.
     pub fn with_snapshots() -> Self {
-        let mut redis = Self {
-            port: free_port(),
-            child: None,
-            dir: Some(tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))),
-        };
-        redis.resume();
-        redis
+        Self::start_in(Some(tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))))
     }
 
     /// Runs `redis-cli` against this server; returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("redis-cli: {e}"));
+        let out = output_within(
+            Command::new("redis-cli")
+                .args(["-p", &self.port.to_string()])
+                .args(args),
+            Duration::from_secs(60),
+            "redis-cli",
+        );
         assert!(out.status.success(), "redis-cli {args:?} failed");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -247,20 +502,16 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Starts the server again on its port (after [`Self::stop`]).
     pub fn resume(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(
-                self.dir
-                    .iter()
-                    .flat_map(|d| [std::ffi::OsStr::new("--dir"), d.path().as_os_str()]),
+        let dir = self.dir.as_ref().map(|d| d.path().to_owned());
+        let child = Self::spawn(self.port, dir.as_deref()).unwrap_or_else(|tail| {
+            panic!(
+                "redis-server did not restart on port {}:\n{tail}",
+                self.port
             )
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+        });
         self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(10));
     }
 
     pub fn stop(&mut self) {
@@ -287,27 +538,35 @@ impl PrivateCluster {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let mut cluster = Self {
-            ports: [free_port(), free_port(), free_port()],
+            ports: [0; 3],
             dir,
             children: [None, None, None],
         };
         for node in 0..3 {
-            cluster.start_node(node);
+            let (child, port) = start_on_free_port("a cluster node", |port| {
+                Self::spawn_node(cluster.dir.path(), port)
+            });
+            cluster.ports[node] = port;
+            cluster.children[node] = Some(child);
         }
         let nodes: Vec<String> = cluster
             .ports
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
-        let status = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap_or_else(|e| panic!("redis-cli --cluster create: {e}"));
-        assert!(status.success(), "redis-cli --cluster create failed");
+        let created = output_within(
+            Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&nodes)
+                .args(["--cluster-replicas", "0", "--cluster-yes"]),
+            Duration::from_secs(60),
+            "redis-cli --cluster create",
+        );
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
         cluster.wait_ok();
         cluster
     }
@@ -320,9 +579,10 @@ impl PrivateCluster {
         )
     }
 
-    fn start_node(&mut self, node: usize) {
-        let port = self.ports[node].to_string();
-        let child = Command::new("redis-server")
+    fn spawn_node(dir: &Path, port: u16) -> Result<Child, String> {
+        let port = port.to_string();
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &port, "--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
@@ -337,12 +597,15 @@ impl PrivateCluster {
             .args(["--appendfilename", &format!("aof-{port}.aof")])
             .args(["--appenddirname", &format!("aof-{port}")])
             .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-server: {e}"));
-        self.children[node] = Some(child);
-        wait_for_port(self.ports[node], Duration::from_secs(10));
+            .arg(dir);
+        spawn_ready(
+            &mut command,
+            false,
+            REDIS_READY,
+            "a cluster node",
+            Duration::from_secs(10),
+        )
+        .map(|(child, _)| child)
     }
 
     /// Waits until every node reports `cluster_state:ok`.
@@ -350,10 +613,11 @@ impl PrivateCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         for port in self.ports {
             loop {
-                let out = Command::new("redis-cli")
-                    .args(["-p", &port.to_string(), "cluster", "info"])
-                    .output()
-                    .unwrap_or_else(|e| panic!("{e}"));
+                let out = output_within(
+                    Command::new("redis-cli").args(["-p", &port.to_string(), "cluster", "info"]),
+                    Duration::from_secs(60),
+                    "redis-cli",
+                );
                 if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
                     break;
                 }
@@ -366,20 +630,27 @@ impl PrivateCluster {
     /// The node serving `key`'s slot.
     pub fn node_of(&self, key: &str) -> usize {
         let port0 = self.ports[0].to_string();
-        let slot = Command::new("redis-cli")
-            .args(["-p", &port0, "cluster", "keyslot", key])
-            .output()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let slot = output_within(
+            Command::new("redis-cli").args(["-p", &port0, "cluster", "keyslot", key]),
+            Duration::from_secs(60),
+            "redis-cli",
+        );
         let slot: u16 = String::from_utf8_lossy(&slot.stdout)
             .trim()
             .parse()
             .unwrap_or_else(|e| panic!("{e}"));
         (0..3)
             .find(|&node| {
-                let nodes = Command::new("redis-cli")
-                    .args(["-p", &self.ports[node].to_string(), "cluster", "nodes"])
-                    .output()
-                    .unwrap_or_else(|e| panic!("{e}"));
+                let nodes = output_within(
+                    Command::new("redis-cli").args([
+                        "-p",
+                        &self.ports[node].to_string(),
+                        "cluster",
+                        "nodes",
+                    ]),
+                    Duration::from_secs(60),
+                    "redis-cli",
+                );
                 // `CLUSTER NODES`: this node's line is marked `myself`; from the 9th field on
                 // come its slot ranges.
                 String::from_utf8_lossy(&nodes.stdout).lines().any(|line| {
@@ -403,7 +674,10 @@ impl PrivateCluster {
 
     /// Restarts a killed primary from its append-only file and waits for the cluster.
     pub fn restart(&mut self, node: usize) {
-        self.start_node(node);
+        let port = self.ports[node];
+        let child = Self::spawn_node(self.dir.path(), port)
+            .unwrap_or_else(|tail| panic!("cluster node on port {port} did not restart:\n{tail}"));
+        self.children[node] = Some(child);
         self.wait_ok();
     }
 }
@@ -426,47 +700,58 @@ pub struct PrivateMariadb {
 impl PrivateMariadb {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let status = Command::new("mariadb-install-db")
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", dir.path().join("data").display()))
-            .arg("--auth-root-authentication-method=normal")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap_or_else(|e| panic!("mariadb-install-db: {e}"));
-        assert!(status.success(), "mariadb-install-db failed");
-        let mut db = Self {
-            port: free_port(),
+        let installed = output_within(
+            Command::new("mariadb-install-db")
+                .arg("--no-defaults")
+                .arg(format!("--datadir={}", dir.path().join("data").display()))
+                .arg("--auth-root-authentication-method=normal"),
+            Duration::from_secs(120),
+            "mariadb-install-db",
+        );
+        assert!(
+            installed.status.success(),
+            "mariadb-install-db failed: {}",
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        let (child, port) = start_on_free_port("mariadbd", |port| Self::spawn(dir.path(), port));
+        Self {
+            port,
             dir,
-            child: None,
-        };
-        db.resume();
-        db
+            child: Some(child),
+        }
     }
 
     pub fn server_url(&self) -> String {
         format!("mysql://root@127.0.0.1:{}", self.port)
     }
 
-    pub fn resume(&mut self) {
-        let data = self.dir.path().join("data");
-        let child = Command::new("mariadbd")
+    fn spawn(dir: &Path, port: u16) -> Result<Child, String> {
+        let mut command = Command::new("mariadbd");
+        command
             .arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            .arg(format!("--port={}", self.port))
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg(format!("--port={port}"))
             .arg("--bind-address=127.0.0.1")
-            .arg(format!(
-                "--socket={}",
-                self.dir.path().join("sock").display()
-            ))
+            .arg(format!("--socket={}", dir.join("sock").display()))
             .arg("--user=root")
             .arg("--innodb-buffer-pool-size=64M")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("mariadbd: {e}"));
+            .stdout(Stdio::null());
+        spawn_ready(
+            &mut command,
+            true,
+            "ready for connections",
+            "mariadbd",
+            Duration::from_secs(60),
+        )
+        .map(|(child, _)| child)
+    }
+
+    /// Starts the server again on its port and data (after [`Self::kill`]).
+    pub fn resume(&mut self) {
+        let child = Self::spawn(self.dir.path(), self.port).unwrap_or_else(|tail| {
+            panic!("mariadbd did not restart on port {}:\n{tail}", self.port)
+        });
         self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(30));
     }
 
     /// SIGKILL: no chance to close connections cleanly.

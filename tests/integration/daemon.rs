@@ -4,11 +4,15 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use commerce_worker::app;
 use commerce_worker::config::SecretUrl;
+use fred::prelude::*;
 
 use crate::common::{
-    BIN, PrivateRedis, TestEnv, drain_command, eventually, free_port, sigterm, wait_exit,
+    BIN, Daemon, PrivateRedis, TestEnv, closed_port, drain_command, eventually, output_within,
+    run_to_exit, sigkill_at_progress, sigterm, wait_exit,
+};
+use crate::invariants::{
+    assert_dead_letters, assert_invariants, assert_ranking_log, enqueue_malformed, flash_sale,
 };
 
 /// `GET path` on 127.0.0.1:port; the status code, or 0 when nothing answers.
@@ -39,11 +43,13 @@ fn check_config_reports_every_problem_with_file_and_key_and_exits_78() {
         "[coupon]\nbatch_size = 0\nschedul = \"* * * * * *\"\n[ranking]\ntimezone = \"Nowhere/City\"\n[log]\nformat = \"xml\"\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let out = crate::common::output_within(
+        Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&path),
+        std::time::Duration::from_secs(60),
+        "commerce-worker",
+    );
     assert_eq!(out.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&out.stderr);
     for needle in [
@@ -60,15 +66,17 @@ fn check_config_reports_every_problem_with_file_and_key_and_exits_78() {
 
 #[test]
 fn check_config_prints_the_effective_config_with_env_overrides_and_no_passwords() {
-    let out = Command::new(BIN)
-        .args(["--config", "worker.toml", "check-config"])
-        .env(
-            "DATABASE_URL",
-            "mysql://app:topsecret@db.internal:3306/shop",
-        )
-        .env("REDIS_URL", "redis://:alsosecret@cache.internal:6379")
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let out = crate::common::output_within(
+        Command::new(BIN)
+            .args(["--config", "worker.toml", "check-config"])
+            .env(
+                "DATABASE_URL",
+                "mysql://app:topsecret@db.internal:3306/shop",
+            )
+            .env("REDIS_URL", "redis://:alsosecret@cache.internal:6379"),
+        std::time::Duration::from_secs(60),
+        "commerce-worker",
+    );
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -85,10 +93,12 @@ fn check_config_prints_the_effective_config_with_env_overrides_and_no_passwords(
 #[test]
 fn an_unreachable_redis_at_start_exits_69_naming_it() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(BIN)
+    let (_closed, port) = closed_port();
+    let mut command = Command::new(BIN);
+    command
         .arg("drain")
         .env("WORKER_CONFIG", "worker.toml")
-        .env("REDIS_URL", format!("redis://127.0.0.1:{}", free_port()))
+        .env("REDIS_URL", format!("redis://127.0.0.1:{port}"))
         .env("RUST_LOG", "off")
         .current_dir(dir.path())
         .arg("--config")
@@ -96,9 +106,8 @@ fn an_unreachable_redis_at_start_exits_69_naming_it() {
             std::env::current_dir()
                 .unwrap_or_default()
                 .join("worker.toml"),
-        )
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        );
+    let out = output_within(&mut command, Duration::from_secs(60), "drain");
     assert_eq!(out.status.code(), Some(69));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("redis is unavailable"), "{stderr}");
@@ -123,26 +132,17 @@ async fn migrate_twice_is_harmless() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_daemon_cleanly_with_exit_0_within_the_deadline() {
     let env = TestEnv::new().await;
-    let port = free_port();
-    let config = env.config_file(port);
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut daemon = Daemon::start(&env.config_file(), &[]);
+    let port = daemon.port;
     eventually(Duration::from_secs(30), "healthz answers", async || {
         http_status(port, "/healthz") == 200
     })
     .await;
     assert_eq!(http_status(port, "/readyz"), 200);
-    let metrics_ok = http_status(port, "/metrics") == 200;
-    assert!(metrics_ok);
-    sigterm(&child);
+    assert_eq!(http_status(port, "/metrics"), 200);
+    sigterm(&daemon.child);
     let status = wait_exit(
-        &mut child,
+        &mut daemon.child,
         Duration::from_secs(30),
         "did not exit within the 25 s deadline",
     )
@@ -156,12 +156,8 @@ async fn readyz_is_503_while_redis_is_down_and_200_when_it_returns() {
     let mut redis = PrivateRedis::start();
     let mut env = TestEnv::new().await;
     env.config.redis.url = SecretUrl::new(redis.url());
-    let port = free_port();
-    env.config.http.listen = ([127, 0, 0, 1], port).into();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(app::run(env.config.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    let mut daemon = Daemon::start(&env.config_file(), &[]);
+    let port = daemon.port;
     eventually(Duration::from_secs(20), "ready", async || {
         http_status(port, "/readyz") == 200
     })
@@ -181,31 +177,25 @@ async fn readyz_is_503_while_redis_is_down_and_200_when_it_returns() {
         http_status(port, "/readyz") == 200
     })
     .await;
-    let _ = stop_tx.send(());
-    let result = daemon.await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(result.is_ok(), "{result:?}");
+    sigterm(&daemon.child);
+    let status = wait_exit(
+        &mut daemon.child,
+        Duration::from_secs(30),
+        "no exit after SIGTERM",
+    )
+    .await;
+    assert_eq!(status.code(), Some(0));
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_that_misses_its_deadline_exits_1_and_the_next_start_writes_what_was_kept() {
-    use fred::prelude::*;
-
     let mut db = crate::common::PrivateMariadb::start();
     let env = TestEnv::with_servers(&crate::common::redis_url(), &db.server_url()).await;
-    let port = free_port();
-    let mut text = std::fs::read_to_string(env.config_file(port)).unwrap_or_else(|e| panic!("{e}"));
-    text.push_str("[coupon]\nschedule = \"* * * * * *\"\n[shutdown]\ntimeout_secs = 2\n");
-    let config = env.dir.path().join("deadline.toml");
-    std::fs::write(&config, text).unwrap_or_else(|e| panic!("{e}"));
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let config = env
+        .config_file_with("[coupon]\nschedule = \"* * * * * *\"\n[shutdown]\ntimeout_secs = 2\n");
+    let mut daemon = Daemon::start(&config, &[]);
+    let port = daemon.port;
     eventually(Duration::from_secs(30), "ready", async || {
         http_status(port, "/readyz") == 200
     })
@@ -213,7 +203,8 @@ async fn a_shutdown_that_misses_its_deadline_exits_1_and_the_next_start_writes_w
 
     // MySQL goes away; requests keep coming and are decided in Redis.
     db.kill();
-    crate::drain_faults::flash_sale(&env, &[5], 40, 100).await;
+    flash_sale(&env, &[5], 40, 100).await;
+    let malformed = enqueue_malformed(&env, &[5]).await;
     eventually(
         Duration::from_secs(20),
         "the queue is decided",
@@ -226,9 +217,9 @@ async fn a_shutdown_that_misses_its_deadline_exits_1_and_the_next_start_writes_w
     )
     .await;
 
-    sigterm(&child);
+    sigterm(&daemon.child);
     let status = wait_exit(
-        &mut child,
+        &mut daemon.child,
         Duration::from_secs(20),
         "no exit after the deadline",
     )
@@ -253,12 +244,71 @@ async fn a_shutdown_that_misses_its_deadline_exits_1_and_the_next_start_writes_w
 
     // The next start, with MySQL back, writes both.
     db.resume();
-    let drained = drain_command(&config)
-        .status()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let drained = run_to_exit(
+        &mut drain_command(&config),
+        Duration::from_secs(120),
+        "the drain after the restart did not finish",
+    )
+    .await;
     assert!(drained.success());
-    assert_eq!(env.count("SELECT COUNT(*) FROM user_coupon").await, 40);
-    assert_eq!(env.count("SELECT COUNT(*) FROM ranking_logs").await, 100);
+    assert_invariants(&env, &[5], 40, 100).await;
+    assert_ranking_log(&env, &[5]).await;
+    assert_dead_letters(&env, &[5], &malformed).await;
     env.cleanup().await;
     drop(db);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_running_daemon_several_times_loses_and_duplicates_nothing() {
+    let env = TestEnv::new().await;
+    let coupons = [31, 32];
+    let (initial, users) = (2000, 4000);
+    flash_sale(&env, &coupons, initial, users).await;
+    let malformed = enqueue_malformed(&env, &coupons).await;
+    // Ticks every second, in small batches, so that the kills land inside ticks.
+    let config = env.config_file_with("[coupon]\nschedule = \"* * * * * *\"\nbatch_size = 20\n");
+    let daemon = || {
+        let mut command = Command::new(BIN);
+        command
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    };
+    let total = coupons.len() as u64 * users as u64;
+    let kills = sigkill_at_progress(&env, daemon, 4, total).await;
+    assert!(
+        kills >= 2,
+        "the daemon was killed mid-way at least twice ({kills})"
+    );
+
+    // A last daemon finishes the queue and the outbox, then stops cleanly.
+    let mut last = Daemon::start(&config, &[]);
+    eventually(
+        Duration::from_secs(120),
+        "the queue decided and the outbox flushed",
+        async || {
+            let queued =
+                commerce_worker::tools::simulated_api::queued(&env.redis, env.keys()).await;
+            let outbox = env.redis.zcard::<u64, _>(&env.keys().outbox).await;
+            matches!((queued, outbox), (Ok(0), Ok(0)))
+        },
+    )
+    .await;
+    sigterm(&last.child);
+    let status = wait_exit(
+        &mut last.child,
+        Duration::from_secs(30),
+        "no exit after SIGTERM",
+    )
+    .await;
+    assert_eq!(status.code(), Some(0));
+    assert_invariants(&env, &coupons, initial, users).await;
+    assert_dead_letters(&env, &coupons, &malformed).await;
+    if crate::invariants::RANKING_LOG_DURABLE {
+        assert_ranking_log(&env, &coupons).await;
+    }
+    env.cleanup().await;
 }

@@ -3,35 +3,32 @@
 //! `systemd-analyze verify`.
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use crate::common::{BIN, TestEnv, free_port, sigterm};
+use crate::common::{BIN, Daemon, TestEnv, output_within, sigterm, wait_exit};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_end_to_end_and_its_checks_pass() {
     let env = TestEnv::new().await;
-    let config = env.config_file(free_port());
-    let output = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "demo",
-            "--coupons",
-            "2",
-            "--stock",
-            "100",
-            "--users",
-            "400",
-            "--requests",
-            "3000",
-            "--products",
-            "60",
-            "--waves",
-            "3",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let config = env.config_file();
+    let mut command = Command::new(BIN);
+    command.arg("--config").arg(&config).args([
+        "demo",
+        "--coupons",
+        "2",
+        "--stock",
+        "100",
+        "--users",
+        "400",
+        "--requests",
+        "3000",
+        "--products",
+        "60",
+        "--waves",
+        "3",
+    ]);
+    let output = output_within(&mut command, Duration::from_secs(300), "the demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -72,42 +69,41 @@ fn next_notification(socket: &UnixDatagram, timeout: Duration) -> Option<String>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_the_daemon_reports_ready_pings_the_watchdog_and_reports_stopping() {
     let env = TestEnv::new().await;
-    let config = env.config_file(free_port());
+    let config = env.config_file();
     let socket_path = env.dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap_or_else(|e| panic!("{e}"));
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &socket_path)
-        // WatchdogSec=3: a ping at least every second.
-        .env("WATCHDOG_USEC", "3000000")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let socket_env = socket_path.to_string_lossy().into_owned();
+    // WatchdogSec=3: systemd kills a unit that goes 3 s without a ping; the daemon pings twice
+    // as often at least.
+    let mut daemon = Daemon::start(
+        &config,
+        &[("NOTIFY_SOCKET", &socket_env), ("WATCHDOG_USEC", "3000000")],
+    );
 
     assert_eq!(
         next_notification(&socket, Duration::from_secs(30)).as_deref(),
         Some("READY=1")
     );
-    let started = Instant::now();
-    let mut pings = 0;
-    while pings < 3 {
-        let note = next_notification(&socket, Duration::from_secs(3))
-            .unwrap_or_else(|| panic!("no watchdog ping within 3 s (after {pings})"));
+    // The watchdog's own deadline is the property: each ping within WatchdogSec of the last.
+    for pings in 0..3 {
+        let note = next_notification(&socket, Duration::from_secs(3)).unwrap_or_else(|| {
+            panic!("no watchdog ping within WatchdogSec = 3 s (after {pings}): systemd would kill the unit")
+        });
         assert_eq!(note, "WATCHDOG=1");
-        pings += 1;
     }
-    assert!(started.elapsed() < Duration::from_secs(9));
 
-    sigterm(&child);
+    sigterm(&daemon.child);
     // Pings already in flight may arrive first.
     let stopping = (0..5)
         .filter_map(|_| next_notification(&socket, Duration::from_secs(10)))
         .find(|n| n != "WATCHDOG=1");
     assert_eq!(stopping.as_deref(), Some("STOPPING=1"));
-    let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
+    let status = wait_exit(
+        &mut daemon.child,
+        Duration::from_secs(30),
+        "no exit after SIGTERM",
+    )
+    .await;
     assert_eq!(status.code(), Some(0));
     env.cleanup().await;
 }
@@ -119,7 +115,15 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         .output()
         .is_err()
     {
-        eprintln!("systemd-analyze not installed (Debian package `systemd`); unit not verified");
+        // CI installs it (.ci/run); a developer's machine without systemd may skip, loudly.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-analyze is not installed (Debian package `systemd`) and CI is set: the unit \
+             must be verified in CI"
+        );
+        eprintln!(
+            "SKIPPED: systemd-analyze not installed (Debian package `systemd`); unit not verified"
+        );
         return;
     }
     let unit = std::fs::read_to_string(concat!(
@@ -133,11 +137,11 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     let path = dir.path().join("commerce-worker.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/commerce-worker", BIN))
         .unwrap_or_else(|e| panic!("{e}"));
-    let output = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let output = crate::common::output_within(
+        Command::new("systemd-analyze").arg("verify").arg(&path),
+        std::time::Duration::from_secs(60),
+        "systemd-analyze",
+    );
     let complaints = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success() && complaints.trim().is_empty(),
@@ -158,6 +162,12 @@ fn the_kubernetes_config_map_holds_a_valid_worker_toml_and_the_grace_period_cove
         .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
         .collect();
+    // An empty extraction would parse as the defaults: check that the sections were found.
+    let sections = toml.lines().filter(|l| l.starts_with('[')).count();
+    assert!(
+        sections >= 5,
+        "found {sections} sections under `worker.toml: |` in the ConfigMap:\n{toml}"
+    );
     let config = commerce_worker::config::Config::from_toml_str(
         &toml,
         std::path::Path::new("configmap.yaml"),
@@ -167,6 +177,21 @@ fn the_kubernetes_config_map_holds_a_valid_worker_toml_and_the_grace_period_cove
 
     let deployment = std::fs::read_to_string(format!("{root}/deploy/k8s/deployment.yaml"))
         .unwrap_or_else(|e| panic!("{e}"));
+    // The probes and Prometheus reach the pod's IP on the container port.
+    let container_port: u16 = deployment
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("containerPort:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no containerPort"));
+    assert!(
+        config.http.listen.ip().is_unspecified() && config.http.listen.port() == container_port,
+        "[http] listen {} must be all interfaces on containerPort {container_port}",
+        config.http.listen
+    );
+    assert!(
+        matches!(config.log.format, commerce_worker::config::LogFormat::Json),
+        "pods log JSON for the log shippers"
+    );
     let grace: u64 = deployment
         .lines()
         .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds:"))

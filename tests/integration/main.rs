@@ -10,6 +10,7 @@ mod coupon_drain;
 mod daemon;
 mod deploy;
 mod drain_faults;
+mod invariants;
 mod ranking;
 mod ranking_log;
 mod reconcile;

@@ -172,8 +172,22 @@ fn the_same_instant_is_a_different_day_in_utc_and_seoul() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrent_reader_never_sees_the_ranking_missing_empty_or_partial() {
     let env = TestEnv::new().await;
-    let products: Vec<(String, f64)> = (0..20_000).map(|i| (format!("p{i}"), 1.0)).collect();
-    for d in ["2026-05-01", "2026-05-02", "2026-05-03"] {
+    // The days overlap in part and score each product differently (1, 2, 4 units), so a ranking
+    // missing a day, a chunk of products or part of a sum differs from the full one in its
+    // members or in its scores, not only in its size.
+    let days = [
+        ("2026-05-01", 0, 1.0),
+        ("2026-05-02", 5_000, 2.0),
+        ("2026-05-03", 10_000, 4.0),
+    ];
+    let mut expected: HashMap<String, f64> = HashMap::new();
+    for (d, first, units) in days {
+        let products: Vec<(String, f64)> = (first..first + 20_000)
+            .map(|i| (format!("p{i}"), units))
+            .collect();
+        for (p, units) in &products {
+            *expected.entry(p.clone()).or_default() += units;
+        }
         let refs: Vec<(&str, f64)> = products.iter().map(|(p, s)| (p.as_str(), *s)).collect();
         add_sales(&env, d, &refs).await;
     }
@@ -181,22 +195,31 @@ async fn a_concurrent_reader_never_sees_the_ranking_missing_empty_or_partial() {
         .rebuild(day("2026-05-03"), WhenLocked::Wait)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(ranking(&env).await, expected);
     let done = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
     let reader = {
-        let (client, key, done, reads) = (
+        let (client, key, done, reads, expected) = (
             env.redis.clone(),
             env.keys().ranking_window.clone(),
             done.clone(),
             reads.clone(),
+            expected.clone(),
         );
         tokio::spawn(async move {
             let mut bad = Vec::new();
             while !done.load(Ordering::Relaxed) {
-                let card: u64 = client.zcard(&key).await.unwrap_or(0);
+                let seen: Vec<(String, f64)> = client
+                    .zrange(&key, 0, -1, None, false, None, true)
+                    .await
+                    .unwrap_or_default();
                 reads.fetch_add(1, Ordering::Relaxed);
-                if card != 20_000 {
-                    bad.push(card);
+                let wrong = seen
+                    .iter()
+                    .filter(|(p, score)| expected.get(p) != Some(score))
+                    .count();
+                if seen.len() != expected.len() || wrong > 0 {
+                    bad.push(format!("{} members, {wrong} wrong scores", seen.len()));
                 }
             }
             bad
@@ -220,7 +243,12 @@ async fn a_concurrent_reader_never_sees_the_ranking_missing_empty_or_partial() {
         reads.load(Ordering::Relaxed) > 10,
         "the reader ran during the rebuilds"
     );
-    assert!(bad.is_empty(), "reader saw sizes {bad:?}");
+    assert!(
+        bad.is_empty(),
+        "the reader saw {} wrong rankings, first {:?}",
+        bad.len(),
+        bad.iter().take(3).collect::<Vec<_>>()
+    );
     env.cleanup().await;
 }
 
@@ -364,14 +392,16 @@ async fn a_swap_whose_reply_was_lost_and_that_was_sent_again_leaves_the_new_rank
 }
 
 fn rebuild_ranking_command(env: &TestEnv, args: &[&str]) -> std::process::Output {
-    let config = env.config_file(crate::common::free_port());
-    std::process::Command::new(BIN)
-        .args(["rebuild-ranking", "--config"])
-        .arg(&config)
-        .args(args)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"))
+    let config = env.config_file();
+    crate::common::output_within(
+        std::process::Command::new(BIN)
+            .args(["rebuild-ranking", "--config"])
+            .arg(&config)
+            .args(args)
+            .env("RUST_LOG", "off"),
+        std::time::Duration::from_secs(60),
+        "rebuild-ranking",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,10 +459,11 @@ async fn a_bad_command_line_exits_64() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let help = std::process::Command::new(BIN)
-        .arg("--help")
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let help = crate::common::output_within(
+        std::process::Command::new(BIN).arg("--help"),
+        std::time::Duration::from_secs(60),
+        "commerce-worker",
+    );
     assert_eq!(help.status.code(), Some(0), "--help is not an error");
     env.cleanup().await;
 }

@@ -92,12 +92,19 @@ async fn a_full_channel_spills_instead_of_blocking_and_nothing_is_lost() {
     let metrics = Metrics::new();
     let (sender, writer) = channel(&env.config.ranking_log, env.mysql.clone(), metrics.clone())
         .unwrap_or_else(|e| panic!("{e:#}"));
-    // No writer running yet: the producer must not wait.
-    let sent = tokio::time::timeout(Duration::from_secs(5), async {
-        sender.send(rows(7, 1, 100))
-    })
-    .await;
-    assert!(sent.is_ok(), "send returned without waiting");
+    // No writer running yet: the producer must not wait. `send` is synchronous, so a timeout
+    // around it could never fire; it runs on a thread of its own and must come back while
+    // nothing reads the channel (a blocking send would never return here).
+    let (returned, back) = std::sync::mpsc::channel();
+    let sending = sender.clone();
+    std::thread::spawn(move || {
+        sending.send(rows(7, 1, 100));
+        let _ = returned.send(());
+    });
+    assert!(
+        back.recv_timeout(Duration::from_secs(30)).is_ok(),
+        "send blocked on a full channel with no writer running"
+    );
     assert_eq!(metrics.ranking_log_rows_spilled.get(), 96);
     let stop = CancellationToken::new();
     stop.cancel();
