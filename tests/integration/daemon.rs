@@ -200,6 +200,22 @@ async fn a_shutdown_that_misses_its_deadline_exits_1_and_the_next_start_writes_w
         http_status(port, "/readyz") == 200
     })
     .await;
+    // A first request, decided while MySQL is up: a worker reconciles a Redis it has not seen
+    // from MySQL before its first decision there (a sold-out coupon, so nothing waits in the
+    // outbox), and its log row is written.
+    env.set_stock(6, "0").await;
+    env.enqueue(&[(1.0, "1:6".to_owned())]).await;
+    eventually(
+        Duration::from_secs(30),
+        "the first request decided and logged",
+        async || {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM ranking_logs")
+                .fetch_one(&env.mysql)
+                .await
+                .is_ok_and(|n| n == 1)
+        },
+    )
+    .await;
 
     // MySQL goes away; requests keep coming and are decided in Redis.
     db.kill();
