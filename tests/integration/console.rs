@@ -46,15 +46,17 @@ async fn queued(env: &TestEnv, queue: &str) -> Vec<(String, f64)> {
 
 /// Runs the binary with `args` against the env's config file.
 fn run_cli(env: &TestEnv, args: &[&str]) -> Output {
-    let config = env.config_file(crate::common::free_port());
-    Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .args(args)
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"))
+    let config = env.config_file();
+    crate::common::output_within(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("RUST_LOG", "off")
+            .stdin(Stdio::null()),
+        std::time::Duration::from_secs(60),
+        "commerce-worker",
+    )
 }
 
 fn stdout(output: &Output) -> String {
@@ -299,37 +301,14 @@ fn sample(port: u16, series: &str) -> Option<f64> {
 }
 
 /// A running `commerce-worker run`, killed when dropped.
-pub struct Replica {
-    pub child: std::process::Child,
-    pub port: u16,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub type Replica = crate::common::Daemon;
 
 /// Starts a replica of the daemon on `env` whose drain runs every second, and waits for
 /// `/readyz`.
 pub async fn start_replica(env: &TestEnv) -> Replica {
-    let port = crate::common::free_port();
-    let config = env.config_file(port);
-    let path = config.with_file_name(format!("worker-{port}.toml"));
-    let mut text = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
-    text.push_str("[coupon]\nschedule = \"* * * * * *\"\n");
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
-    let child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let replica = Replica { child, port };
+    let config = env.config_file_with("[coupon]\nschedule = \"* * * * * *\"\n");
+    let replica = crate::common::Daemon::start(&config, &[]);
+    let port = replica.port;
     crate::common::eventually(
         std::time::Duration::from_secs(30),
         "the replica to answer /readyz",
