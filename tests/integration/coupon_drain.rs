@@ -659,7 +659,7 @@ async fn four_concurrent_drainers_conserve_stock_and_decide_every_request_once()
         .drain_to_empty(&CancellationToken::new())
         .await;
     decided += rest.decided();
-    issued += rest.issued;
+    issued += rest[Outcome::Issued];
     let mut logged = 0;
     for p in pipelines {
         logged += p.finish().await;

@@ -305,7 +305,7 @@ async fn the_reconcile_command_exits_1_listing_broken_coupons_on_a_dry_run_and_0
         .await;
     assert_eq!(report[Outcome::Issued], 3, "{report:?}");
     pipeline.finish().await;
-    let config = env.config_file(crate::common::free_port());
+    let config = env.config_file();
     let (code, out) = reconcile_command(&config, true);
     assert_eq!(code, Some(0), "consistent: {out}");
 
