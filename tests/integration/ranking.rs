@@ -933,7 +933,7 @@ async fn a_daemon_sigkilled_mid_rebuild_leaves_a_lease_that_lapses_and_the_next_
                 .unwrap_or_else(|e| panic!("{e}"));
         }
     }
-    let config = env.config_file(crate::common::free_port());
+    let config = env.config_file();
     let mut first = start_daemon(&config);
     // The start-up check finds no ranking for today and rebuilds; wait until it is mid-way.
     let sum_pattern = format!("{{{}}}:tmp:*:sum", env.keys().ranking_window);
@@ -967,9 +967,8 @@ async fn a_daemon_sigkilled_mid_rebuild_leaves_a_lease_that_lapses_and_the_next_
         "killed mid-way, nothing was swapped in"
     );
 
-    let port = crate::common::free_port();
-    let config = env.config_file(port);
-    let mut second = start_daemon(&config);
+    let mut second = crate::common::Daemon::start(&env.config_file(), &[]);
+    let port = second.port;
     eventually(
         std::time::Duration::from_secs(120),
         "the second daemon to build today's ranking",
@@ -1011,9 +1010,9 @@ async fn a_daemon_sigkilled_mid_rebuild_leaves_a_lease_that_lapses_and_the_next_
         },
     )
     .await;
-    crate::common::sigterm(&second);
+    crate::common::sigterm(&second.child);
     let _ = crate::common::wait_exit(
-        &mut second,
+        &mut second.child,
         std::time::Duration::from_secs(30),
         "the second daemon did not stop after SIGTERM",
     )
