@@ -39,10 +39,11 @@ if #entries > 0 then
       args[i + 1] = entries[i]
     end
   end
-  if mode == 'zset_to_hash' then
-    redis.call('HSET', KEYS[1], unpack(args))
-  else
-    redis.call('ZADD', KEYS[1], unpack(args))
+  -- A SCAN page can hold more than COUNT entries (a table that could not be resized during a
+  -- fork has several per bucket): write in slices, as unpack() cannot spread more than ~8000.
+  local command = mode == 'zset_to_hash' and 'HSET' or 'ZADD'
+  for from = 1, #args, 2000 do
+    redis.call(command, KEYS[1], unpack(args, from, math.min(from + 1999, #args)))
   end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
