@@ -115,16 +115,10 @@ impl Cli {
 }
 
 /// Faults the issue asks for that this build cannot inject yet, and why.
-const NOT_YET: [(&str, &str); 2] = [
-    (
-        "pause",
-        "`pause`/`resume` of the drain: no such command in this build",
-    ),
-    (
-        "failover",
-        "replica failover through Sentinel: no redis-sentinel:// support in this build",
-    ),
-];
+const NOT_YET: [(&str, &str); 1] = [(
+    "failover",
+    "a Redis replica + Sentinel and a failover to the replica: not built into chaos yet",
+)];
 
 fn print_menu(menu: &[Kind]) {
     println!("fault menu (--faults):");

@@ -32,10 +32,11 @@ pub enum Kind {
     RedisReset,
     MysqlReset,
     RequeueDead,
+    Pause,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::WorkerKill,
         Kind::WorkerReplace,
         Kind::WorkerStop,
@@ -49,6 +50,7 @@ impl Kind {
         Kind::RedisReset,
         Kind::MysqlReset,
         Kind::RequeueDead,
+        Kind::Pause,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +68,7 @@ impl Kind {
             Kind::RedisReset => "redis-reset",
             Kind::MysqlReset => "mysql-reset",
             Kind::RequeueDead => "requeue-dead",
+            Kind::Pause => "pause",
         }
     }
 
@@ -97,6 +100,9 @@ impl Kind {
             Kind::MysqlReset => "every open connection to MariaDB is reset",
             Kind::RequeueDead => {
                 "an operator runs `commerce-worker requeue-dead` (dead letters back into the queue)"
+            }
+            Kind::Pause => {
+                "an operator runs `commerce-worker pause` (--drain, --persist or both), then `resume` 1-5 s later"
             }
         }
     }
@@ -147,6 +153,8 @@ enum Heal {
     RestartMysql,
     ThawRedis,
     ThawMysql,
+    /// `resume` with these flags; attempts so far.
+    Resume(&'static [&'static str], u32),
 }
 
 pub struct Nemesis {
@@ -324,6 +332,27 @@ impl Nemesis {
             Heal::ThawMysql => {
                 cluster.mysql_proxy.thaw();
                 self.note("heal: MariaDB connections thawed");
+            }
+            Heal::Resume(flags, attempts) => {
+                let args: Vec<&str> = std::iter::once("resume")
+                    .chain(flags.iter().copied())
+                    .collect();
+                match cluster.cli.run(&args).await {
+                    Ok(out) => self.note(format!("heal: `{}`: {out}", args.join(" "))),
+                    // Redis may be down right now (another fault): an operator tries again.
+                    Err(e) if attempts < 10 => {
+                        self.note(format!("`{}` failed, again in 1 s: {e:#}", args.join(" ")));
+                        self.pending.push((
+                            Instant::now() + Duration::from_secs(1),
+                            Heal::Resume(flags, attempts + 1),
+                        ));
+                    }
+                    Err(e) => {
+                        let text = format!("`{}` kept failing: {e:#}", args.join(" "));
+                        self.unexpected.push(text.clone());
+                        self.note(format!("UNEXPECTED: {text}"));
+                    }
+                }
             }
         }
         Ok(())
@@ -507,6 +536,41 @@ impl Nemesis {
                             self.note(format!("UNEXPECTED: {text}"));
                         }
                     }
+                    true
+                }
+            }
+            Kind::Pause => {
+                const CHOICES: [&[&str]; 3] =
+                    [&["--drain"], &["--persist"], &["--drain", "--persist"]];
+                let pending_resume = self
+                    .pending
+                    .iter()
+                    .any(|(_, h)| matches!(h, Heal::Resume(..)));
+                if self.redis_busy() || pending_resume {
+                    false
+                } else {
+                    let flags = CHOICES[self.rng.usize(0..CHOICES.len())];
+                    let hold = self.millis(1000..5000);
+                    let args: Vec<&str> = std::iter::once("pause")
+                        .chain(flags.iter().copied())
+                        .collect();
+                    match cluster.cli.run(&args).await {
+                        Ok(out) => {
+                            self.note(format!(
+                                "pause: `{}` for {} ms: {out}",
+                                args.join(" "),
+                                hold.as_millis()
+                            ));
+                        }
+                        Err(e) => {
+                            let text = format!("`{}` failed: {e:#}", args.join(" "));
+                            self.unexpected.push(text.clone());
+                            self.note(format!("UNEXPECTED: {text}"));
+                        }
+                    }
+                    // Resumed even if `pause` seemed to fail: its reply may be what was lost.
+                    self.pending
+                        .push((Instant::now() + hold, Heal::Resume(flags, 0)));
                     true
                 }
             }
