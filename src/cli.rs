@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
     version,
     about = "Runs the shop's Redis-backed background jobs: coupon drain, ranking rebuild, ranking log"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Configuration file.
     #[arg(
         long,
@@ -27,7 +27,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the daemon: every scheduled job until SIGTERM/SIGINT, then a graceful drain.
     Run,
     /// Load and validate the configuration; print it with secrets redacted.
@@ -89,7 +89,7 @@ pub enum Command {
 impl Command {
     /// Whether the command's output is a report (the tools'), which per-tick INFO lines would
     /// bury.
-    pub fn prints_a_report(&self) -> bool {
+    pub(crate) fn prints_a_report(&self) -> bool {
         #[cfg(feature = "tools")]
         if let Command::Tools(_) = self {
             return true;
@@ -101,7 +101,7 @@ impl Command {
 /// What `pause` and `resume` act on: one of them or both.
 #[derive(Debug, Clone, Copy, clap::Args)]
 #[group(required = true, multiple = true)]
-pub struct PauseArgs {
+pub(crate) struct PauseArgs {
     /// Deciding queue entries (requests wait in the queue meanwhile).
     #[arg(long)]
     pub drain: bool,
@@ -113,7 +113,7 @@ pub struct PauseArgs {
 
 /// Which dead letters `requeue-dead` and `purge-dead` work on (default: all).
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct DeadFilterArgs {
+pub(crate) struct DeadFilterArgs {
     /// Only entries for this couponId (in the per-coupon layout: that coupon's stream).
     #[arg(long, value_name = "ID")]
     pub coupon: Option<i64>,
@@ -123,7 +123,7 @@ pub struct DeadFilterArgs {
 }
 
 impl DeadFilterArgs {
-    pub fn to_filter(&self) -> commerce_worker::coupon::DeadFilter {
+    pub(crate) fn to_filter(&self) -> commerce_worker::coupon::DeadFilter {
         commerce_worker::coupon::DeadFilter {
             coupon: self.coupon,
             reason: self.reason.clone().filter(|r| !r.is_empty()),

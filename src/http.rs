@@ -18,13 +18,13 @@ use crate::metrics::Metrics;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
-pub struct HttpState {
+pub(crate) struct HttpState {
     pub redis: Client,
     pub mysql: MySqlPool,
     pub metrics: Metrics,
 }
 
-pub fn router(state: HttpState) -> Router {
+pub(crate) fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -33,7 +33,7 @@ pub fn router(state: HttpState) -> Router {
 }
 
 /// Serves until `shutdown` completes.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     state: HttpState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

@@ -1,6 +1,6 @@
 //! commerce-worker: the headless daemon that runs an online shop's Redis-backed background jobs
 //! beside its API. The interface (Redis keys, tables, CLI, config, HTTP) is fixed in
-//! `CONTRACT.md`; everything here is internal.
+//! `docs/contract.md`; everything here is internal. `docs/architecture.md` draws the modules.
 //!
 //! The three jobs:
 //!
@@ -13,12 +13,16 @@
 //!   channel to MySQL in batches; a full channel spills to disk, nothing is dropped silently.
 //!
 //! Around them: [`config`] (worker.toml → validated config), [`keys`] (key templates),
-//! [`backends`] (clients, migrations), [`mysql`] (a deadline on every MySQL call), [`app`] (the daemon, its scheduler and shutdown order),
-//! [`control`] (pause flags, job run records and replica heartbeats in Redis, shared by every
-//! replica and the operator's commands),
-//! [`http`] (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], [`retry`],
-//! [`systemd`] (readiness and watchdog notifications), [`status`] (the `status` command),
-//! [`schedule`] (cron schedules that follow the timezone across DST changes, for every job).
+//! [`outcome`] (what happened to a request: one vocabulary for every part), [`backends`]
+//! (clients, migrations), `mysql` (a deadline on every MySQL call), [`app`] (the daemon, its
+//! scheduler and shutdown order), [`control`] (pause flags, job run records and replica
+//! heartbeats in Redis, shared by every replica and the operator's commands), `http`
+//! (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], `retry`, `systemd`
+//! (readiness and watchdog notifications), [`status`] (the `status` command), `schedule` (cron
+//! schedules that follow the timezone across DST changes, for every job), [`exit`] (exit codes).
+//!
+//! Private by default: a module is `pub` only when the binary, the tools or the tests need it,
+//! and the `unreachable_pub` lint keeps items inside private modules `pub(crate)`.
 //!
 //! Two wings. The **product** is everything above: the daemon and its commands. The **tools**
 //! wing, [`tools`] (built with the `tools` feature, on by default), is for trying, measuring and
@@ -32,17 +36,17 @@ pub mod config;
 pub mod control;
 pub mod coupon;
 pub mod exit;
-pub mod http;
+mod http;
 pub mod keys;
 pub mod metrics;
-pub mod mysql;
+mod mysql;
 pub mod outcome;
 pub mod ranking;
 pub mod ranking_log;
-pub mod retry;
+mod retry;
 pub mod schedule;
 pub mod status;
-pub mod systemd;
+mod systemd;
 pub mod telemetry;
 #[cfg(feature = "tools")]
 pub mod tools;

@@ -15,16 +15,20 @@ use sqlx::{MySqlConnection, MySqlPool};
 /// How long one unit of MySQL work (a statement, a transaction of a few) may take, connection
 /// included. Generous for a multi-row insert of a few thousand rows; short enough that a hung
 /// connection is noticed within seconds.
-pub const MYSQL_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const MYSQL_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The deadline passed; the connection was closed.
 #[derive(Debug, thiserror::Error)]
 #[error("MySQL did not answer within {0:?}; the connection was dropped")]
-pub struct DeadlineExceeded(pub Duration);
+pub(crate) struct DeadlineExceeded(pub Duration);
 
 /// Runs `work` on one pooled connection, all of it within `deadline`. On an error or past the
 /// deadline the connection is closed rather than returned to the pool: its state is unknown.
-pub async fn with_deadline<T, F>(pool: &MySqlPool, deadline: Duration, work: F) -> anyhow::Result<T>
+pub(crate) async fn with_deadline<T, F>(
+    pool: &MySqlPool,
+    deadline: Duration,
+    work: F,
+) -> anyhow::Result<T>
 where
     F: for<'c> FnOnce(&'c mut MySqlConnection) -> BoxFuture<'c, anyhow::Result<T>>,
 {

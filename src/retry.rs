@@ -10,14 +10,14 @@ use std::time::Duration;
 /// Doubling delays from `initial` up to `max`, with up to 20 % random jitter so replicas that
 /// failed together do not retry in lockstep.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     next: Duration,
     max: Duration,
 }
 
 impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
             next: initial,
@@ -26,11 +26,11 @@ impl Backoff {
     }
 
     /// Back to the initial delay, after a success.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.initial;
     }
 
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(self.max);
         // Jitter from the clock's nanoseconds: good enough to spread replicas, no RNG needed.
@@ -45,7 +45,7 @@ impl Backoff {
 
 /// True when a MySQL error means "not now" (connection trouble, server restarting, lock
 /// contention) rather than "never" (a statement the server rejects).
-pub fn is_transient(error: &sqlx::Error) -> bool {
+pub(crate) fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)

@@ -16,20 +16,20 @@ fn notify(state: NotifyState<'_>) {
     }
 }
 
-pub fn ready() {
+pub(crate) fn ready() {
     notify(NotifyState::Ready);
 }
 
-pub fn stopping() {
+pub(crate) fn stopping() {
     notify(NotifyState::Stopping);
 }
 
-pub fn watchdog_ping() {
+pub(crate) fn watchdog_ping() {
     notify(NotifyState::Watchdog);
 }
 
 /// How often to ping the watchdog: a third of `WatchdogSec` (at least every second), or `None`
 /// when systemd did not enable a watchdog for this process.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|timeout| (timeout / 3).max(Duration::from_secs(1)))
 }

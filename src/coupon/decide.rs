@@ -30,7 +30,7 @@ pub struct Decision {
 }
 
 /// Queue entries `(member, score)` in queue order.
-pub type Head = Vec<(String, f64)>;
+pub(crate) type Head = Vec<(String, f64)>;
 
 /// Decides batches from the head of the queue.
 #[derive(Clone)]

@@ -10,7 +10,7 @@ pub struct Request {
 }
 
 /// Parses a queue member, or says why it is malformed.
-pub fn parse_member(member: &str) -> Result<Request, &'static str> {
+pub(crate) fn parse_member(member: &str) -> Result<Request, &'static str> {
     let (user, coupon) = member
         .split_once(':')
         .ok_or("malformed member: expected userId:couponId")?;
@@ -21,7 +21,7 @@ pub fn parse_member(member: &str) -> Result<Request, &'static str> {
 }
 
 /// A positive decimal `i64` with no sign, no leading zero and nothing else.
-pub fn parse_id(text: &str) -> Option<i64> {
+pub(crate) fn parse_id(text: &str) -> Option<i64> {
     let canonical =
         !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) && !text.starts_with('0');
     if !canonical {

@@ -19,7 +19,7 @@
 
 mod dead;
 mod decide;
-pub mod member;
+pub(crate) mod member;
 mod outbox;
 pub mod reconcile;
 

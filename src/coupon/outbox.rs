@@ -31,7 +31,7 @@ const OUTBOX_READ_LUA: &str = include_str!("outbox_read.lua");
 
 /// Outbox entries per `INSERT`: a flash sale issues tens of thousands of coupons in seconds, and
 /// fewer, larger statements keep up with it (3 placeholders a row, well under MySQL's 65 535).
-pub const ROWS_PER_INSERT: usize = 5000;
+pub(crate) const ROWS_PER_INSERT: usize = 5000;
 
 /// Outbox entries `(member, issue time in ms)`, oldest first, and the identity of the Redis they
 /// were read from.

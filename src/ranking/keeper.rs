@@ -27,7 +27,7 @@ use crate::retry::Backoff;
 use crate::schedule::Clock;
 
 /// The job's name in metrics and run records.
-pub const JOB: &str = "ranking_rebuild";
+pub(crate) const JOB: &str = "ranking_rebuild";
 /// How often [`RankingKeeper::keep_current`] checks the live ranking is today's.
 const CHECK_EVERY: Duration = Duration::from_secs(60);
 

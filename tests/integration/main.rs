@@ -1,6 +1,9 @@
 //! Integration tests against the machine's real Redis and MariaDB (and private servers for the
 //! fault tests). One binary with a module per job keeps link time down.
 
+// A test binary has no outside users: `pub` in its helpers only means "shared between modules".
+#![allow(unreachable_pub)]
+
 mod bench;
 mod chaos;
 mod cluster;
