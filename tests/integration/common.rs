@@ -704,7 +704,9 @@ impl PrivateMariadb {
             Command::new("mariadb-install-db")
                 .arg("--no-defaults")
                 .arg(format!("--datadir={}", dir.path().join("data").display()))
-                .arg("--auth-root-authentication-method=normal"),
+                .arg("--auth-root-authentication-method=normal")
+                // Its own temporary directory: others' cleaning of /tmp has broken a bootstrap.
+                .arg(format!("--tmpdir={}", dir.path().display())),
             Duration::from_secs(120),
             "mariadb-install-db",
         );
@@ -735,6 +737,7 @@ impl PrivateMariadb {
             .arg(format!("--socket={}", dir.join("sock").display()))
             .arg("--user=root")
             .arg("--innodb-buffer-pool-size=64M")
+            .arg(format!("--tmpdir={}", dir.display()))
             .stdout(Stdio::null());
         spawn_ready(
             &mut command,
