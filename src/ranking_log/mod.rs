@@ -400,7 +400,7 @@ impl LogWriter {
 const MAX_ROWS_PER_STATEMENT: usize = 5000;
 
 /// At most this many `batch_size` statements go in one transaction (see `take_backlog`).
-const STATEMENTS_PER_TRANSACTION: usize = 8;
+pub const STATEMENTS_PER_TRANSACTION: usize = 8;
 
 /// Inserts `rows` and the batch marker in one transaction; 0 if the marker was already there.
 async fn insert_batch(

@@ -75,6 +75,22 @@ pub struct CouponBenchOptions {
     /// coupon, and print it beside the single Redis.
     #[arg(long, value_name = "URL")]
     pub cluster_url: Option<String>,
+    /// The clean sale, the realistic mix (malformed entries, users asking again, the API
+    /// writing while the drain runs), or both one after the other.
+    #[arg(long, value_enum, default_value_t = Workload::Both)]
+    pub workload: Workload,
+    /// Runs of the whole benchmark: each figure is printed for every run, then as the median
+    /// and range (min - max) over the runs.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+}
+
+/// `bench coupon --workload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    Clean,
+    Realistic,
+    Both,
 }
 
 impl CouponBenchOptions {
@@ -94,6 +110,10 @@ pub struct RankingBenchOptions {
     /// Products in each daily set.
     #[arg(long, default_value_t = 1_000_000)]
     pub products: u64,
+    /// Runs of the whole benchmark: each figure is printed for every run, then as the median
+    /// and range (min - max) over the runs.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
 }
 
 /// `bench ranking-log`: how many rows go through the writer.
@@ -101,6 +121,10 @@ pub struct RankingBenchOptions {
 pub struct RankingLogBenchOptions {
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: u64,
+    /// Runs of the whole benchmark: each figure is printed for every run, then as the median
+    /// and range (min - max) over the runs.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
 }
 
 /// `chaos`: the run's length, seed, replicas and fault menu.

@@ -64,6 +64,11 @@ async fn each_benchmark_runs_checks_itself_prints_its_ratio_and_cleans_up() {
         ],
     );
     assert!(coupon.contains("decided 3 000 in"), "{coupon}");
+    assert!(coupon.contains("realistic: decided"), "{coupon}");
+    assert!(
+        coupon.contains("while the log writer writes 3 000 waiting rows"),
+        "{coupon}"
+    );
     assert!(coupon.contains("600 issued coupons in MySQL"), "{coupon}");
     assert!(coupon.contains("worker / naive ="), "{coupon}");
     assert!(
@@ -95,9 +100,15 @@ async fn each_benchmark_runs_checks_itself_prints_its_ratio_and_cleans_up() {
     assert!(ranking.contains("Chunked:"), "{ranking}");
     assert!(ranking.contains("longest stall"), "{ranking}");
 
-    let log = bench(&config, &["ranking-log", "--rows", "5000"]);
-    assert!(log.contains("% of the bare loop"), "{log}");
+    let log = bench(&config, &["ranking-log", "--rows", "5000", "--runs", "2"]);
+    assert!(log.contains("% of the grouped bare loop"), "{log}");
+    assert!(
+        log.contains("% of LOAD DATA") || log.contains("LOAD DATA INFILE: not measured"),
+        "{log}"
+    );
     assert!(log.contains("writer, burst"), "{log}");
+    assert!(log.contains("median (min - max) of 2 runs"), "{log}");
+    assert!(log.contains("writer, steady / grouped bare loop:"), "{log}");
 
     // Nothing left behind: no sandbox database, no sandbox keys.
     let mut after = sandbox_databases(&env).await;

@@ -24,10 +24,97 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::options::BenchCommand;
-use super::report::Latencies;
+use super::report::{Latencies, group};
 use super::sandbox::{self, Sandbox};
 use crate::backends;
 use crate::config::{self, Config, RedisConfig};
+
+/// The figures of several runs of one benchmark, by name in the order first recorded: printed as
+/// the median with the range (min–max), the form BENCHMARKS.md quotes. One run prints its value.
+#[derive(Debug, Default)]
+pub struct Summary {
+    figures: Vec<Figure>,
+}
+
+#[derive(Debug)]
+struct Figure {
+    name: String,
+    unit: &'static str,
+    values: Vec<f64>,
+}
+
+impl Summary {
+    /// Adds one run's value of the figure `name`.
+    pub fn record(&mut self, name: &str, unit: &'static str, value: f64) {
+        match self.figures.iter_mut().find(|f| f.name == name) {
+            Some(figure) => figure.values.push(value),
+            None => self.figures.push(Figure {
+                name: name.to_owned(),
+                unit,
+                values: vec![value],
+            }),
+        }
+    }
+
+    /// The median of `name`'s values (the mean of the two middle ones for an even count).
+    pub fn median(&self, name: &str) -> Option<f64> {
+        let figure = self.figures.iter().find(|f| f.name == name)?;
+        Some(median(&figure.values))
+    }
+
+    /// One line per figure: `name: median unit (min–max over N runs)`.
+    pub fn print(&self, runs: usize) {
+        if runs > 1 {
+            println!("  summary, median (min - max) of {runs} runs:");
+        } else {
+            println!("  summary (one run; --runs N for medians and ranges):");
+        }
+        for figure in &self.figures {
+            let (min, max) = figure
+                .values
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                    (lo.min(*v), hi.max(*v))
+                });
+            if figure.values.len() > 1 {
+                println!(
+                    "    {}: {} {} ({} - {})",
+                    figure.name,
+                    shown(median(&figure.values)),
+                    figure.unit,
+                    shown(min),
+                    shown(max)
+                );
+            } else {
+                println!(
+                    "    {}: {} {}",
+                    figure.name,
+                    shown(median(&figure.values)),
+                    figure.unit
+                );
+            }
+        }
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Large figures grouped by thousands, small ones with two decimals.
+fn shown(value: f64) -> String {
+    if value.abs() >= 1000.0 {
+        group(value)
+    } else {
+        format!("{value:.2}")
+    }
+}
 
 /// Runs one benchmark: a line saying where it runs, then its figures.
 pub async fn run(which: BenchCommand, config: &Config) -> anyhow::Result<()> {

@@ -10,7 +10,7 @@ use anyhow::ensure;
 use chrono::Days;
 use fred::prelude::*;
 
-use super::{MemorySampler, StallProbe, in_sandbox};
+use super::{MemorySampler, StallProbe, Summary, in_sandbox};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ranking::{RankingRebuild, RebuildReport, Strategy, WhenLocked, today};
@@ -31,22 +31,69 @@ pub struct StrategyFigures {
     pub peak_resident: u64,
 }
 
-pub async fn run(
-    config: &Config,
-    options: RankingBenchOptions,
-) -> anyhow::Result<Vec<StrategyFigures>> {
+pub async fn run(config: &Config, options: RankingBenchOptions) -> anyhow::Result<Summary> {
     println!(
         "ranking rebuild: {} days x {} products",
         config.ranking.window_days,
         group(options.products as f64)
     );
-    in_sandbox(config, async |sandbox| run_in(sandbox, options).await).await
+    let mut summary = Summary::default();
+    let runs = options.runs.max(1);
+    for run in 1..=runs {
+        if runs > 1 {
+            println!("  run {run}/{runs}");
+        }
+        let (figures, idle) =
+            in_sandbox(config, async |sandbox| run_in(sandbox, options).await).await?;
+        summary.record(
+            "idle Redis: longest round trip",
+            "ms",
+            idle.max().as_secs_f64() * 1000.0,
+        );
+        summary.record(
+            "idle Redis: p99 of round trips",
+            "ms",
+            idle.percentile(99.0).as_secs_f64() * 1000.0,
+        );
+        for f in &figures {
+            let name = format!("{:?}", f.strategy);
+            summary.record(
+                &format!("{name}: total"),
+                "s",
+                f.report.elapsed.as_secs_f64(),
+            );
+            summary.record(
+                &format!("{name}: longest stall of the other client"),
+                "ms",
+                f.probe.max().as_secs_f64() * 1000.0,
+            );
+            summary.record(
+                &format!("{name}: p99 of its round trips"),
+                "ms",
+                f.probe.percentile(99.0).as_secs_f64() * 1000.0,
+            );
+            summary.record(
+                &format!("{name}: worker peak RSS"),
+                "MiB",
+                (f.peak_resident / (1024 * 1024)) as f64,
+            );
+        }
+        if let [union, chunked] = figures.as_slice() {
+            summary.record(
+                "Chunked / Zunionstore total time",
+                "x",
+                chunked.report.elapsed.as_secs_f64() / union.report.elapsed.as_secs_f64().max(1e-9),
+            );
+        }
+    }
+    summary.print(runs);
+    Ok(summary)
 }
 
 async fn run_in(
     sandbox: &Sandbox,
     options: RankingBenchOptions,
-) -> anyhow::Result<Vec<StrategyFigures>> {
+) -> anyhow::Result<(Vec<StrategyFigures>, Latencies)> {
     let config = &sandbox.config;
     let day = today(config.ranking.timezone);
     let loading = Instant::now();
@@ -151,5 +198,5 @@ async fn run_in(
             "product {product}: ranking score {score:?}, expected {expected}"
         );
     }
-    Ok(figures)
+    Ok((figures, idle))
 }

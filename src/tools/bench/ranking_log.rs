@@ -1,14 +1,21 @@
-//! The ranking-log benchmark (issue 5): `rows` rows written three ways into the same table, in
+//! The ranking-log benchmark (issue 5): `rows` rows written several ways into the same table, in
 //! one run:
 //!
-//! 1. **bare loop** — the baseline: the writer's own multi-row INSERT statement, `batch_size` rows
-//!    each, executed back to back by a plain sqlx loop (autocommit, no channel, no marker row);
-//! 2. **writer, steady** — the real channel and writer, the producer sending 1000-row batches as
+//! 1. **bare loop, autocommit** — the writer's own multi-row INSERT statement, `batch_size` rows
+//!    each, executed back to back by a plain sqlx loop, each statement its own transaction;
+//! 2. **bare loop, grouped** — the same statements, [`STATEMENTS_PER_TRANSACTION`] to a
+//!    transaction, as the writer groups them when rows are waiting: the fair baseline (the
+//!    autocommit loop pays one log flush per statement, the writer one per group);
+//! 3. **LOAD DATA INFILE** — the same rows from a file on the server's disk: the physical limit
+//!    of this MySQL for this table (only when the server runs on this machine and may read files);
+//! 4. **writer, steady** — the real channel and writer, the producer sending 1000-row batches as
 //!    the drain does but never faster than the channel has room for (nothing spills): the
-//!    writer's sustained rate, to compare with (1);
-//! 3. **writer, burst** — the producer sends everything at once, as a drain far ahead of MySQL
+//!    writer's sustained rate, compared with (2) and (3);
+//! 5. **writer, burst** — the producer sends everything at once, as a drain far ahead of MySQL
 //!    does: the channel fills, the overflow goes to the spill file and is replayed. Shows memory
 //!    staying bounded by the channel (the process's peak RSS) and every row landing once.
+//!
+//! `--runs N` repeats all five and prints each figure's median and range.
 
 use std::time::{Duration, Instant};
 
@@ -16,36 +23,39 @@ use anyhow::ensure;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::{MemorySampler, in_sandbox};
+use super::{MemorySampler, Summary, in_sandbox};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
-use crate::ranking_log::{self, LogRow, insert_statement};
+use crate::ranking_log::{self, LogRow, STATEMENTS_PER_TRANSACTION, insert_statement};
 use crate::tools::options::RankingLogBenchOptions;
 use crate::tools::report::{group, rate};
 use crate::tools::sandbox::Sandbox;
 
-#[derive(Debug, Clone)]
-pub struct Figures {
-    pub bare_elapsed: Duration,
-    pub steady_elapsed: Duration,
-    pub burst_elapsed: Duration,
-    pub burst_spilled: u64,
-    pub burst_peak_resident: u64,
-    pub resident_before: u64,
-}
-
 /// Rows the drain hands over at once.
 const PRODUCER_BATCH: u64 = 1000;
 
-pub async fn run(config: &Config, options: RankingLogBenchOptions) -> anyhow::Result<Figures> {
+pub async fn run(config: &Config, options: RankingLogBenchOptions) -> anyhow::Result<Summary> {
     println!(
-        "ranking log: {} rows, channel capacity {}, batch size {}",
+        "ranking log: {} rows, channel capacity {}, batch size {}, {} statements per transaction",
         group(options.rows as f64),
         group(config.ranking_log.channel_capacity.get() as f64),
-        config.ranking_log.batch_size
+        config.ranking_log.batch_size,
+        STATEMENTS_PER_TRANSACTION
     );
-    in_sandbox(config, async |sandbox| run_in(sandbox, options).await).await
+    let mut summary = Summary::default();
+    let runs = options.runs.max(1);
+    for run in 1..=runs {
+        if runs > 1 {
+            println!("  run {run}/{runs}");
+        }
+        in_sandbox(config, async |sandbox| {
+            run_in(sandbox, options, &mut summary).await
+        })
+        .await?;
+    }
+    summary.print(runs);
+    Ok(summary)
 }
 
 fn row(i: u64) -> LogRow {
@@ -63,66 +73,203 @@ fn row(i: u64) -> LogRow {
     }
 }
 
-async fn run_in(sandbox: &Sandbox, options: RankingLogBenchOptions) -> anyhow::Result<Figures> {
+async fn run_in(
+    sandbox: &Sandbox,
+    options: RankingLogBenchOptions,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
     let rows = options.rows;
     let batch_size = sandbox.config.ranking_log.batch_size.get() as u64;
 
-    // 1. The bare loop.
-    let started = Instant::now();
-    let mut next = 0;
-    while next < rows {
-        let end = (next + batch_size).min(rows);
-        let batch: Vec<LogRow> = (next..end).map(row).collect();
-        insert_statement(&batch)
-            .build()
-            .execute(&sandbox.mysql)
-            .await?;
-        next = end;
-    }
-    let bare_elapsed = started.elapsed();
-    expect_rows(sandbox, rows).await?;
-    let bare_rate = rate(rows, bare_elapsed);
+    // 1. and 2. The bare loops.
+    let autocommit = bare_loop(sandbox, rows, batch_size, 1).await?;
+    let autocommit_rate = rate(rows, autocommit);
     println!(
-        "  bare sqlx loop:  {:.2} s = {} rows/s",
-        bare_elapsed.as_secs_f64(),
-        group(bare_rate)
+        "  bare loop, autocommit:            {:.2} s = {} rows/s",
+        autocommit.as_secs_f64(),
+        group(autocommit_rate)
+    );
+    let grouped = bare_loop(sandbox, rows, batch_size, STATEMENTS_PER_TRANSACTION).await?;
+    let grouped_rate = rate(rows, grouped);
+    println!(
+        "  bare loop, {STATEMENTS_PER_TRANSACTION} statements per commit:  {:.2} s = {} rows/s",
+        grouped.as_secs_f64(),
+        group(grouped_rate)
     );
 
-    // 2. The writer, fed as fast as the channel takes rows.
+    // 3. The physical limit, when the server can read a file we write.
+    let load_data_rate = match load_data(sandbox, rows).await {
+        Ok(elapsed) => {
+            let load_rate = rate(rows, elapsed);
+            println!(
+                "  LOAD DATA INFILE (the limit):     {:.2} s = {} rows/s",
+                elapsed.as_secs_f64(),
+                group(load_rate)
+            );
+            Some(load_rate)
+        }
+        Err(e) => {
+            println!("  LOAD DATA INFILE: not measured ({e:#})");
+            None
+        }
+    };
+
+    // 4. The writer, fed as fast as the channel takes rows.
     let (steady_elapsed, spilled, _) = through_writer(sandbox, rows, true).await?;
     ensure!(spilled == 0, "the paced producer spilled {spilled} rows");
     let steady_rate = rate(rows, steady_elapsed);
     println!(
-        "  writer, steady:  {:.2} s = {} rows/s = {:.0} % of the bare loop (target >= 80 %: {})",
+        "  writer, steady:                   {:.2} s = {} rows/s = {:.0} % of the grouped bare loop (target >= 80 %: {}){}",
         steady_elapsed.as_secs_f64(),
         group(steady_rate),
-        100.0 * steady_rate / bare_rate.max(1e-9),
-        if steady_rate >= 0.8 * bare_rate {
+        100.0 * steady_rate / grouped_rate.max(1e-9),
+        if steady_rate >= 0.8 * grouped_rate {
             "met"
         } else {
             "NOT met"
-        }
+        },
+        load_data_rate
+            .map(|limit| format!(
+                ", {:.0} % of LOAD DATA",
+                100.0 * steady_rate / limit.max(1e-9)
+            ))
+            .unwrap_or_default()
     );
 
-    // 3. The writer, everything sent at once.
+    // 5. The writer, everything sent at once.
     let (burst_elapsed, burst_spilled, (resident_before, burst_peak_resident)) =
         through_writer(sandbox, rows, false).await?;
+    let burst_rate = rate(rows, burst_elapsed);
     println!(
-        "  writer, burst:   {:.2} s = {} rows/s; {} rows spilled to disk and replayed; process RSS {} MiB before, peak {} MiB",
+        "  writer, burst:                    {:.2} s = {} rows/s; {} rows spilled to disk and replayed; process RSS {} MiB before, peak {} MiB",
         burst_elapsed.as_secs_f64(),
-        group(rate(rows, burst_elapsed)),
+        group(burst_rate),
         group(burst_spilled as f64),
         resident_before / (1024 * 1024),
         burst_peak_resident / (1024 * 1024),
     );
-    Ok(Figures {
-        bare_elapsed,
-        steady_elapsed,
-        burst_elapsed,
-        burst_spilled,
-        burst_peak_resident,
-        resident_before,
-    })
+
+    summary.record("bare loop, autocommit", "rows/s", autocommit_rate);
+    summary.record("bare loop, grouped as the writer", "rows/s", grouped_rate);
+    if let Some(limit) = load_data_rate {
+        summary.record("LOAD DATA INFILE", "rows/s", limit);
+    }
+    summary.record("writer, steady", "rows/s", steady_rate);
+    summary.record(
+        "writer, steady / grouped bare loop",
+        "%",
+        100.0 * steady_rate / grouped_rate.max(1e-9),
+    );
+    summary.record(
+        "writer, steady / autocommit bare loop",
+        "%",
+        100.0 * steady_rate / autocommit_rate.max(1e-9),
+    );
+    if let Some(limit) = load_data_rate {
+        summary.record(
+            "writer, steady / LOAD DATA",
+            "%",
+            100.0 * steady_rate / limit.max(1e-9),
+        );
+    }
+    summary.record("writer, burst", "rows/s", burst_rate);
+    summary.record("writer, burst: rows spilled", "rows", burst_spilled as f64);
+    summary.record(
+        "writer, burst: peak process RSS",
+        "MiB",
+        (burst_peak_resident / (1024 * 1024)) as f64,
+    );
+    Ok(())
+}
+
+/// The writer's INSERT statements of `batch_size` rows, back to back, `per_commit` statements to
+/// a transaction; returns the time to write all `rows` (the table emptied first and checked after).
+async fn bare_loop(
+    sandbox: &Sandbox,
+    rows: u64,
+    batch_size: u64,
+    per_commit: usize,
+) -> anyhow::Result<Duration> {
+    truncate(sandbox).await?;
+    let started = Instant::now();
+    let mut next = 0;
+    while next < rows {
+        let mut transaction = sandbox.mysql.begin().await?;
+        for _ in 0..per_commit {
+            if next >= rows {
+                break;
+            }
+            let end = (next + batch_size).min(rows);
+            let batch: Vec<LogRow> = (next..end).map(row).collect();
+            insert_statement(&batch)
+                .build()
+                .execute(&mut *transaction)
+                .await?;
+            next = end;
+        }
+        transaction.commit().await?;
+    }
+    let elapsed = started.elapsed();
+    expect_rows(sandbox, rows).await?;
+    Ok(elapsed)
+}
+
+/// `LOAD DATA INFILE` of the same rows from a file in the system's temporary directory, which
+/// the server reads itself (so only when it runs on this machine with the FILE privilege and
+/// `secure_file_priv` allowing the directory). Returns the time of the statement alone.
+async fn load_data(sandbox: &Sandbox, rows: u64) -> anyhow::Result<Duration> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    truncate(sandbox).await?;
+    let path = std::env::temp_dir().join(format!("{}-ranking-logs.tsv", sandbox.name));
+    let path_text = path.to_string_lossy().into_owned();
+    ensure!(
+        !path_text.contains(['\'', '\\']),
+        "temporary path {path_text} cannot be quoted"
+    );
+    {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        for i in 0..rows {
+            let r = row(i);
+            let issued = r.outcome == Outcome::Issued;
+            writeln!(
+                file,
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                r.user_id,
+                r.coupon_id,
+                r.rank,
+                if issued { "ISSUED" } else { "FAILED" },
+                if issued {
+                    "\\N"
+                } else {
+                    r.outcome.row_name().unwrap_or("\\N")
+                },
+                r.retry_count
+            )?;
+        }
+        file.flush()?;
+    }
+    // The server's own user reads it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    let started = Instant::now();
+    let loaded = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "LOAD DATA INFILE '{path_text}' INTO TABLE ranking_logs (user_id, coupon_type, `rank`, status, reason, retry_count)"
+    )))
+    .execute(&sandbox.mysql)
+    .await;
+    let elapsed = started.elapsed();
+    let _ = std::fs::remove_file(&path);
+    loaded?;
+    expect_rows(sandbox, rows).await?;
+    Ok(elapsed)
+}
+
+async fn truncate(sandbox: &Sandbox) -> anyhow::Result<()> {
+    sqlx::query("TRUNCATE TABLE ranking_logs")
+        .execute(&sandbox.mysql)
+        .await?;
+    Ok(())
 }
 
 /// Sends `rows` rows through a fresh channel and writer; returns the time until the writer had
@@ -132,9 +279,7 @@ async fn through_writer(
     rows: u64,
     paced: bool,
 ) -> anyhow::Result<(Duration, u64, (u64, u64))> {
-    sqlx::query("TRUNCATE TABLE ranking_logs")
-        .execute(&sandbox.mysql)
-        .await?;
+    truncate(sandbox).await?;
     let config = &sandbox.config.ranking_log;
     let metrics = Metrics::new();
     let (sender, writer) = ranking_log::channel(config, sandbox.mysql.clone(), metrics.clone())?;
