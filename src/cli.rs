@@ -1,4 +1,4 @@
-//! The command line (CONTRACT.md §5): the product's subcommands, and the tools' when the
+//! The command line (docs/contract.md §5): the product's subcommands, and the tools' when the
 //! `tools` feature is on. It belongs to the binary, which stands above both wings.
 
 use std::path::PathBuf;

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 
-/// The parts an operator can pause.
-pub const PAUSABLE: [&str; 2] = ["drain", "persist"];
+/// The parts an operator can pause (declared with the gauge that shows them).
+pub use crate::metrics::PAUSABLE;
 
 /// How long a heartbeat lives without being refreshed.
 pub const HEARTBEAT_TTL: Duration = Duration::from_secs(30);

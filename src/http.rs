@@ -1,4 +1,4 @@
-//! The HTTP endpoints for Kubernetes and Prometheus (CONTRACT.md §7):
+//! The HTTP endpoints for Kubernetes and Prometheus (docs/contract.md §7):
 //! `/healthz` (alive), `/readyz` (Redis and MySQL answer now) and `/metrics`.
 
 use std::time::Duration;

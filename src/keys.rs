@@ -1,6 +1,6 @@
 //! Redis key names, built from the `[keys]` templates of `worker.toml`.
 //!
-//! Templates name the keys the API shares with the worker (CONTRACT.md §1) and the worker's own
+//! Templates name the keys the API shares with the worker (docs/contract.md §1) and the worker's own
 //! internal keys. Two placeholders exist: `{couponId}` in the per-coupon templates and `{date}` in
 //! the daily ranking template. Any other `{...}` is left as written, so a Redis Cluster hash tag
 //! such as `{coupon}:queue` passes through untouched.
@@ -15,6 +15,17 @@ use chrono::NaiveDate;
 pub const COUPON_ID: &str = "{couponId}";
 pub const DATE: &str = "{date}";
 const DATE_FORMAT: &str = "%Y-%m-%d";
+
+/// A userId or couponId (docs/contract.md §1): a positive decimal `i64` with no sign, no leading
+/// zero and nothing else.
+pub(crate) fn parse_id(text: &str) -> Option<i64> {
+    let canonical =
+        !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) && !text.starts_with('0');
+    if !canonical {
+        return None;
+    }
+    text.parse::<i64>().ok()
+}
 
 /// The `[keys]` section (every key optional: the defaults are [`KeyTemplates::default`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -267,7 +278,7 @@ impl KeyTemplates {
     pub fn coupon_of_outbox(&self, key: &str) -> Option<i64> {
         let (before, after) = self.outbox.split_once(COUPON_ID)?;
         let id = key.strip_prefix(before)?.strip_suffix(after)?;
-        crate::coupon::member::parse_id(id)
+        parse_id(id)
     }
 
     /// The reconciliation marker of a lane (these templates resolved by [`Self::for_coupon`]):

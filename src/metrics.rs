@@ -41,6 +41,10 @@ pub struct PartLabel {
     pub part: &'static str,
 }
 
+/// The parts an operator can pause (`pause --drain/--persist`): the `paused` gauge's labels,
+/// present from the start. [`crate::control`] pauses them.
+pub const PAUSABLE: [&str; 2] = ["drain", "persist"];
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -220,7 +224,7 @@ impl Metrics {
             "1 while an operator has paused this part (drain: deciding requests; persist: writing issued coupons to MySQL), as last seen by this replica",
             paused.clone(),
         );
-        for part in crate::control::PAUSABLE {
+        for part in PAUSABLE {
             let _ = paused.get_or_create(&PartLabel { part });
         }
         Self {

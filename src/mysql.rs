@@ -1,4 +1,4 @@
-//! A deadline on every MySQL call (CONTRACT.md §5).
+//! A deadline on every MySQL call (docs/contract.md §5).
 //!
 //! A connection can hang without closing: a frozen old primary behind a DNS name, a half-open
 //! TCP connection. sqlx has no statement timeout of its own, and a connection whose query was

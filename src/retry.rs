@@ -1,6 +1,6 @@
 //! Retrying against Redis and MySQL: exponential backoff and telling an outage from a rejection.
 //!
-//! The daemon never exits because a backend went away (CONTRACT.md §5): loops that talk to a
+//! The daemon never exits because a backend went away (docs/contract.md §5): loops that talk to a
 //! backend wait [`Backoff::next_delay`] after a failure and try again. For MySQL,
 //! [`is_transient`] separates failures worth retrying forever (the server is unreachable,
 //! restarting, overloaded) from the server rejecting a statement, which retrying will not fix.

@@ -1,5 +1,5 @@
 #!lua
--- Decides one batch of coupon requests atomically (CONTRACT.md §2).
+-- Decides one batch of coupon requests atomically (docs/contract.md §2).
 --
 -- KEYS[1] queue ZSET, KEYS[2] dead-letter STREAM, KEYS[3] outbox ZSET, then for each coupon c
 -- (1-based) four keys at 3 + 4(c-1) + 1..4: stock STRING, issued SET, seq STRING, result HASH.
@@ -30,7 +30,7 @@
 
 local queue, dead, outbox = KEYS[1], KEYS[2], KEYS[3]
 
--- Never decide against a Redis that forgot (CONTRACT.md §2, README "When Redis forgets"): the
+-- Never decide against a Redis that forgot (docs/contract.md §2, README "When Redis forgets"): the
 -- marker holds the identity (run_id, which changes on every restart, restore and failover, and
 -- the replication id) of the Redis last reconciled from MySQL. Any other Redis — restarted from
 -- an older snapshot, a promoted lagging replica, an empty one — refuses with UNRECONCILED and

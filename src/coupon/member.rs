@@ -1,5 +1,5 @@
 //! Parsing queue members: `"{userId}:{couponId}"`, both positive decimal integers that fit an
-//! `i64`, written without sign or leading zeros (CONTRACT.md §1). Anything else is malformed and
+//! `i64`, written without sign or leading zeros (docs/contract.md §1). Anything else is malformed and
 //! is dead-lettered with the reason returned here.
 
 /// A well-formed request.
@@ -20,15 +20,8 @@ pub(crate) fn parse_member(member: &str) -> Result<Request, &'static str> {
     })
 }
 
-/// A positive decimal `i64` with no sign, no leading zero and nothing else.
-pub(crate) fn parse_id(text: &str) -> Option<i64> {
-    let canonical =
-        !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) && !text.starts_with('0');
-    if !canonical {
-        return None;
-    }
-    text.parse::<i64>().ok()
-}
+/// The id grammar lives with the key names (docs/contract.md §1); re-exported for the drain.
+pub(crate) use crate::keys::parse_id;
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,4 @@
-//! The coupon drain (CONTRACT.md §2): every queued request decided once, every issued coupon
+//! The coupon drain (docs/contract.md §2): every queued request decided once, every issued coupon
 //! persisted once.
 //!
 //! Data flow for one batch:

@@ -1,4 +1,4 @@
-//! Reconciling Redis from MySQL, the system of record for issued coupons (CONTRACT.md §2,
+//! Reconciling Redis from MySQL, the system of record for issued coupons (docs/contract.md §2,
 //! README "When Redis forgets").
 //!
 //! Redis acknowledges writes before they are durable: a restart from an older snapshot or AOF,

@@ -1,4 +1,4 @@
-//! The daemon's side of the ranking (CONTRACT.md §3): a running worker keeps trying until the
+//! The daemon's side of the ranking (docs/contract.md §3): a running worker keeps trying until the
 //! ranking for the current day is built.
 //!
 //! - [`RankingKeeper::on_tick`] is a scheduled fire: the ranking for the *tick's* day (its

@@ -1,4 +1,4 @@
-//! The ranking rebuild (CONTRACT.md §3): `product:ranking:3d` becomes the (weighted) sum of the
+//! The ranking rebuild (docs/contract.md §3): `product:ranking:3d` becomes the (weighted) sum of the
 //! window's daily keys, swapped in atomically; daily keys older than the window are deleted.
 //!
 //! One rebuild for day D:

@@ -1,5 +1,5 @@
 //! The shop API's side of the contract, played by `bench` and `demo`: it writes what the real API
-//! writes (CONTRACT.md §1), in the way the README tells API authors to write it.
+//! writes (docs/contract.md §1), in the way the README tells API authors to write it.
 //!
 //! - A coupon request is `ZADD NX coupon:queue <arrival ms> <userId>:<couponId>`; a coupon's
 //!   stock is a plain integer string at `coupon:stock:<couponId>`.

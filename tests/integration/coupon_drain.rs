@@ -1,4 +1,4 @@
-//! The coupon drain against real Redis and MariaDB (CONTRACT.md §2).
+//! The coupon drain against real Redis and MariaDB (docs/contract.md §2).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The drain's invariants under crashes and outages (CONTRACT.md §2): SIGKILL of the binary
+//! The drain's invariants under crashes and outages (docs/contract.md §2): SIGKILL of the binary
 //! between any two steps, and MariaDB killed mid-drain.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The drain's invariants (CONTRACT.md §2 and §4), checked where each one can break: a flash sale
+//! The drain's invariants (docs/contract.md §2 and §4), checked where each one can break: a flash sale
 //! to run, and the checks every drain test, fault test and replica test makes afterwards.
 //!
 //! "Nobody holds a coupon twice" is never counted in `user_coupon`: its `UNIQUE (user_id,
@@ -167,7 +167,7 @@ pub(crate) async fn seq(env: &TestEnv, coupon: i64) -> i64 {
         .unwrap_or(0)
 }
 
-/// `ranking_logs` once every row was written (CONTRACT.md §4): per coupon, ranks exactly 1..=n
+/// `ranking_logs` once every row was written (docs/contract.md §4): per coupon, ranks exactly 1..=n
 /// where n is `seq` (one row per decided request, none twice, none lost), each user's
 /// `ISSUED` row at most once, and the `ISSUED` users exactly the holders.
 pub(crate) async fn assert_ranking_log(env: &TestEnv, coupons: &[i64]) {

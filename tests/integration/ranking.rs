@@ -1,4 +1,4 @@
-//! The ranking rebuild against real Redis (CONTRACT.md §3).
+//! The ranking rebuild against real Redis (docs/contract.md §3).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! When Redis forgets (CONTRACT.md §2, README "When Redis forgets"): a Redis restarted from an
+//! When Redis forgets (docs/contract.md §2, README "When Redis forgets"): a Redis restarted from an
 //! older snapshot is noticed before anything is decided against it, and reconciled from
 //! `user_coupon`, so no coupon is issued beyond its stock and no user twice.
 

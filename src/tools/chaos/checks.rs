@@ -1,5 +1,5 @@
 //! The invariants a chaos run checks once everything is healed and quiet, each printed with its
-//! figures (CONTRACT.md §2–§4): conservation per coupon, nobody twice, one outcome per accepted
+//! figures (docs/contract.md §2–§4): conservation per coupon, nobody twice, one outcome per accepted
 //! request, one ranking-log row per decided request with ranks 1..n, the ranking equal to its
 //! window's sum, dead letters with reasons, and nothing given up silently.
 

@@ -6,7 +6,7 @@
 //! the kernel before its reply was sent); what `everysec` loses is the last second before a
 //! power loss. [`PrivateRedis::snapshot`] and [`PrivateRedis::restart_from_snapshot`] play that:
 //! the restart loads the append-only file as it was at the snapshot, so every write after it is
-//! gone — a real rollback, the Redis restarted from an older AOF that CONTRACT.md §2 names.
+//! gone — a real rollback, the Redis restarted from an older AOF that docs/contract.md §2 names.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -1,5 +1,5 @@
 //! The shop API's part in a chaos run: a flash sale over several coupons and a few days of
-//! orders, written as the API writes them (CONTRACT.md §1), with a ledger of everything Redis
+//! orders, written as the API writes them (docs/contract.md §1), with a ledger of everything Redis
 //! acknowledged, which the final checks compare the worker's results against.
 //!
 //! - Requests arrive in waves every 100 ms: random users asking for random coupons, so users ask
