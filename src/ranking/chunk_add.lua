@@ -5,15 +5,15 @@
 -- (member -> sum): updating a hash field is a table lookup, where updating a sorted set would also
 -- move the member in its skiplist; the sorted set is written once, at the end.
 --
--- KEYS[1] the running sum, KEYS[2] the rebuild's progress counter (same slot), and, when the chunk
+-- KEYS[1] the running sum, KEYS[2] the rebuild's progress bitmap (same slot), and, when the chunk
 -- is read here, KEYS[3] the source key (a daily key in the same slot, or a snapshot of one).
--- ARGV[1] the step number (1, 2, ... in the order the rebuild sends them), ARGV[2] the weight,
+-- ARGV[1] the step number (unique within the rebuild), ARGV[2] the weight,
 -- ARGV[3] the keys' TTL in seconds, then either
 --   ARGV[4], ARGV[5]: the source's rank range start, stop (read with ZRANGE from KEYS[3]), or
 --   ARGV[4..]: member, score, member, score, ... (read by the worker from another slot).
 --
--- Safe to run twice: a step already counted in the progress key is not added again (a client
--- resends a call whose reply was lost). Steps arrive in order: the rebuild awaits each one.
+-- Safe to run twice: a step whose bit is set in the progress bitmap is not added again (a client
+-- resends a call whose reply was lost), whatever order steps arrive in (several travel at once).
 -- Returns the number of source entries in the chunk (so the caller knows when a source ends).
 
 local step = tonumber(ARGV[1])
@@ -26,7 +26,7 @@ if KEYS[3] then
 end
 local n = (#entries - first + 1) / 2
 if n == 0 then return 0 end
-if tonumber(redis.call('GET', KEYS[2]) or '0') >= step then return n end
+if redis.call('GETBIT', KEYS[2], step) == 1 then return n end
 
 local members = {}
 for i = first, #entries, 2 do members[#members + 1] = entries[i] end
@@ -45,6 +45,7 @@ for i = first, #entries, 2 do
   args[#args + 1] = score
 end
 redis.call('HSET', KEYS[1], unpack(args))
-redis.call('SET', KEYS[2], step, 'EX', ARGV[3])
+redis.call('SETBIT', KEYS[2], step, 1)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return n

@@ -32,7 +32,7 @@ use chrono_tz::Tz;
 use fred::prelude::*;
 use fred::types::scan::Scanner;
 use fred::types::scripts::Script;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 mod keeper;
@@ -67,6 +67,9 @@ const CHUNK_COPY_LUA: &str = include_str!("chunk_copy.lua");
 /// larger chunks mean fewer round trips, smaller ones shorter stalls for other clients. At most
 /// 2000: `chunk_add.lua` spreads a chunk's members onto Lua's stack.
 const CHUNK: usize = 2000;
+/// Chunk calls of a settled source sent before the first reply comes back. Redis runs them one
+/// after the other, so another client may wait for this many calls at most.
+const IN_FLIGHT: usize = 2;
 /// A daily key may still be written this long after its day ended (a sale at 23:59:59 reaching
 /// the API a moment later); until then the chunked strategy snapshots it before summing.
 const SETTLE_GRACE: chrono::Duration = chrono::Duration::hours(1);
@@ -602,60 +605,81 @@ impl RankingRebuild {
         steps: &mut u64,
     ) -> anyhow::Result<()> {
         let script = Script::from_lua(CHUNK_ADD_LUA);
+        let head = |step: u64| {
+            vec![
+                step.to_string(),
+                source.weight.to_string(),
+                TEMP_KEY_TTL_SECS.to_string(),
+            ]
+        };
+        if source.same_slot {
+            // Nothing writes the source, so its chunks are known up front, and each remembers its
+            // own step: [`IN_FLIGHT`] calls travel at once to hide the round trips.
+            let size: u64 = self.client.zcard(&source.key).await?;
+            let chunks = size.div_ceil(CHUNK as u64);
+            let first_step = *steps + 1;
+            *steps += chunks;
+            let calls = (0..chunks).map(|i| {
+                let mut args = head(first_step + i);
+                let start = i * CHUNK as u64;
+                args.push(start.to_string());
+                args.push((start + CHUNK as u64 - 1).to_string());
+                let (script, keys) = (
+                    &script,
+                    vec![sum.to_owned(), progress.to_owned(), source.key.clone()],
+                );
+                async move {
+                    resend_on_error(|| {
+                        script.evalsha_with_reload::<u64, _, _>(
+                            &self.client,
+                            keys.clone(),
+                            args.clone(),
+                        )
+                    })
+                    .await
+                }
+            });
+            let mut results = futures_util::stream::iter(calls).buffered(IN_FLIGHT);
+            while let Some(result) = results.next().await {
+                result.context("adding a chunk")?;
+            }
+            return Ok(());
+        }
         let mut start = 0_i64;
         loop {
             *steps += 1;
-            let head = vec![
-                steps.to_string(),
-                source.weight.to_string(),
-                TEMP_KEY_TTL_SECS.to_string(),
-            ];
-            let read: u64 = if source.same_slot {
-                let mut args = head;
-                args.push(start.to_string());
-                args.push((start + CHUNK as i64 - 1).to_string());
-                resend_on_error(|| {
-                    script.evalsha_with_reload(
-                        &self.client,
-                        vec![sum.to_owned(), progress.to_owned(), source.key.clone()],
-                        args.clone(),
-                    )
-                })
-                .await
-                .context("adding a chunk")?
-            } else {
-                let chunk: Vec<(Value, f64)> = self
-                    .client
-                    .zrange(
-                        source.key.as_str(),
-                        start,
-                        start + CHUNK as i64 - 1,
-                        None,
-                        false,
-                        None,
-                        true,
-                    )
-                    .await?;
-                if chunk.is_empty() {
-                    return Ok(());
-                }
-                let mut args: Vec<Value> = head.into_iter().map(Value::from).collect();
-                args.reserve(chunk.len() * 2);
-                for (member, score) in chunk {
-                    args.push(member);
-                    args.push(Value::from(score.to_string()));
-                }
-                resend_on_error(|| {
-                    script.evalsha_with_reload(
-                        &self.client,
-                        vec![sum.to_owned(), progress.to_owned()],
-                        args.clone(),
-                    )
-                })
-                .await
-                .context("adding a chunk")?
-            };
-            if read < CHUNK as u64 {
+            let chunk: Vec<(Value, f64)> = self
+                .client
+                .zrange(
+                    source.key.as_str(),
+                    start,
+                    start + CHUNK as i64 - 1,
+                    None,
+                    false,
+                    None,
+                    true,
+                )
+                .await?;
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let read = chunk.len();
+            let mut args: Vec<Value> = head(*steps).into_iter().map(Value::from).collect();
+            args.reserve(chunk.len() * 2);
+            for (member, score) in chunk {
+                args.push(member);
+                args.push(Value::from(score.to_string()));
+            }
+            let _: u64 = resend_on_error(|| {
+                script.evalsha_with_reload(
+                    &self.client,
+                    vec![sum.to_owned(), progress.to_owned()],
+                    args.clone(),
+                )
+            })
+            .await
+            .context("adding a chunk")?;
+            if read < CHUNK {
                 return Ok(());
             }
             start += CHUNK as i64;
