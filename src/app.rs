@@ -510,7 +510,16 @@ pub async fn rebuild_once(
     let rebuild = RankingRebuild::new(redis, config.keys.clone(), config.ranking.clone(), metrics);
     let started_at = chrono::Utc::now();
     let started = Instant::now();
-    let result = rebuild.rebuild(day, WhenLocked::Wait).await;
+    let result = rebuild
+        .rebuild(day, WhenLocked::Wait)
+        .await
+        .and_then(|report| {
+            anyhow::ensure!(
+                !report.skipped_locked,
+                "another replica held the ranking lease the whole time this command waited; nothing was rebuilt"
+            );
+            Ok(report)
+        });
     // Recorded like a scheduled run, so `status` shows who rebuilt the ranking last.
     let (label, error) = match &result {
         Ok(_) => ("ok", None),
