@@ -2,7 +2,8 @@
 //! scheduler and the HTTP server, waits for the shutdown trigger and stops in order.
 //!
 //! Shutdown order (bounded by `[shutdown] timeout_secs`):
-//! 1. stop scheduling; a drain tick in progress finishes its current batch and returns;
+//! 1. stop scheduling and following; a drain tick or follow step in progress finishes its current
+//!    batch and returns (the follower gives up its lease);
 //! 2. wait for running jobs;
 //! 3. the persister makes a last pass over the outbox;
 //! 4. the ranking-log writer writes what is buffered and replays its spill file;
@@ -28,7 +29,10 @@ use tokio_util::task::TaskTracker;
 use crate::backends::{self, Unavailable};
 use crate::config::Config;
 use crate::control::Control;
-use crate::coupon::{CouponDrain, DeadAction, DeadFilter, DeadReport, DrainReport, StopReason};
+use crate::coupon::{
+    CouponDrain, DEFAULT_LEASE, DeadAction, DeadFilter, DeadReport, DrainReport, FollowOptions,
+    StopReason,
+};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::ranking::{RankingKeeper, RankingRebuild, RebuildReport, WhenLocked, today};
@@ -145,6 +149,7 @@ fn new_drain(
         log,
         metrics.clone(),
     )
+    .with_sweep_interval(config.coupon.sweep_interval)
 }
 
 /// The coupon drain wired as `drain` wires it: the ranking-log writer running behind it, so every
@@ -303,8 +308,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let heartbeat_stop = CancellationToken::new();
     let heartbeat = tokio::spawn(keep_heartbeat(control.clone(), heartbeat_stop.clone()));
     let mut scheduler = schedule_jobs(&config, &drain, &keeper, &drain_job, &tasks, &stop).await?;
+    if let Some(poll_interval) = config.coupon.follow_interval() {
+        tasks.spawn(crate::coupon::follow(
+            drain.clone(),
+            FollowOptions {
+                poll_interval,
+                budget: config.coupon.tick_budget,
+                lease: DEFAULT_LEASE,
+            },
+            drain_job.running.clone(),
+            stop.clone(),
+        ));
+    }
     crate::systemd::ready();
     tracing::info!(%listen, coupon_schedule = config.coupon.schedule.as_str(),
+        coupon_poll_interval_ms = config.coupon.poll_interval.as_millis() as u64,
         ranking_schedule = config.ranking.schedule.as_str(), timezone = %config.ranking.timezone,
         "commerce-worker running");
 

@@ -48,6 +48,10 @@ pub struct KeyTemplates {
     pub outbox: String,
     /// SET of couponIds with a queue of their own (per-coupon layout only; written by the API).
     pub coupon_registry: String,
+    /// SET of couponIds whose queues have work (per-coupon layout only): the API adds the coupon
+    /// beside each ZADD, the drain removes it once the queue is empty. A hint for speed only:
+    /// a periodic sweep of the registry finds queues whose coupon is missing here.
+    pub coupon_active: String,
     /// ZSET of units sold per product on one day (written by the API).
     pub ranking_daily: String,
     /// ZSET: the sum of the window's daily keys.
@@ -69,6 +73,7 @@ impl Default for KeyTemplates {
             dead: "coupon:dead".into(),
             outbox: "coupon:outbox".into(),
             coupon_registry: "coupon:registry".into(),
+            coupon_active: "coupon:active".into(),
             ranking_daily: "product:ranking:{date}".into(),
             ranking_window: "product:ranking:3d".into(),
             control: "commerce-worker".into(),
@@ -118,6 +123,7 @@ impl KeyTemplates {
             ("dead", &self.dead),
             ("outbox", &self.outbox),
             ("coupon_registry", &self.coupon_registry),
+            ("coupon_active", &self.coupon_active),
             ("ranking_daily", &self.ranking_daily),
             ("ranking_window", &self.ranking_window),
             ("control", &self.control),
@@ -134,6 +140,7 @@ impl KeyTemplates {
             ("dead", &mut self.dead),
             ("outbox", &mut self.outbox),
             ("coupon_registry", &mut self.coupon_registry),
+            ("coupon_active", &mut self.coupon_active),
             ("ranking_daily", &mut self.ranking_daily),
             ("ranking_window", &mut self.ranking_window),
             ("control", &mut self.control),
@@ -200,6 +207,16 @@ impl KeyTemplates {
             seen.push((name, template));
         }
         problems
+    }
+
+    /// The lease that lets one replica at a time follow the queue(s) between ticks: beside the
+    /// active set in the per-coupon layout, beside the queue otherwise.
+    pub fn follow_lease(&self) -> String {
+        if self.per_coupon() {
+            format!("{}:follower", self.coupon_active)
+        } else {
+            format!("{}:follower", self.queue)
+        }
     }
 
     fn coupon_key(template: &str, coupon_id: i64) -> String {
@@ -375,7 +392,12 @@ impl KeyTemplates {
             for (name, template) in self.entries() {
                 if matches!(
                     name,
-                    "queue" | "coupon_registry" | "ranking_daily" | "ranking_window" | "control"
+                    "queue"
+                        | "coupon_registry"
+                        | "ranking_daily"
+                        | "ranking_window"
+                        | "control"
+                        | "coupon_active"
                 ) {
                     continue;
                 }

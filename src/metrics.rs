@@ -60,6 +60,9 @@ pub struct Metrics {
     pub coupon_queue_depth: Gauge,
     pub coupon_outbox_depth: Gauge,
     pub coupon_batch_duration: Histogram,
+    pub coupon_oldest_waiting_age: Gauge<f64, AtomicU64>,
+    pub coupon_decision_latency: Histogram,
+    pub coupon_follow_polls: Counter,
     pub coupon_rows_persisted: Counter,
     pub coupon_reconciliations: Counter,
     pub coupon_rows_restored: Counter,
@@ -114,6 +117,24 @@ impl Metrics {
             "coupon_batch_duration_seconds",
             "Time to decide one batch of queue entries (read + Lua script)",
             coupon_batch_duration.clone(),
+        );
+        let coupon_oldest_waiting_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "coupon_oldest_waiting_age_seconds",
+            "Age of the oldest request left waiting in any coupon queue after the last tick or follow step (its score against the clock; 0 when every queue it looked at was emptied)",
+            coupon_oldest_waiting_age.clone(),
+        );
+        let coupon_decision_latency = duration_histogram();
+        registry.register(
+            "coupon_decision_latency_seconds",
+            "Time from a request's enqueue (its score) to its decision",
+            coupon_decision_latency.clone(),
+        );
+        let coupon_follow_polls = Counter::default();
+        registry.register(
+            "coupon_follow_polls",
+            "Looks at the queue between ticks by this replica while it follows the queue",
+            coupon_follow_polls.clone(),
         );
         let coupon_rows_persisted = Counter::default();
         registry.register(
@@ -233,6 +254,9 @@ impl Metrics {
             coupon_queue_depth,
             coupon_outbox_depth,
             coupon_batch_duration,
+            coupon_oldest_waiting_age,
+            coupon_decision_latency,
+            coupon_follow_polls,
             coupon_rows_persisted,
             coupon_reconciliations,
             coupon_rows_restored,

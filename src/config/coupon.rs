@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::read::Problems;
 use super::schedule::CronSchedule;
-use super::units::{millis, nonzero};
+use super::units::{millis, nonzero, secs};
 
 /// The largest coupon batch: the Lua script unpacks argument lists onto Lua's C stack, which
 /// holds about 8000 slots.
@@ -28,6 +28,22 @@ pub struct CouponConfig {
         default = "default_tick_budget"
     )]
     pub tick_budget: Duration,
+    /// Between ticks, the queue is looked at this often; zero turns following off (see
+    /// [`Self::follow_interval`]).
+    #[serde(
+        rename = "poll_interval_ms",
+        with = "millis",
+        default = "default_poll_interval"
+    )]
+    pub poll_interval: Duration,
+    /// Per-coupon layout: how often the whole registry is swept for queues and outboxes with
+    /// entries that the active set does not show.
+    #[serde(
+        rename = "sweep_interval_secs",
+        with = "secs",
+        default = "default_sweep_interval"
+    )]
+    pub sweep_interval: Duration,
 }
 
 fn default_schedule() -> CronSchedule {
@@ -42,7 +58,20 @@ fn default_tick_budget() -> Duration {
     Duration::from_millis(4000)
 }
 
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(30)
+}
+
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
 impl CouponConfig {
+    /// The poll interval when following is on.
+    pub fn follow_interval(&self) -> Option<Duration> {
+        (!self.poll_interval.is_zero()).then_some(self.poll_interval)
+    }
+
     pub(super) fn validate(&self, problems: &mut Problems) {
         problems.range(
             "coupon.batch_size",
@@ -53,6 +82,16 @@ impl CouponConfig {
             "coupon.tick_budget_ms",
             self.tick_budget.as_millis() as u64,
             1..=3_600_000,
+        );
+        problems.range(
+            "coupon.poll_interval_ms",
+            self.poll_interval.as_millis() as u64,
+            0..=60_000,
+        );
+        problems.range(
+            "coupon.sweep_interval_secs",
+            self.sweep_interval.as_secs(),
+            1..=86_400,
         );
     }
 }

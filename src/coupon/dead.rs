@@ -114,14 +114,22 @@ pub async fn process_dead(
     mut on_entry: impl FnMut(&DeadEntry),
 ) -> anyhow::Result<DeadReport> {
     // Per coupon, the coupon's own stream already is the filter; its entries need not say so.
-    let (lanes, coupon_arg) = match (keys.per_coupon(), filter.coupon) {
-        (true, Some(id)) => (vec![keys.for_coupon(id)], String::new()),
-        (true, None) => (super::queue_keys(client, keys).await?, String::new()),
-        (false, coupon) => (
-            vec![keys.clone()],
-            coupon.map(|id| id.to_string()).unwrap_or_default(),
-        ),
-    };
+    let (lanes, coupon_arg): (Vec<(Option<i64>, KeyTemplates)>, String) =
+        match (keys.per_coupon(), filter.coupon) {
+            (true, Some(id)) => (vec![(Some(id), keys.for_coupon(id))], String::new()),
+            (true, None) => (
+                super::registered_coupons(client, keys)
+                    .await?
+                    .into_iter()
+                    .map(|id| (Some(id), keys.for_coupon(id)))
+                    .collect(),
+                String::new(),
+            ),
+            (false, coupon) => (
+                vec![(None, keys.clone())],
+                coupon.map(|id| id.to_string()).unwrap_or_default(),
+            ),
+        };
     let script_action = match (dry_run, action) {
         (true, _) => "list",
         (false, DeadAction::Requeue) => "requeue",
@@ -130,7 +138,8 @@ pub async fn process_dead(
     let reason = filter.reason.clone().unwrap_or_default();
     let script = Script::from_lua(DEAD_LETTERS_LUA);
     let mut report = DeadReport::default();
-    for lane in lanes {
+    for (coupon, lane) in lanes {
+        let done_before = report.done;
         let mut cursor = "-".to_owned();
         loop {
             let (seen, last, flat): (u64, String, Vec<String>) = script
@@ -174,6 +183,14 @@ pub async fn process_dead(
                 break;
             }
             cursor = last;
+        }
+        // Requeued entries are work like any request: mark the coupon as the API would.
+        if let Some(coupon) = coupon
+            && !dry_run
+            && action == DeadAction::Requeue
+            && report.done > done_before
+        {
+            let _: u64 = client.sadd(&keys.coupon_active, coupon).await?;
         }
     }
     Ok(report)

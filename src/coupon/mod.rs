@@ -19,11 +19,12 @@
 
 mod dead;
 mod decide;
+mod follow;
 pub(crate) mod member;
 mod outbox;
 pub mod reconcile;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,7 @@ pub use dead::{
     DeadAction, DeadEntry, DeadFilter, DeadReport, RequeueReport, process_dead, requeue_dead,
 };
 pub use decide::{Decider, Decision};
+pub use follow::{DEFAULT_LEASE, FollowLease, FollowOptions, follow};
 pub use outbox::Persister;
 pub use reconcile::Reconciler;
 
@@ -66,6 +68,8 @@ pub struct DrainReport {
     /// between our read and our script.
     pub outcomes: OutcomeCounts,
     pub batches: u64,
+    /// Queues worked on.
+    pub lanes: u64,
     pub stopped: StopReason,
     /// Queue length after the tick.
     pub queue_depth: u64,
@@ -82,6 +86,19 @@ impl DrainReport {
     fn add_counts(&mut self, other: &DrainReport) {
         self.outcomes += &other.outcomes;
         self.batches += other.batches;
+    }
+
+    /// One INFO line with the counts.
+    pub fn log(&self, message: &'static str) {
+        tracing::info!(
+            outcomes = %self.outcomes,
+            batches = self.batches,
+            queue_depth = self.queue_depth,
+            lanes = self.lanes,
+            stopped = ?self.stopped,
+            elapsed_ms = self.elapsed.as_millis() as u64,
+            "{message}"
+        );
     }
 
     /// Adds a later tick's counts to these (depth and stop reason: the later tick's).
@@ -112,6 +129,11 @@ impl std::fmt::Display for DrainReport {
             self.queue_depth
         )
     }
+}
+
+/// Now in epoch milliseconds, the unit of queue scores.
+fn now_ms() -> f64 {
+    Utc::now().timestamp_millis() as f64
 }
 
 /// Outboxes persisted at once in the per-coupon layout: enough to keep MySQL busy, well under
@@ -154,18 +176,35 @@ const RECONCILES_PER_TICK: usize = 3;
 enum Layout {
     /// One queue for every coupon (`coupon:queue`).
     Single(Box<Lane>),
-    /// One queue per coupon, the coupons listed in the registry set; lanes made on first sight.
-    PerCoupon {
-        lanes: Arc<std::sync::Mutex<BTreeMap<i64, Lane>>>,
-        /// Coupons with an outbox key though the registry no longer lists them (retired while
-        /// issued coupons were still waiting for MySQL), and when they were last looked for.
-        unlisted: Arc<std::sync::Mutex<(Option<Instant>, Vec<i64>)>>,
-    },
+    /// One queue per coupon: lanes with work are found in the active set, and every
+    /// `sweep_interval` in the whole registry (for queues whose coupon the API did not mark).
+    PerCoupon(Arc<PerCoupon>),
 }
 
-/// How often the per-coupon layout looks for outboxes of coupons no longer in the registry (a
-/// SCAN of every primary).
-const UNLISTED_SCAN_INTERVAL: Duration = Duration::from_secs(10);
+/// The per-coupon layout's state, shared by the drain's clones.
+#[derive(Default)]
+struct PerCoupon {
+    /// Lanes made on first sight, by coupon.
+    lanes: std::sync::Mutex<BTreeMap<i64, Lane>>,
+    /// When the registry's queues were last swept.
+    queues_swept: std::sync::Mutex<Option<Instant>>,
+    /// When the registry's outboxes were last swept.
+    outboxes_swept: std::sync::Mutex<Option<Instant>>,
+    /// Coupons whose outbox had entries when last seen (issued here, or found by a sweep):
+    /// the persister's work list between sweeps.
+    outboxes: std::sync::Mutex<BTreeSet<i64>>,
+}
+
+/// Keys looked at concurrently in one go by a sweep (fred pipelines them on its connections).
+const SWEEP_CHUNK: usize = 1000;
+
+/// A lane the tick works on, and whether its coupon was in the active set (then the tick clears
+/// the mark once the queue is empty).
+struct LaneWork {
+    coupon: Option<i64>,
+    lane: Lane,
+    marked: bool,
+}
 
 /// The coupons of the per-coupon layout: the readable ids in `coupon_registry`.
 pub async fn registered_coupons(client: &Client, keys: &KeyTemplates) -> anyhow::Result<Vec<i64>> {
@@ -194,6 +233,9 @@ pub struct CouponDrain {
     keys: KeyTemplates,
     batch_size: usize,
     layout: Layout,
+    /// Per-coupon layout: how often the whole registry is swept for queues and outboxes with
+    /// entries that the active set does not show.
+    sweep_interval: Duration,
     log: LogSender,
     metrics: Metrics,
     /// The pause flags every replica honours.
@@ -201,6 +243,9 @@ pub struct CouponDrain {
     /// Wakes the persister when a batch issued coupons.
     outbox_ready: Arc<Notify>,
 }
+
+/// The default `[coupon] sweep_interval_secs`.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 impl CouponDrain {
     pub fn new(
@@ -218,10 +263,8 @@ impl CouponDrain {
             pool,
             keys: keys.clone(),
             batch_size,
-            layout: Layout::PerCoupon {
-                lanes: Arc::default(),
-                unlisted: Arc::default(),
-            },
+            layout: Layout::PerCoupon(Arc::default()),
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
             log,
             metrics,
             outbox_ready: Arc::new(Notify::new()),
@@ -230,6 +273,37 @@ impl CouponDrain {
             drain.layout = Layout::Single(Box::new(drain.lane(None)));
         }
         drain
+    }
+
+    /// Sets how often the per-coupon layout sweeps the whole registry (default
+    /// [`DEFAULT_SWEEP_INTERVAL`]).
+    pub fn with_sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Makes the next look sweep the whole registry (per-coupon layout), as if the sweep
+    /// interval had passed: how tests step the sweep without waiting for it.
+    pub fn sweep_at_next_look(&self) {
+        if let Layout::PerCoupon(state) = &self.layout {
+            Self::undo_sweep(&state.queues_swept);
+            Self::undo_sweep(&state.outboxes_swept);
+        }
+    }
+
+    /// The metrics this drain reports to.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The Redis client the drain uses.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The key templates the drain uses.
+    pub fn keys(&self) -> &KeyTemplates {
+        &self.keys
     }
 
     fn lane(&self, coupon_id: Option<i64>) -> Lane {
@@ -258,28 +332,15 @@ impl CouponDrain {
         }
     }
 
-    /// The lanes to work on now: the single queue, or one per coupon in the registry.
-    async fn lanes(&self) -> anyhow::Result<Vec<Lane>> {
-        match &self.layout {
-            Layout::Single(lane) => Ok(vec![(**lane).clone()]),
-            Layout::PerCoupon { .. } => {
-                let ids = registered_coupons(&self.client, &self.keys).await?;
-                self.coupon_lanes(ids)
-            }
-        }
-    }
-
-    /// The per-coupon lanes of `ids`, made on first sight.
-    fn coupon_lanes(&self, ids: Vec<i64>) -> anyhow::Result<Vec<Lane>> {
-        let Layout::PerCoupon { lanes, .. } = &self.layout else {
-            return Ok(Vec::new());
-        };
-        let mut known = lanes
+    /// The cached lanes of `ids` (per-coupon layout).
+    fn lanes_of(&self, state: &PerCoupon, ids: &[i64]) -> anyhow::Result<Vec<Lane>> {
+        let mut known = state
+            .lanes
             .lock()
             .map_err(|_| anyhow::anyhow!("lane cache poisoned"))?;
         Ok(ids
-            .into_iter()
-            .map(|id| {
+            .iter()
+            .map(|&id| {
                 known
                     .entry(id)
                     .or_insert_with(|| self.lane(Some(id)))
@@ -288,61 +349,187 @@ impl CouponDrain {
             .collect())
     }
 
-    /// The lanes whose outboxes must be persisted: [`lanes`](Self::lanes), and in the per-coupon
-    /// layout every coupon with an outbox key whatever the registry says now — a coupon retired
-    /// while MySQL was down still has issued coupons to persist. Outbox keys are looked for with
-    /// SCAN on every primary at most every [`UNLISTED_SCAN_INTERVAL`].
-    async fn outbox_lanes(&self) -> anyhow::Result<Vec<Lane>> {
-        let mut lanes = self.lanes().await?;
-        let Layout::PerCoupon { unlisted, .. } = &self.layout else {
-            return Ok(lanes);
-        };
-        let due = {
-            let guard = unlisted
-                .lock()
-                .map_err(|_| anyhow::anyhow!("unlisted coupons poisoned"))?;
-            guard
-                .0
-                .is_none_or(|at| at.elapsed() >= UNLISTED_SCAN_INTERVAL)
-        };
-        let listed: std::collections::BTreeSet<i64> =
-            lanes.iter().filter_map(|l| l.decider.coupon()).collect();
-        let ids = if due {
-            let found: Vec<i64> =
-                crate::backends::scan_keys(&self.client, &self.keys.outbox_pattern())
-                    .await?
-                    .iter()
-                    .filter_map(|key| self.keys.coupon_of_outbox(key))
-                    .filter(|id| !listed.contains(id))
-                    .collect();
-            if !found.is_empty() {
-                tracing::info!(coupons = ?found,
-                    "outboxes of coupons no longer in the registry; persisting them until empty");
+    /// Every lane: the single queue, or one per coupon in the registry.
+    async fn registered_lanes(&self) -> anyhow::Result<Vec<Lane>> {
+        match &self.layout {
+            Layout::Single(lane) => Ok(vec![(**lane).clone()]),
+            Layout::PerCoupon(state) => {
+                let ids = registered_coupons(&self.client, &self.keys).await?;
+                self.lanes_of(state, &ids)
             }
-            let mut guard = unlisted
-                .lock()
-                .map_err(|_| anyhow::anyhow!("unlisted coupons poisoned"))?;
-            *guard = (Some(Instant::now()), found.clone());
-            found
-        } else {
-            let guard = unlisted
-                .lock()
-                .map_err(|_| anyhow::anyhow!("unlisted coupons poisoned"))?;
-            guard
-                .1
-                .iter()
-                .copied()
-                .filter(|id| !listed.contains(id))
-                .collect()
-        };
-        lanes.extend(self.coupon_lanes(ids)?);
-        Ok(lanes)
+        }
     }
 
-    /// Issued coupons waiting in the outbox(es).
+    /// Whether a sweep last done at `*last` is due, and if so marks it done now (a failed
+    /// sweep is retried at the next look: see [`Self::undo_sweep`]).
+    fn sweep_due(&self, last: &std::sync::Mutex<Option<Instant>>) -> bool {
+        let Ok(mut last) = last.lock() else {
+            return true;
+        };
+        let due = last.is_none_or(|at| at.elapsed() >= self.sweep_interval);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
+
+    fn undo_sweep(last: &std::sync::Mutex<Option<Instant>>) {
+        if let Ok(mut last) = last.lock() {
+            *last = None;
+        }
+    }
+
+    /// Of `keys`, the indexes of those whose ZCARD is not 0, asked [`SWEEP_CHUNK`] at a time.
+    async fn non_empty(&self, keys: Vec<String>) -> anyhow::Result<Vec<usize>> {
+        let mut found = Vec::new();
+        for (chunk_index, chunk) in keys.chunks(SWEEP_CHUNK).enumerate() {
+            let sizes = futures_util::future::try_join_all(
+                chunk.iter().map(|key| self.client.zcard::<u64, _>(key)),
+            )
+            .await?;
+            found.extend(
+                sizes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(i, _)| chunk_index * SWEEP_CHUNK + i),
+            );
+        }
+        Ok(found)
+    }
+
+    /// The lanes to work on now. Single queue: the queue. Per coupon: the coupons in the active
+    /// set, plus, when a sweep is due, every registered coupon whose queue has entries.
+    async fn lanes_with_work(&self) -> anyhow::Result<Vec<LaneWork>> {
+        let state = match &self.layout {
+            Layout::Single(lane) => {
+                return Ok(vec![LaneWork {
+                    coupon: None,
+                    lane: (**lane).clone(),
+                    marked: false,
+                }]);
+            }
+            Layout::PerCoupon(state) => state,
+        };
+        let members: Vec<String> = self.client.smembers(&self.keys.coupon_active).await?;
+        let mut active: Vec<i64> = members.iter().filter_map(|m| member::parse_id(m)).collect();
+        active.sort_unstable();
+        let mut found = Vec::new();
+        if self.sweep_due(&state.queues_swept) {
+            let swept = async {
+                let registered: Vec<i64> = registered_coupons(&self.client, &self.keys)
+                    .await?
+                    .into_iter()
+                    .filter(|id| active.binary_search(id).is_err())
+                    .collect();
+                let queues = registered
+                    .iter()
+                    .map(|&id| self.keys.for_coupon(id).queue)
+                    .collect();
+                let with_entries = self.non_empty(queues).await?;
+                anyhow::Ok(with_entries.into_iter().map(|i| registered[i]).collect())
+            };
+            match swept.await {
+                Ok(ids) => found = ids,
+                Err(e) => {
+                    Self::undo_sweep(&state.queues_swept);
+                    return Err(e.context("sweeping the coupon registry for queues with entries"));
+                }
+            }
+            if !found.is_empty() {
+                tracing::info!(coupons = ?found, "sweep found queues with entries that were not marked active");
+            }
+        }
+        let active_lanes = self.lanes_of(state, &active)?;
+        let found_lanes = self.lanes_of(state, &found)?;
+        Ok(active
+            .into_iter()
+            .zip(active_lanes)
+            .map(|(id, lane)| LaneWork {
+                coupon: Some(id),
+                lane,
+                marked: true,
+            })
+            .chain(
+                found
+                    .into_iter()
+                    .zip(found_lanes)
+                    .map(|(id, lane)| LaneWork {
+                        coupon: Some(id),
+                        lane,
+                        marked: false,
+                    }),
+            )
+            .collect())
+    }
+
+    /// Clears a drained lane's mark in the active set without losing a wake-up: the mark goes
+    /// first, then the queue is looked at again; an entry that arrived in between (its API
+    /// call's SADD may have been the one removed) puts the mark back.
+    async fn clear_mark(&self, coupon: i64, queue_key: &str) -> anyhow::Result<()> {
+        let _: u64 = self.client.srem(&self.keys.coupon_active, coupon).await?;
+        let left: u64 = self.client.zcard(queue_key).await?;
+        if left > 0 {
+            let _: u64 = self.client.sadd(&self.keys.coupon_active, coupon).await?;
+        }
+        Ok(())
+    }
+
+    /// The outbox lanes to persist now: the single queue's, or per coupon those that had
+    /// entries when last seen, plus (sweep due) every coupon with an outbox key, whatever the
+    /// registry says now — a coupon retired while MySQL was down still has issued coupons to
+    /// persist. Outbox keys are found with SCAN on every primary (an empty outbox has no key).
+    async fn outbox_lanes(&self) -> anyhow::Result<Vec<(Option<i64>, Lane)>> {
+        let state = match &self.layout {
+            Layout::Single(lane) => return Ok(vec![(None, (**lane).clone())]),
+            Layout::PerCoupon(state) => state,
+        };
+        if self.sweep_due(&state.outboxes_swept) {
+            let swept = async {
+                anyhow::Ok(
+                    crate::backends::scan_keys(&self.client, &self.keys.outbox_pattern())
+                        .await?
+                        .iter()
+                        .filter_map(|key| self.keys.coupon_of_outbox(key))
+                        .collect::<Vec<i64>>(),
+                )
+            };
+            match swept.await {
+                Ok(ids) => {
+                    if let Ok(mut outboxes) = state.outboxes.lock() {
+                        outboxes.extend(ids);
+                    }
+                }
+                Err(e) => {
+                    Self::undo_sweep(&state.outboxes_swept);
+                    return Err(e.context("looking for outboxes with entries"));
+                }
+            }
+        }
+        let ids: Vec<i64> = state
+            .outboxes
+            .lock()
+            .map_err(|_| anyhow::anyhow!("outbox list poisoned"))?
+            .iter()
+            .copied()
+            .collect();
+        let lanes = self.lanes_of(state, &ids)?;
+        Ok(ids.into_iter().map(Some).zip(lanes).collect())
+    }
+
+    /// Remembers that `coupon`'s outbox has entries (the persister's work list).
+    fn outbox_has_entries(&self, coupon: Option<i64>) {
+        if let (Layout::PerCoupon(state), Some(id)) = (&self.layout, coupon)
+            && let Ok(mut outboxes) = state.outboxes.lock()
+        {
+            outboxes.insert(id);
+        }
+    }
+
+    /// Issued coupons waiting in the outbox(es) on the persister's work list.
     pub async fn outbox_depth(&self) -> anyhow::Result<u64> {
         let mut depth = 0;
-        for lane in self.outbox_lanes().await? {
+        for (_, lane) in self.outbox_lanes().await? {
             depth += lane.persister.depth().await?;
         }
         self.metrics.coupon_outbox_depth.set(depth as i64);
@@ -353,8 +540,8 @@ impl CouponDrain {
     /// marks it reconciled (the `reconcile` command; see [`reconcile`]). In the per-coupon
     /// layout, every coupon in the registry or in MySQL.
     pub async fn reconcile_all(&self, dry_run: bool) -> anyhow::Result<Vec<reconcile::LaneReport>> {
-        let mut lanes = self.lanes().await?;
-        if let Layout::PerCoupon { .. } = self.layout {
+        let mut lanes = self.registered_lanes().await?;
+        if let Layout::PerCoupon(_) = self.layout {
             let known: std::collections::BTreeSet<i64> = lanes
                 .iter()
                 .filter_map(|lane| lane.decider.coupon())
@@ -372,24 +559,48 @@ impl CouponDrain {
         Ok(reports)
     }
 
-    /// Persists every outbox until empty; returns how many entries. Per coupon, up to
-    /// `PARALLEL_PERSISTS` outboxes at once (different shards, different MySQL connections).
+    /// Persists every outbox on the work list until empty; returns how many entries. Per
+    /// coupon, up to `PARALLEL_PERSISTS` outboxes at once (different shards, different MySQL
+    /// connections); an outbox emptied leaves the work list.
     pub async fn persist_all(&self) -> anyhow::Result<usize> {
         use futures_util::{StreamExt, TryStreamExt};
         if self.control.paused(PAUSE_CHECK_INTERVAL).await?.persist {
             return Ok(0);
         }
         futures_util::stream::iter(self.outbox_lanes().await?)
-            .map(|lane| async move { lane.persist_all().await })
+            .map(|(coupon, lane)| async move {
+                let n = lane.persist_all().await?;
+                if let (Layout::PerCoupon(state), Some(id)) = (&self.layout, coupon)
+                    && lane.persister.depth().await? == 0
+                    && let Ok(mut outboxes) = state.outboxes.lock()
+                {
+                    outboxes.remove(&id);
+                }
+                anyhow::Ok(n)
+            })
             .buffer_unordered(PARALLEL_PERSISTS)
             .try_fold(0, |total, n| async move { Ok(total + n) })
             .await
     }
 
-    /// One tick: every lane (concurrently: per-coupon queues live on different shards of a
-    /// cluster) decides batches until its queue is empty, `budget` is spent, or `stop` fires.
+    /// One tick: every lane with work (concurrently: per-coupon queues live on different shards
+    /// of a cluster) decides batches until its queue is empty, `budget` is spent, or `stop`
+    /// fires. Following the queue between ticks is this same step, run every poll interval.
     #[tracing::instrument(name = "coupon_drain", skip_all)]
     pub async fn tick(
+        &self,
+        budget: Duration,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<DrainReport> {
+        let report = self.step(budget, stop).await?;
+        if report.decided() > 0 || report[Outcome::Gone] > 0 {
+            report.log("coupon drain tick");
+        }
+        Ok(report)
+    }
+
+    /// A tick without its log line: what following runs every poll interval.
+    pub async fn step(
         &self,
         budget: Duration,
         stop: &CancellationToken,
@@ -402,21 +613,33 @@ impl CouponDrain {
                 ..DrainReport::default()
             });
         }
-        let lanes = self.lanes().await?;
-        let results = futures_util::future::join_all(
-            lanes
-                .iter()
-                .map(|lane| self.tick_lane(lane, started, budget, stop)),
-        )
+        let lanes = self.lanes_with_work().await?;
+        let results = futures_util::future::join_all(lanes.iter().map(|work| async {
+            let (report, oldest) = self
+                .tick_lane(&work.lane, work.coupon, started, budget, stop)
+                .await?;
+            if work.marked
+                && report.stopped == StopReason::QueueEmpty
+                && let Some(coupon) = work.coupon
+            {
+                self.clear_mark(coupon, &work.lane.queue_key).await?;
+            }
+            anyhow::Ok((report, oldest))
+        }))
         .await;
         let mut report = DrainReport::default();
         let mut depth = 0;
+        let mut oldest_ms: Option<f64> = None;
         let mut first_error = None;
         for result in results {
             match result {
-                Ok(lane_report) => {
+                Ok((lane_report, lane_oldest)) => {
                     report.add_counts(&lane_report);
                     depth += lane_report.queue_depth;
+                    oldest_ms = match (oldest_ms, lane_oldest) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     // Empty only when every lane is; otherwise why a lane stopped early.
                     if report.stopped == StopReason::QueueEmpty {
                         report.stopped = lane_report.stopped;
@@ -427,37 +650,33 @@ impl CouponDrain {
                 }
             }
         }
+        self.metrics
+            .coupon_oldest_waiting_age
+            .set(oldest_ms.map_or(0.0, |ms| (now_ms() - ms).max(0.0) / 1000.0));
         if let Some(e) = first_error {
             return Err(e);
         }
         report.queue_depth = depth;
         report.elapsed = started.elapsed();
         self.metrics.coupon_queue_depth.set(depth as i64);
-        if report.decided() > 0 || report[Outcome::Gone] > 0 {
-            tracing::info!(
-                outcomes = %report.outcomes,
-                batches = report.batches,
-                queue_depth = report.queue_depth,
-                lanes = lanes.len(),
-                stopped = ?report.stopped,
-                elapsed_ms = report.elapsed.as_millis() as u64,
-                "coupon drain tick"
-            );
-        }
+        report.lanes = lanes.len() as u64;
         Ok(report)
     }
 
-    /// One lane's share of a tick.
+    /// One lane's share of a tick, with the score of the oldest entry it left waiting (none when
+    /// it emptied the queue).
     async fn tick_lane(
         &self,
         lane: &Lane,
+        coupon: Option<i64>,
         started: Instant,
         budget: Duration,
         stop: &CancellationToken,
-    ) -> anyhow::Result<DrainReport> {
+    ) -> anyhow::Result<(DrainReport, Option<f64>)> {
         let mut report = DrainReport::default();
+        let mut oldest_ms: Option<f64> = None;
         // The next batch's head, read in the same round trip as the previous batch's script.
-        let mut next_head = None;
+        let mut next_head: Option<decide::Head> = None;
         // Decisions of the previous batch, recorded while Redis runs the next batch's script.
         let mut pending: Vec<Decision> = Vec::new();
         let mut reconciles = 0;
@@ -491,7 +710,7 @@ impl CouponDrain {
             // `join!` polls the script first: its request is on the wire before the previous
             // batch's bookkeeping (log rows, metrics) takes the CPU.
             let (decided, ()) = tokio::join!(lane.decider.decide_head(head, true), async {
-                self.record(&previous, &mut report)
+                self.record(&previous, coupon, &mut report)
             });
             let (decisions, next) = match decided {
                 Ok(decided) => decided,
@@ -518,19 +737,28 @@ impl CouponDrain {
             pending = decisions;
         };
         // Whatever happened, what was decided is counted and logged.
-        self.record(&pending, &mut report);
+        self.record(&pending, coupon, &mut report);
         outcome?;
-        report.queue_depth = self.client.zcard(&lane.queue_key).await?;
-        Ok(report)
+        // An empty head was just read: nothing to count. Otherwise entries were left behind.
+        if report.stopped != StopReason::QueueEmpty {
+            report.queue_depth = self.client.zcard(&lane.queue_key).await?;
+            let left: decide::Head = match next_head {
+                Some(head) => head,
+                None => lane.decider.read_head().await?,
+            };
+            oldest_ms = left.first().map(|(_, score)| *score);
+        }
+        Ok((report, oldest_ms))
     }
 
     /// Counts outcomes, updates metrics and hands one log row per decided request to the
     /// ranking log.
-    fn record(&self, decisions: &[Decision], report: &mut DrainReport) {
+    fn record(&self, decisions: &[Decision], coupon: Option<i64>, report: &mut DrainReport) {
         if decisions.is_empty() {
             return;
         }
         let now = Utc::now();
+        let decided_ms = now.timestamp_millis() as f64;
         let mut batch = DrainReport::default();
         let mut rows = Vec::with_capacity(decisions.len());
         for decision in decisions {
@@ -540,6 +768,10 @@ impl CouponDrain {
             if decision.outcome.row_name().is_none() {
                 continue;
             }
+            // The score is the API's clock, the decision ours: a skew below zero counts as 0.
+            self.metrics
+                .coupon_decision_latency
+                .observe((decided_ms - decision.enqueued_ms).max(0.0) / 1000.0);
             if let Some(request) = decision.request {
                 tracing::debug!(member = %decision.member, outcome = decision.outcome.label(), rank = decision.rank, "decided");
                 rows.push(LogRow {
@@ -559,6 +791,7 @@ impl CouponDrain {
             }
         }
         if batch[Outcome::Issued] > 0 {
+            self.outbox_has_entries(coupon);
             self.outbox_ready.notify_one();
         }
         report.add_counts(&batch);

@@ -88,7 +88,8 @@ impl FlashSale {
 
 /// `ZADD NX` of `(arrival ms, member)` pairs into the queue, as the API does; returns how many
 /// were added (a request already waiting is not). In the per-coupon layout each request goes
-/// to its coupon's queue and the coupon into the registry (`SADD`); a member without a
+/// to its coupon's queue, the coupon into the registry (`SADD`) and, after the ZADD, into the
+/// active set (`SADD`); a member without a
 /// readable couponId goes to coupon 1's queue, where the drain dead-letters it.
 pub async fn enqueue_members(
     redis: &Client,
@@ -115,6 +116,10 @@ pub async fn enqueue_members(
         let n: u64 = redis
             .zadd(queue, Some(SetOptions::NX), None, false, false, entries)
             .await?;
+        // The "this coupon has work" mark, after the ZADD has answered (README).
+        if let Some(coupon) = coupon {
+            let _: u64 = redis.sadd(&keys.coupon_active, coupon).await?;
+        }
         added += n;
     }
     Ok(added)

@@ -13,6 +13,7 @@ mod coupon_drain;
 mod daemon;
 mod deploy;
 mod drain_faults;
+mod follow;
 mod invariants;
 mod ranking;
 mod ranking_log;
