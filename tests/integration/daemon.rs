@@ -217,7 +217,19 @@ async fn a_shutdown_that_misses_its_deadline_exits_1_and_the_next_start_writes_w
     )
     .await;
 
-    // MySQL goes away; requests keep coming and are decided in Redis.
+    // Redis was reconciled from MySQL at start (a new Redis, as far as the worker knows); only
+    // then does MySQL go away, and requests keep coming and are decided in Redis.
+    eventually(
+        Duration::from_secs(30),
+        "Redis reconciled at start",
+        async || {
+            env.redis
+                .exists::<u64, _>(env.keys().reconciled_marker())
+                .await
+                .is_ok_and(|n| n == 1)
+        },
+    )
+    .await;
     db.kill();
     flash_sale(&env, &[5], 40, 100).await;
     let malformed = enqueue_malformed(&env, &[5]).await;
