@@ -419,6 +419,20 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// SIGTERM, as systemd and Kubernetes stop it; the exit status, within 30 s (the shutdown
+    /// deadline is 25 s) or the test fails.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        sigterm(&self.child);
+        wait_exit(
+            &mut self.child,
+            Duration::from_secs(30),
+            "the daemon did not exit within 30 s of SIGTERM",
+        )
+        .await
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -814,12 +828,14 @@ impl TestEnv {
         )
     }
 
-    pub async fn enqueue(&self, entries: &[(f64, String)]) {
+    /// `ZADD key NX` of `entries`, 1000 at a time, as the API writes; returns how many were new.
+    pub async fn zadd_nx(&self, key: &str, entries: &[(f64, String)]) -> i64 {
+        let mut added = 0;
         for chunk in entries.chunks(1000) {
-            let _: i64 = self
+            let n: i64 = self
                 .redis
                 .zadd(
-                    &self.keys().queue,
+                    key,
                     Some(SetOptions::NX),
                     None,
                     false,
@@ -828,7 +844,14 @@ impl TestEnv {
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
+            added += n;
         }
+        added
+    }
+
+    /// Requests into the queue (ZADD NX); returns how many were new.
+    pub async fn enqueue(&self, entries: &[(f64, String)]) -> i64 {
+        self.zadd_nx(&self.keys().queue, entries).await
     }
 
     pub async fn set_stock(&self, coupon_id: i64, stock: &str) {
@@ -841,6 +864,17 @@ impl TestEnv {
 }
 
 impl Pipeline {
+    /// One tick of the drain with a 10 s budget.
+    pub async fn tick(
+        &self,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> commerce_worker::coupon::DrainReport {
+        self.drain
+            .tick(Duration::from_secs(10), stop)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Stops the log writer after it wrote everything; returns rows written.
     pub async fn finish(self) -> u64 {
         self.0.finish_writing().await.rows_written

@@ -101,11 +101,7 @@ async fn each_outcome_is_recorded_in_redis_mysql_and_the_ranking_log() {
         (3.0, member(12, 3)),
     ])
     .await;
-    let first = pipeline
-        .drain
-        .tick(Duration::from_secs(10), &stop)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let first = pipeline.tick(&stop).await;
     assert_eq!(
         (
             first[Outcome::Issued],
@@ -122,11 +118,7 @@ async fn each_outcome_is_recorded_in_redis_mysql_and_the_ranking_log() {
         (6.0, member(14, 1)),
     ])
     .await;
-    let second = pipeline
-        .drain
-        .tick(Duration::from_secs(10), &stop)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let second = pipeline.tick(&stop).await;
     assert_eq!(
         (
             second[Outcome::Issued],
@@ -218,11 +210,7 @@ async fn results_of_holders_stay_issued_and_holders_added_elsewhere_get_duplicat
         .unwrap_or_else(|e| panic!("{e}"));
     env.enqueue(&[(1.0, member(20, 1)), (2.0, member(21, 1))])
         .await;
-    let first = pipeline
-        .drain
-        .tick(Duration::from_secs(10), &stop)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let first = pipeline.tick(&stop).await;
     assert_eq!((first[Outcome::Duplicate], first[Outcome::Issued]), (1, 1));
 
     // Coupon 1 is retired (its stock key deleted); its holder and a newcomer ask again.
@@ -233,11 +221,7 @@ async fn results_of_holders_stay_issued_and_holders_added_elsewhere_get_duplicat
         .unwrap_or_else(|e| panic!("{e}"));
     env.enqueue(&[(3.0, member(21, 1)), (4.0, member(22, 1))])
         .await;
-    let second = pipeline
-        .drain
-        .tick(Duration::from_secs(10), &stop)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let second = pipeline.tick(&stop).await;
     assert_eq!(second[Outcome::UnknownCoupon], 2);
 
     let res = results(&env, 1).await;
@@ -359,11 +343,7 @@ async fn per_coupon_lanes_are_drained_strays_dead_lettered_and_requeue_dead_walk
         .unwrap_or_else(|e| panic!("{e:#}"));
     // Coupon 7's stray request goes back too (and will be dead-lettered again).
     assert_eq!(requeued.requeued, 4);
-    let again = pipeline
-        .drain
-        .tick(Duration::from_secs(10), &stop)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let again = pipeline.tick(&stop).await;
     assert_eq!(
         (
             again[Outcome::Issued],
@@ -631,19 +611,7 @@ async fn four_concurrent_drainers_conserve_stock_and_decide_every_request_once()
             .map(|u| ((100_000 + u * 3 + c) as f64, member(u, c)))
             .collect();
         for chunk in again.chunks(50) {
-            let added: i64 = env
-                .redis
-                .zadd(
-                    &env.keys().queue,
-                    Some(SetOptions::NX),
-                    None,
-                    false,
-                    false,
-                    chunk.to_vec(),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            *asked_again.entry(c).or_default() += added;
+            *asked_again.entry(c).or_default() += env.enqueue(chunk).await;
         }
     }
     let mut decided = 0;

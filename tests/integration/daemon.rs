@@ -140,13 +140,7 @@ async fn sigterm_stops_the_daemon_cleanly_with_exit_0_within_the_deadline() {
     .await;
     assert_eq!(http_status(port, "/readyz"), 200);
     assert_eq!(http_status(port, "/metrics"), 200);
-    sigterm(&daemon.child);
-    let status = wait_exit(
-        &mut daemon.child,
-        Duration::from_secs(30),
-        "did not exit within the 25 s deadline",
-    )
-    .await;
+    let status = daemon.stop().await;
     assert_eq!(status.code(), Some(0));
     env.cleanup().await;
 }
@@ -177,13 +171,7 @@ async fn readyz_is_503_while_redis_is_down_and_200_when_it_returns() {
         http_status(port, "/readyz") == 200
     })
     .await;
-    sigterm(&daemon.child);
-    let status = wait_exit(
-        &mut daemon.child,
-        Duration::from_secs(30),
-        "no exit after SIGTERM",
-    )
-    .await;
+    let status = daemon.stop().await;
     assert_eq!(status.code(), Some(0));
     env.cleanup().await;
 }
@@ -325,13 +313,7 @@ async fn sigkill_of_the_running_daemon_several_times_loses_and_duplicates_nothin
         },
     )
     .await;
-    sigterm(&last.child);
-    let status = wait_exit(
-        &mut last.child,
-        Duration::from_secs(30),
-        "no exit after SIGTERM",
-    )
-    .await;
+    let status = last.stop().await;
     assert_eq!(status.code(), Some(0));
     assert_invariants(&env, &coupons, initial, users).await;
     assert_dead_letters(&env, &coupons, &malformed).await;

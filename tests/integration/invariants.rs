@@ -72,7 +72,8 @@ fn lanes(env: &TestEnv, coupons: &[i64]) -> Vec<KeyTemplates> {
     lanes
 }
 
-async fn holders(env: &TestEnv, coupon: i64) -> BTreeSet<i64> {
+/// The users in `coupon:issued:{coupon}`.
+pub(crate) async fn holders(env: &TestEnv, coupon: i64) -> BTreeSet<i64> {
     let members: Vec<String> = env
         .redis
         .smembers(env.keys().issued(coupon))

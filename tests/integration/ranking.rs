@@ -918,20 +918,7 @@ async fn a_daemon_sigkilled_mid_rebuild_leaves_a_lease_that_lapses_and_the_next_
         let entries: Vec<(f64, String)> = (first..first + PRODUCTS)
             .map(|p| (1.0, p.to_string()))
             .collect();
-        for chunk in entries.chunks(50_000) {
-            let _: i64 = env
-                .redis
-                .zadd(
-                    env.keys().ranking_day(d),
-                    None,
-                    None,
-                    false,
-                    false,
-                    chunk.to_vec(),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
+        env.zadd_nx(&env.keys().ranking_day(d), &entries).await;
     }
     let config = env.config_file();
     let mut first = start_daemon(&config);
@@ -1010,12 +997,6 @@ async fn a_daemon_sigkilled_mid_rebuild_leaves_a_lease_that_lapses_and_the_next_
         },
     )
     .await;
-    crate::common::sigterm(&second.child);
-    let _ = crate::common::wait_exit(
-        &mut second.child,
-        std::time::Duration::from_secs(30),
-        "the second daemon did not stop after SIGTERM",
-    )
-    .await;
+    let _ = second.stop().await;
     env.cleanup().await;
 }

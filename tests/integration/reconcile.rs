@@ -28,18 +28,6 @@ async fn mysql_holders(env: &TestEnv, coupon: i64) -> Vec<i64> {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn redis_holders(env: &TestEnv, coupon: i64) -> BTreeSet<i64> {
-    let members: Vec<String> = env
-        .redis
-        .smembers(env.keys().issued(coupon))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    members
-        .iter()
-        .map(|m| m.parse().unwrap_or_else(|e| panic!("{m}: {e}")))
-        .collect()
-}
-
 /// Rows ≤ the initial stock, nobody twice, Redis' holders are exactly MySQL's rows and
 /// initial = remaining + holders; ranks in ranking_logs are never reused.
 async fn assert_consistent(env: &TestEnv, coupon: i64, initial: i64) {
@@ -52,7 +40,7 @@ async fn assert_consistent(env: &TestEnv, coupon: i64, initial: i64) {
     );
     assert_eq!(distinct.len(), rows.len(), "coupon {coupon}: nobody twice");
     assert_eq!(
-        redis_holders(env, coupon).await,
+        crate::invariants::holders(env, coupon).await,
         distinct,
         "coupon {coupon}: Redis holders == MySQL rows"
     );
