@@ -382,11 +382,15 @@ async fn run_in(
         })
         .await?,
     );
-    let starts: Vec<String> = cluster
+    let mut starts: Vec<String> = cluster
         .workers
         .iter()
         .map(|w| format!("worker {} started {} times", w.id, w.starts))
         .collect();
+    starts.push(format!(
+        "{} starts refused with exit 69 while a server was down (as the contract says), started again",
+        nemesis.refused_starts
+    ));
     checks.push(Check {
         name: "no process ended unexpectedly; every replica exited 0 after SIGTERM".into(),
         passed: nemesis.unexpected.is_empty(),

@@ -122,6 +122,10 @@ const MYSQL_PATTERNS: [&str; 3] = [
     "INSERT INTO ranking_logs",
 ];
 
+/// A replica exiting 69 (a server unreachable at start) this soon after starting is refusing to
+/// start, as the contract says it must; later, it would be a daemon giving up.
+const START_PHASE: Duration = Duration::from_secs(20);
+
 /// One line of the timeline.
 #[derive(Clone, Debug)]
 pub struct Event {
@@ -169,6 +173,8 @@ pub struct Nemesis {
     pub injected: std::collections::BTreeMap<&'static str, u64>,
     /// Processes that ended on their own, or CLI commands that failed: (when, what).
     pub unexpected: Vec<String>,
+    /// Replicas that exited 69 at start (a server was down) and were started again.
+    pub refused_starts: u64,
 }
 
 impl Nemesis {
@@ -182,6 +188,7 @@ impl Nemesis {
             timeline: Vec::new(),
             injected: Default::default(),
             unexpected: Vec::new(),
+            refused_starts: 0,
         }
     }
 
@@ -234,6 +241,24 @@ impl Nemesis {
     pub async fn watch(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
         for i in 0..cluster.workers.len() {
             if let Some(status) = cluster.workers[i].exited() {
+                // CONTRACT.md §5: a service that cannot be reached at start exits 69. A replica
+                // restarted while Redis or MariaDB is down does that; like systemd
+                // (Restart=on-failure) the run starts it again a second later. Exiting once it
+                // was running is the defect this watch is for.
+                let uptime = cluster.workers[i].uptime();
+                if status.code() == Some(69) && uptime < START_PHASE {
+                    self.refused_starts += 1;
+                    self.note(format!(
+                        "worker {} refused to start after {} ms (exit 69: a server is down); restarting it in 1 s",
+                        cluster.workers[i].id,
+                        uptime.as_millis()
+                    ));
+                    self.pending.push((
+                        Instant::now() + Duration::from_secs(1),
+                        Heal::RestartWorker(i),
+                    ));
+                    continue;
+                }
                 let text = format!(
                     "worker {} ended on its own ({}); see {}",
                     cluster.workers[i].id,
@@ -288,8 +313,11 @@ impl Nemesis {
     async fn heal(&mut self, cluster: &mut Cluster, heal: Heal) -> anyhow::Result<()> {
         match heal {
             Heal::RestartWorker(i) => {
-                cluster.workers[i].start()?;
-                self.note(format!("heal: worker {} restarted", cluster.workers[i].id));
+                // Never two processes for one replica.
+                if cluster.workers[i].state == State::Down {
+                    cluster.workers[i].start()?;
+                    self.note(format!("heal: worker {} restarted", cluster.workers[i].id));
+                }
             }
             Heal::ContWorker(i) => {
                 cluster.workers[i].resume()?;

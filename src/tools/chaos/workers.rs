@@ -86,6 +86,7 @@ pub struct Worker {
     pub state: State,
     child: Option<Child>,
     pub starts: u32,
+    started_at: Instant,
 }
 
 impl Worker {
@@ -107,6 +108,7 @@ impl Worker {
             state: State::Down,
             child: None,
             starts: 0,
+            started_at: Instant::now(),
         })
     }
 
@@ -158,7 +160,13 @@ impl Worker {
         self.child = Some(child);
         self.state = State::Running;
         self.starts += 1;
+        self.started_at = Instant::now();
         Ok(())
+    }
+
+    /// How long ago the replica was last started.
+    pub fn uptime(&self) -> Duration {
+        self.started_at.elapsed()
     }
 
     /// SIGKILL (also ends a SIGSTOPped replica).
