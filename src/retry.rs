@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 /// Doubling delays from `initial` up to `max`, with up to 20 % random jitter so replicas that
 /// failed together do not retry in lockstep.
 #[derive(Debug, Clone)]
@@ -40,6 +42,35 @@ impl Backoff {
             .unwrap_or(0);
         let jitter = base.mul_f64(f64::from(nanos % 200) / 1000.0);
         base + jitter
+    }
+}
+
+/// Runs `attempt` until it succeeds, waiting out `backoff` after each failure (logged at WARN
+/// with `what`, e.g. "drain batch failed; retrying"); `None` once `stop` fires during a wait.
+/// The loop of a job that must outlive an outage: it never gives up on its own.
+pub(crate) async fn until_cancelled<T, F>(
+    backoff: &mut Backoff,
+    stop: &CancellationToken,
+    what: &str,
+    // A plain closure returning a future, not an async closure: the future must be `Send` for
+    // the tasks that run this loop, which async closures cannot promise yet.
+    mut attempt: impl FnMut() -> F,
+) -> Option<T>
+where
+    F: Future<Output = anyhow::Result<T>>,
+{
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return None,
+                }
+            }
+        }
     }
 }
 
@@ -81,6 +112,31 @@ mod tests {
         for (delay, base) in delays.iter().zip(bases) {
             assert!(*delay >= base && *delay <= base * 12 / 10, "{delays:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn until_cancelled_retries_until_success_and_stops_when_cancelled() {
+        let stop = CancellationToken::new();
+        let mut backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(4));
+        let mut failures_left = 3_u32;
+        let value = until_cancelled(&mut backoff, &stop, "test attempt failed", || {
+            let fail = failures_left > 0;
+            failures_left = failures_left.saturating_sub(1);
+            async move {
+                anyhow::ensure!(!fail, "not yet");
+                Ok(7)
+            }
+        })
+        .await;
+        assert_eq!((value, failures_left), (Some(7), 0));
+
+        stop.cancel();
+        let never: Option<()> =
+            until_cancelled(&mut backoff, &stop, "test attempt failed", async || {
+                anyhow::bail!("down")
+            })
+            .await;
+        assert_eq!(never, None);
     }
 
     #[test]

@@ -48,7 +48,7 @@ use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 use crate::outcome::OutcomeCounts;
 use crate::ranking_log::{LogRow, LogSender};
-use crate::retry::Backoff;
+use crate::retry::{self, Backoff};
 
 /// Why a tick stopped taking batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -804,8 +804,16 @@ impl CouponDrain {
     pub async fn run_persister(&self, stop: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
-            match self.persist_all().await {
-                Ok(0) => {
+            let persisted = retry::until_cancelled(
+                &mut backoff,
+                &stop,
+                "persisting issued coupons failed; they stay in the outbox and will be retried",
+                || self.persist_all(),
+            )
+            .await;
+            match persisted {
+                None => return,
+                Some(0) => {
                     let _ = self.outbox_depth().await;
                     tokio::select! {
                         _ = self.outbox_ready.notified() => {}
@@ -813,19 +821,10 @@ impl CouponDrain {
                         _ = stop.cancelled() => break,
                     }
                 }
-                Ok(_) => {
+                Some(_) => {
                     backoff.reset();
                     if stop.is_cancelled() {
                         break;
-                    }
-                }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64,
-                        "persisting issued coupons failed; they stay in the outbox and will be retried");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.cancelled() => return,
                     }
                 }
             }
@@ -850,23 +849,15 @@ impl CouponDrain {
         };
         let mut total = DrainReport::default();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        loop {
-            match self.tick(Duration::MAX, stop).await {
-                Ok(report) => {
-                    total.absorb(&report);
-                    if report.stopped != StopReason::BudgetSpent {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64,
-                        "drain batch failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.cancelled() => break,
-                    }
-                }
+        while let Some(report) =
+            retry::until_cancelled(&mut backoff, stop, "drain batch failed; retrying", || {
+                self.tick(Duration::MAX, stop)
+            })
+            .await
+        {
+            total.absorb(&report);
+            if report.stopped != StopReason::BudgetSpent {
+                break;
             }
         }
         // Wait for the outbox to empty (MySQL may be down: the persister keeps retrying), unless

@@ -4,13 +4,12 @@
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use commerce_worker::config::{Config, SecretUrl};
 use commerce_worker::keys::KeyTemplates;
+use commerce_worker::tools::sandbox::Sandbox;
 use fred::prelude::*;
-use sqlx::MySqlPool;
 
 pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -21,30 +20,26 @@ pub fn mysql_server_url() -> String {
     std::env::var("TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
 }
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A unique, short name for this test's database and key prefix.
-pub fn unique_name() -> String {
-    format!(
-        "cwt_{}_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed),
-        uuid::Uuid::new_v4()
-            .simple()
-            .to_string()
-            .get(..6)
-            .unwrap_or("x")
-    )
+/// An isolated environment: the worker's own [`Sandbox`] (a migrated database, a key prefix and a
+/// spill directory, with a config pointing at all three), plus a directory for the files a test
+/// writes. Reads as the sandbox: `env.config`, `env.redis`, `env.mysql`, `env.name`.
+pub struct TestEnv {
+    sandbox: Sandbox,
+    pub dir: tempfile::TempDir,
 }
 
-/// An isolated environment: a migrated database, a key prefix, a spill directory and a config
-/// pointing at all three.
-pub struct TestEnv {
-    pub name: String,
-    pub config: Config,
-    pub redis: Client,
-    pub mysql: MySqlPool,
-    pub dir: tempfile::TempDir,
+impl std::ops::Deref for TestEnv {
+    type Target = Sandbox;
+
+    fn deref(&self) -> &Sandbox {
+        &self.sandbox
+    }
+}
+
+impl std::ops::DerefMut for TestEnv {
+    fn deref_mut(&mut self) -> &mut Sandbox {
+        &mut self.sandbox
+    }
 }
 
 pub fn base_config(redis: &str, mysql_url: &str, spill_dir: &Path, prefix: &str) -> Config {
@@ -64,31 +59,14 @@ impl TestEnv {
     }
 
     pub async fn with_servers(redis: &str, mysql_server: &str) -> Self {
-        let name = unique_name();
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let db_url = format!("{mysql_server}/{name}");
-        let config = base_config(
-            redis,
-            &db_url,
-            &dir.path().join("spill"),
-            &format!("{name}:"),
-        );
-        commerce_worker::backends::migrate(&config.mysql)
+        // The sandbox takes the servers from here and puts its own prefix, database and spill
+        // directory in.
+        let base = base_config(redis, &format!("{mysql_server}/unused"), dir.path(), "");
+        let sandbox = Sandbox::create(&base, "test")
             .await
-            .unwrap_or_else(|e| panic!("migrate: {e:#}"));
-        let redis = commerce_worker::backends::connect_redis(&config.redis)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mysql = commerce_worker::backends::connect_mysql(&config.mysql)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        Self {
-            name,
-            config,
-            redis,
-            mysql,
-            dir,
-        }
+            .unwrap_or_else(|e| panic!("creating the test's sandbox: {e:#}"));
+        Self { sandbox, dir }
     }
 
     pub fn keys(&self) -> &KeyTemplates {
@@ -133,21 +111,11 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// Drops the database and deletes the keys.
+    /// Deletes the keys, drops the database and removes the spill directory (the sandbox's
+    /// cleanup). A failure is reported but does not fail the test: it only leaves litter.
     pub async fn cleanup(self) {
-        // SCAN on every primary and UNLINK key by key on a cluster, as the worker's sandbox does.
-        let keys = commerce_worker::backends::scan_keys(&self.redis, &format!("{}:*", self.name))
-            .await
-            .unwrap_or_default();
-        let _ = commerce_worker::backends::unlink_keys(&self.redis, &keys).await;
-        self.mysql.close().await;
-        if let Ok(pool) = MySqlPool::connect(&mysql_server_url()).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS `{}`",
-                self.name
-            )))
-            .execute(&pool)
-            .await;
+        if let Err(e) = self.sandbox.cleanup().await {
+            eprintln!("test cleanup incomplete: {e:#}");
         }
     }
 }
