@@ -56,6 +56,24 @@ pub enum BenchCommand {
     Ranking(RankingBenchOptions),
     /// The ranking-log writer vs a bare multi-row INSERT loop.
     RankingLog(RankingLogBenchOptions),
+    /// Enqueue-to-outcome time against the running daemon, following the queue vs not.
+    Latency(LatencyBenchOptions),
+}
+
+/// `bench latency`: the scenarios, each run with following on and then off.
+#[derive(Debug, Clone, Args)]
+pub struct LatencyBenchOptions {
+    /// Steady request rates (requests per second), each for `--seconds`.
+    #[arg(long, value_delimiter = ',', default_values_t = [2_000u64, 20_000])]
+    pub rates: Vec<u64>,
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Requests enqueued at once (0 skips the burst).
+    #[arg(long, default_value_t = 200_000)]
+    pub burst: u64,
+    /// Measure following on only (no baseline with following off).
+    #[arg(long)]
+    pub skip_off: bool,
 }
 
 /// `bench coupon`: the sale the drain decides, and the baselines beside it.

@@ -11,8 +11,11 @@
 //! - [`ranking`] — ZUNIONSTORE vs the chunked rebuild: total time and the longest stall a
 //!   concurrent client sees (issue 4).
 //! - [`ranking_log`] — the log writer vs a bare multi-row INSERT loop (issue 5).
+//! - [`latency`] — enqueue-to-outcome time against the running daemon, following the queue vs
+//!   ticks only (issue 14).
 
 pub mod coupon;
+pub mod latency;
 pub mod ranking;
 pub mod ranking_log;
 
@@ -140,6 +143,9 @@ pub async fn run(which: BenchCommand, config: &Config) -> anyhow::Result<()> {
         }
         BenchCommand::RankingLog(options) => {
             ranking_log::run(config, options).await?;
+        }
+        BenchCommand::Latency(options) => {
+            latency::run(config, &options).await?;
         }
     }
     Ok(())
