@@ -241,7 +241,7 @@ impl Nemesis {
     pub async fn watch(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
         for i in 0..cluster.workers.len() {
             if let Some(status) = cluster.workers[i].exited() {
-                // CONTRACT.md §5: a service that cannot be reached at start exits 69. A replica
+                // docs/contract.md §5: a service that cannot be reached at start exits 69. A replica
                 // restarted while Redis or MariaDB is down does that; like systemd
                 // (Restart=on-failure) the run starts it again a second later. Exiting once it
                 // was running is the defect this watch is for.
