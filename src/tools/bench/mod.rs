@@ -282,3 +282,27 @@ pub fn resident_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Summary, median};
+
+    #[test]
+    fn the_median_is_the_middle_value_or_the_mean_of_the_two_middle_ones() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn a_summary_keeps_each_figures_runs_under_its_name() {
+        let mut summary = Summary::default();
+        for (a, b) in [(10.0, 1.0), (30.0, 2.0), (20.0, 9.0)] {
+            summary.record("a", "/s", a);
+            summary.record("b", "s", b);
+        }
+        assert_eq!(summary.median("a"), Some(20.0));
+        assert_eq!(summary.median("b"), Some(2.0));
+        assert_eq!(summary.median("c"), None);
+    }
+}
