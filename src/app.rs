@@ -150,6 +150,7 @@ fn new_drain(
         metrics.clone(),
     )
     .with_sweep_interval(config.coupon.sweep_interval)
+    .with_min_replicas_acked(config.redis.min_replicas_acked)
 }
 
 /// The coupon drain wired as `drain` wires it: the ranking-log writer running behind it, so every

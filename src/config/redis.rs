@@ -12,6 +12,10 @@ pub struct RedisConfig {
     /// `REDIS_URL` overrides it.
     #[serde(default = "default_url")]
     pub url: SecretUrl,
+    /// Persist an issued coupon to MySQL only once its decision reached this many replicas
+    /// (Redis `WAIT`); 0 persists at once. Not on Redis Cluster.
+    #[serde(default)]
+    pub min_replicas_acked: u32,
 }
 
 fn default_url() -> SecretUrl {
@@ -43,6 +47,12 @@ impl RedisConfig {
         if let Err(e) = fred::prelude::Config::from_url(self.url.expose()) {
             // fred's parse errors describe the part that is wrong, not the URL itself.
             problems.push("redis.url", format!("rejected by the client: {e}"));
+        }
+        if self.min_replicas_acked > 0 && self.is_cluster() {
+            problems.push(
+                "redis.min_replicas_acked",
+                "is not supported with a redis-cluster URL (WAIT would have to reach each shard's primary); use 0",
+            );
         }
     }
 }

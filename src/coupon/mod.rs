@@ -40,7 +40,7 @@ pub use dead::{
 };
 pub use decide::{Decider, Decision};
 pub use follow::{DEFAULT_LEASE, FollowLease, FollowOptions, follow};
-pub use outbox::Persister;
+pub use outbox::{Persister, ReplicaWait};
 pub use reconcile::Reconciler;
 
 use crate::control::Control;
@@ -242,6 +242,8 @@ pub struct CouponDrain {
     control: Control,
     /// Wakes the persister when a batch issued coupons.
     outbox_ready: Arc<Notify>,
+    /// `[redis] min_replicas_acked`, shared by every lane's persister.
+    replicas: Arc<ReplicaWait>,
 }
 
 /// The default `[coupon] sweep_interval_secs`.
@@ -257,6 +259,7 @@ impl CouponDrain {
         metrics: Metrics,
     ) -> Self {
         let control = Control::new(client.clone(), keys, metrics.clone());
+        let replicas = Arc::new(ReplicaWait::new(client.clone(), 0, metrics.clone()));
         let mut drain = Self {
             control,
             client,
@@ -268,6 +271,7 @@ impl CouponDrain {
             log,
             metrics,
             outbox_ready: Arc::new(Notify::new()),
+            replicas,
         };
         if !keys.per_coupon() {
             drain.layout = Layout::Single(Box::new(drain.lane(None)));
@@ -306,6 +310,13 @@ impl CouponDrain {
         &self.keys
     }
 
+    /// `[redis] min_replicas_acked`: persist an issued coupon only once its decision reached
+    /// `min` replicas (see [`ReplicaWait`]).
+    pub fn with_min_replicas_acked(self, min: u32) -> Self {
+        self.replicas.set_min(min);
+        self
+    }
+
     fn lane(&self, coupon_id: Option<i64>) -> Lane {
         let keys = match coupon_id {
             Some(id) => self.keys.for_coupon(id),
@@ -320,6 +331,7 @@ impl CouponDrain {
                 keys.reconciled_marker(),
                 outbox::ROWS_PER_INSERT,
                 self.metrics.clone(),
+                Arc::clone(&self.replicas),
             ),
             reconciler: Reconciler::new(
                 self.client.clone(),

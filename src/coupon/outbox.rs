@@ -29,6 +29,74 @@ use crate::mysql::{self, MYSQL_DEADLINE};
 
 const OUTBOX_READ_LUA: &str = include_str!("outbox_read.lua");
 
+/// How long one `WAIT` for replicas may block the dedicated connection.
+const WAIT_TIMEOUT_MS: i64 = 1000;
+
+/// `[redis] min_replicas_acked`: an issued coupon is persisted only after its decision reached
+/// that many replicas, so a failover to a replica seldom forgets a coupon MySQL already has.
+///
+/// `WAIT` counts the calling connection's own writes. Replication is one ordered stream, so
+/// after the outbox batch has been read, a write made on this connection lies behind every
+/// decision in the batch; once `min` replicas acknowledged it, they hold the batch too. The
+/// connection is a dedicated one because `WAIT` blocks it (fred multiplexes the others).
+pub struct ReplicaWait {
+    min: std::sync::atomic::AtomicU32,
+    client: Client,
+    dedicated: tokio::sync::OnceCell<Client>,
+    metrics: Metrics,
+}
+
+impl ReplicaWait {
+    pub fn new(client: Client, min: u32, metrics: Metrics) -> Self {
+        Self {
+            min: min.into(),
+            client,
+            dedicated: tokio::sync::OnceCell::new(),
+            metrics,
+        }
+    }
+
+    pub fn set_min(&self, min: u32) {
+        self.min.store(min, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Returns once `min` replicas hold every write the primary had when this was called;
+    /// fails (the batch stays in the outbox) while fewer acknowledge within [`WAIT_TIMEOUT_MS`].
+    async fn wait(&self, key: &str) -> anyhow::Result<()> {
+        let min = self.min.load(std::sync::atomic::Ordering::Relaxed);
+        if min == 0 {
+            return Ok(());
+        }
+        let conn = self
+            .dedicated
+            .get_or_try_init(|| async {
+                let conn = self.client.clone_new();
+                conn.init().await?;
+                Ok::<_, anyhow::Error>(conn)
+            })
+            .await
+            .context("connecting the replica-wait connection")?;
+        let _: () = conn
+            .set(
+                key,
+                "1",
+                Some(fred::types::Expiration::PX(60_000)),
+                None,
+                false,
+            )
+            .await?;
+        let acked: i64 = conn.wait(i64::from(min), WAIT_TIMEOUT_MS).await?;
+        if acked < i64::from(min) {
+            self.metrics.coupon_outbox_waiting_replicas.set(1);
+            anyhow::bail!(
+                "only {acked} of the {min} replicas required ([redis] min_replicas_acked) hold the outbox batch; it waits"
+            );
+        }
+        self.metrics.coupon_outbox_waiting_replicas.set(0);
+        Ok(())
+    }
+}
+
 /// Outbox entries per `INSERT`: a flash sale issues tens of thousands of coupons in seconds, and
 /// fewer, larger statements keep up with it (3 placeholders a row, well under MySQL's 65 535).
 pub(crate) const ROWS_PER_INSERT: usize = 5000;
@@ -51,6 +119,7 @@ pub struct Persister {
     batch_size: usize,
     metrics: Metrics,
     read_script: Script,
+    replicas: std::sync::Arc<ReplicaWait>,
 }
 
 impl Persister {
@@ -61,6 +130,7 @@ impl Persister {
         marker_key: String,
         batch_size: usize,
         metrics: Metrics,
+        replicas: std::sync::Arc<ReplicaWait>,
     ) -> Self {
         Self {
             client,
@@ -70,6 +140,7 @@ impl Persister {
             batch_size,
             metrics,
             read_script: Script::from_lua(OUTBOX_READ_LUA),
+            replicas,
         }
     }
 
@@ -132,6 +203,9 @@ impl Persister {
         }
         let row_count = rows.len() as u64;
         if !rows.is_empty() {
+            self.replicas
+                .wait(&format!("{}:wait", self.outbox_key))
+                .await?;
             let scope = self.outbox_key.clone();
             mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
                 Box::pin(async move {

@@ -429,7 +429,9 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub fn start() -> Self {
-        Self::start_in(None)
+        // Its own directory even without snapshots: a replica writes the RDB it receives there,
+        // never into the test's working directory.
+        Self::start_in(Some(tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))))
     }
 
     fn start_in(dir: Option<tempfile::TempDir>) -> Self {
@@ -846,5 +848,171 @@ impl Pipeline {
     /// Stops the log writer after it wrote everything; returns rows written.
     pub async fn finish(self) -> u64 {
         self.0.finish_writing().await.rows_written
+    }
+}
+
+/// A private primary, a replica that reaches it through a fault proxy (so the test can make it
+/// fall behind), and one Sentinel with a password of its own, all on loopback. (Sentinel points
+/// a replica that names another master address back at the primary only after the failover
+/// timeout, set long here so the replica stays behind the proxy.)
+pub struct PrivateSentinelSet {
+    pub primary: PrivateRedis,
+    pub replica_port: u16,
+    replica: Option<Child>,
+    pub sentinel_port: u16,
+    sentinel: Option<Child>,
+    /// Between the replica and the primary.
+    pub link: commerce_worker::tools::fault_proxy::FaultProxy,
+    _dir: tempfile::TempDir,
+}
+
+pub const SENTINEL_PASSWORD: &str = "sentinel-secret";
+
+/// Waits until something listens on `port`; fails after `limit`.
+fn wait_for_listener(port: u16, limit: Duration) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < limit, "nothing listened on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl PrivateSentinelSet {
+    pub async fn start() -> Self {
+        let primary = PrivateRedis::start();
+        let link = commerce_worker::tools::fault_proxy::FaultProxy::start(
+            format!("127.0.0.1:{}", primary.port)
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let replica_port = free_port();
+        let replica = Command::new("redis-server")
+            .args(["--port", &replica_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--replicaof", "127.0.0.1", &link.addr().port().to_string()])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+        wait_for_listener(replica_port, Duration::from_secs(10));
+        let sentinel_port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {sentinel_port}\nbind 127.0.0.1\ndir {}\nrequirepass {SENTINEL_PASSWORD}\n\
+                 sentinel monitor mymaster 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 180000\n",
+                dir.path().display(),
+                primary.port
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let sentinel = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server --sentinel: {e}"));
+        wait_for_listener(sentinel_port, Duration::from_secs(10));
+        let set = Self {
+            primary,
+            replica_port,
+            replica: Some(replica),
+            sentinel_port,
+            sentinel: Some(sentinel),
+            link,
+            _dir: dir,
+        };
+        set.wait_until("the replica is in sync and known to the sentinel", || {
+            set.replica_cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+                && set
+                    .sentinel_cli(&["SENTINEL", "replicas", "mymaster"])
+                    .contains(&replica_port.to_string())
+        });
+        set
+    }
+
+    /// `redis-sentinel://` URL with the sentinel's password.
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}?sentinelServiceName=mymaster&sentinelPassword={SENTINEL_PASSWORD}",
+            self.sentinel_port
+        )
+    }
+
+    pub fn replica_cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.replica_port.to_string()])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("redis-cli: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn sentinel_cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.sentinel_port.to_string(), "--no-auth-warning"])
+            .args(["-a", SENTINEL_PASSWORD])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("redis-cli: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Polls `done` every 100 ms; fails naming `what` after 60 s.
+    pub fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
+        let started = Instant::now();
+        while !done() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "timed out waiting until {what}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILLs the primary and waits until the sentinel promoted the replica.
+    pub fn kill_primary_and_fail_over(&mut self) {
+        self.primary.stop();
+        let port = self.replica_port.to_string();
+        self.wait_until("the sentinel promoted the replica", || {
+            self.sentinel_cli(&["SENTINEL", "get-master-addr-by-name", "mymaster"])
+                .contains(&port)
+                && self
+                    .replica_cli(&["INFO", "replication"])
+                    .contains("role:master")
+        });
+    }
+}
+
+impl PrivateSentinelSet {
+    /// Restarts the killed primary (empty: no persistence) and waits until Sentinel made it a
+    /// replica of the promoted one, in sync.
+    pub fn restart_old_primary_as_replica(&mut self) {
+        self.primary.resume();
+        let port = self.primary.port;
+        self.wait_until("the old primary is the new primary's replica", || {
+            self.replica_cli(&["INFO", "replication"])
+                .contains("connected_slaves:1")
+                && Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "INFO", "replication"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("master_link_status:up"))
+                    .unwrap_or(false)
+        });
+    }
+}
+
+impl Drop for PrivateSentinelSet {
+    fn drop(&mut self) {
+        kill_child(&mut self.sentinel);
+        kill_child(&mut self.replica);
     }
 }

@@ -474,3 +474,112 @@ async fn issued_coupons_land_through_new_connections_when_mysql_connections_free
     env.cleanup().await;
     proxy.stop().await;
 }
+
+/// The replica stops receiving (its link to the primary freezes) while the worker issues and
+/// persists; the primary is SIGKILLed and Sentinel promotes the stale replica; new requests
+/// arrive. Reached through a `redis-sentinel://` URL with the sentinels' own password.
+async fn failover_to_a_stale_replica(min_replicas_acked: u32) {
+    let mut set = crate::common::PrivateSentinelSet::start().await;
+    let mut env = TestEnv::with_servers(&set.url(), &mysql_server_url()).await;
+    env.config.redis.min_replicas_acked = min_replicas_acked;
+    let coupon = 61;
+    env.set_stock(coupon, "3").await;
+    let pipeline = env.pipeline();
+    pipeline
+        .drain
+        .reconcile_all(false)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    set.wait_until("the marker reached the replica", || {
+        set.replica_cli(&["DBSIZE"]).trim() != "0"
+    });
+
+    // The replica falls behind: nothing the primary writes from now on reaches it.
+    assert!(set.link.freeze_existing() > 0);
+    enqueue(
+        &env,
+        (1..=5).map(|u| (u as f64, member(u, coupon))).collect(),
+    )
+    .await;
+    let report = pipeline
+        .drain
+        .tick(
+            std::time::Duration::from_secs(10),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(report[Outcome::Issued], 3, "{report:?}");
+    let persisted = pipeline.drain.persist_all().await;
+    if min_replicas_acked == 0 {
+        assert_eq!(persisted.ok(), Some(3), "persisted at once");
+    } else {
+        let error = match &persisted {
+            Ok(n) => format!(
+                "persisted {n}; primary: {}",
+                set.primary.cli(&["INFO", "replication"])
+            ),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            error.contains("replicas required"),
+            "the outbox waits for the replica: {error}"
+        );
+        assert!(mysql_holders(&env, coupon).await.is_empty());
+    }
+
+    set.kill_primary_and_fail_over();
+    assert_eq!(
+        set.replica_cli(&["SCARD", &env.keys().issued(coupon)])
+            .trim(),
+        "0",
+        "the promoted replica is stale: it never saw the three issued coupons"
+    );
+    if min_replicas_acked > 0 {
+        // The old primary comes back empty and Sentinel makes it the new primary's replica, so
+        // that decisions can reach a replica again.
+        set.restart_old_primary_as_replica();
+    }
+    enqueue(
+        &env,
+        (101..=105).map(|u| (u as f64, member(u, coupon))).collect(),
+    )
+    .await;
+    let drained = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        pipeline.drain.drain_to_empty(&CancellationToken::new()),
+    )
+    .await;
+    assert!(
+        drained.is_ok(),
+        "the drain did not finish on the new primary"
+    );
+    pipeline.finish().await;
+    assert_consistent(&env, coupon, 3).await;
+    let rows = mysql_holders(&env, coupon).await;
+    if min_replicas_acked == 0 {
+        assert_eq!(
+            rows,
+            vec![1, 2, 3],
+            "the persisted holders were restored, nobody else issued"
+        );
+    } else {
+        assert_eq!(
+            rows,
+            vec![101, 102, 103],
+            "decisions the replica never had were never persisted; the stock went to new requests"
+        );
+    }
+    env.cleanup().await;
+    drop(set);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_to_a_stale_replica_never_over_issues() {
+    failover_to_a_stale_replica(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_min_replicas_acked_nothing_the_stale_replica_lacks_is_persisted() {
+    failover_to_a_stale_replica(1).await;
+}
