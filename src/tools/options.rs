@@ -101,6 +101,10 @@ pub struct CouponBenchOptions {
     /// and range (min - max) over the runs.
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
+    /// Instead: the same sale over 10, 1 000 and 20 000 coupons (single queue) and with 10 and
+    /// 20 000 registered coupons, 10 with traffic (per coupon), printing decided/s and ratios.
+    #[arg(long)]
+    pub catalog: bool,
 }
 
 /// `bench coupon --workload`.

@@ -80,6 +80,9 @@ const FIRST_ARRIVAL_MS: i64 = 1_700_000_000_000;
 const PERSIST_DEADLINE: Duration = Duration::from_secs(600);
 
 pub async fn run(config: &Config, options: &CouponBenchOptions) -> anyhow::Result<Summary> {
+    if options.catalog {
+        return catalog(config, options.requests).await;
+    }
     let sale = options.sale();
     println!(
         "coupon drain: {} requests over {} coupons x {} stock",
@@ -96,6 +99,69 @@ pub async fn run(config: &Config, options: &CouponBenchOptions) -> anyhow::Resul
         run_once(config, options, sale, &mut summary).await?;
     }
     summary.print(runs);
+    Ok(summary)
+}
+
+/// `--catalog` (issue 19): the same sale decided over few and many coupons, in both layouts, in
+/// one run. Every case issues the same number of coupons (half the requests: stock is split over
+/// the coupons with traffic), so the ratios measure the cost of distinct coupons and of the
+/// registry's size, not of issuing more.
+async fn catalog(config: &Config, requests: u64) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
+    // (label, layout is per coupon, coupons with traffic, coupons registered)
+    let cases: [(&str, bool, u64, u64); 5] = [
+        ("single queue, 10 coupons", false, 10, 0),
+        ("single queue, 1 000 coupons", false, 1_000, 0),
+        ("single queue, 20 000 coupons", false, 20_000, 0),
+        ("per coupon, 10 registered / 10 with traffic", true, 10, 10),
+        (
+            "per coupon, 20 000 registered / 10 with traffic",
+            true,
+            10,
+            20_000,
+        ),
+    ];
+    println!(
+        "coupon catalog: {} requests, half of them issued, per case",
+        group(requests as f64)
+    );
+    let mut rates = Vec::new();
+    for (label, per_coupon, coupons, registered) in cases {
+        let sale = FlashSale {
+            coupons,
+            stock: (requests / 2).div_ceil(coupons),
+            requests,
+        };
+        let mut case_config = config.clone();
+        if per_coupon {
+            case_config.keys = KeyTemplates::per_coupon_layout();
+        }
+        let worker = in_sandbox(&case_config, async |sandbox| {
+            let keys = &sandbox.config.keys;
+            if registered > coupons {
+                let extra: Vec<u64> = (coupons + 1..=registered).collect();
+                for chunk in extra.chunks(5000) {
+                    let _: u64 = sandbox
+                        .redis
+                        .sadd(&keys.coupon_registry, chunk.to_vec())
+                        .await?;
+                }
+            }
+            run_worker(sandbox, sale, false).await
+        })
+        .await?;
+        let decided = rate(worker.report.decided(), worker.decide_elapsed);
+        println!("  {label}: {} decided/s", group(decided));
+        summary.record(label, "decided/s", decided);
+        rates.push(decided);
+    }
+    let ratio = |a: usize, b: usize| rates[a] / rates[b].max(1e-9);
+    println!(
+        "  ratios: single queue 1 000 / 10 coupons = {:.2}x (target >= 0.8), 20 000 / 10 = {:.2}x (target >= 0.6); per coupon 20 000 / 10 registered = {:.2}x (target >= 0.8)",
+        ratio(1, 0),
+        ratio(2, 0),
+        ratio(4, 3)
+    );
     Ok(summary)
 }
 
