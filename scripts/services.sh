@@ -54,4 +54,11 @@ fi
 if ! command -v mariadb-install-db >/dev/null || ! command -v redis-server >/dev/null; then
   install_if_missing
 fi
+# The test suite checks the live /metrics with promtool (Debian package prometheus; only its
+# promtool is used, no server is started).
+if ! command -v promtool >/dev/null; then
+  echo "services: installing prometheus (for promtool)" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 echo "services: redis and mariadb answer" >&2

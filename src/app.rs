@@ -278,11 +278,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let http_stop = CancellationToken::new();
+    let liveness = http::Liveness::default();
     let http_task = {
         let state = HttpState {
             redis: backends.redis.clone(),
             mysql: backends.mysql.clone(),
             metrics: metrics.clone(),
+            liveness: liveness.clone(),
         };
         let http_stop = http_stop.clone();
         tokio::spawn(async move {
@@ -308,7 +310,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     .recorded_in(&control);
     let heartbeat_stop = CancellationToken::new();
     let heartbeat = tokio::spawn(keep_heartbeat(control.clone(), heartbeat_stop.clone()));
-    let mut scheduler = schedule_jobs(&config, &drain, &keeper, &drain_job, &tasks, &stop).await?;
+    let mut scheduler = schedule_jobs(
+        &config, &drain, &keeper, &drain_job, &tasks, &stop, &liveness,
+    )
+    .await?;
     if let Some(poll_interval) = config.coupon.follow_interval() {
         tasks.spawn(crate::coupon::follow(
             drain.clone(),
@@ -393,6 +398,7 @@ async fn schedule_jobs(
     drain_job: &GuardedJob,
     tasks: &TaskTracker,
     stop: &CancellationToken,
+    liveness: &http::Liveness,
 ) -> anyhow::Result<JobScheduler> {
     let timezone = config.ranking.timezone;
     let coupon_schedule =
@@ -402,20 +408,31 @@ async fn schedule_jobs(
     let scheduler = JobScheduler::new()
         .await
         .context("creating the scheduler")?;
-    if let Some(interval) = crate::systemd::watchdog_interval() {
-        // Pinged by the scheduler itself: if its loop stops, so do the pings (and the jobs,
-        // whose fires it also runs).
+    // The scheduler's own heartbeat, fired by the scheduler every second: if its loop stops
+    // (and with it the jobs' fires), `/healthz` turns 503 and the systemd watchdog stops being
+    // pinged — one signal for both.
+    let watchdog = crate::systemd::watchdog_interval();
+    {
+        let liveness = liveness.clone();
         scheduler
             .add(
-                Job::new_repeated_async(interval, |_id, _sched| {
-                    Box::pin(async { crate::systemd::watchdog_ping() })
+                Job::new_async("* * * * * *", move |_id, _sched| {
+                    let liveness = liveness.clone();
+                    Box::pin(async move {
+                        liveness.beat();
+                        if watchdog.is_some() {
+                            crate::systemd::watchdog_ping();
+                        }
+                    })
                 })
-                .context("watchdog job")?,
+                .context("liveness job")?,
             )
             .await?;
+    }
+    if let Some(interval) = watchdog {
         tracing::info!(
             interval_ms = interval.as_millis() as u64,
-            "systemd watchdog enabled"
+            "systemd watchdog enabled (pinged every second by the scheduler)"
         );
     }
     scheduler.start().await.context("starting the scheduler")?;

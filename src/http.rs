@@ -1,6 +1,10 @@
 //! The HTTP endpoints for Kubernetes and Prometheus (docs/contract.md §7):
-//! `/healthz` (alive), `/readyz` (Redis and MySQL answer now) and `/metrics`.
+//! `/healthz` (the process and its scheduler are alive), `/readyz` (Redis and MySQL answer now;
+//! a paused worker is still ready) and `/metrics` (OpenMetrics when asked for, else the
+//! Prometheus text format).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -17,16 +21,47 @@ use crate::metrics::Metrics;
 /// How long `/readyz` waits for each backend.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// `/healthz` turns 503 when the scheduler has not beaten for this long.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The scheduler's heartbeat: a job the scheduler itself fires every second beats it (and pings
+/// the systemd watchdog in the same run), so `/healthz` and the watchdog see the same signal: if
+/// the scheduler's loop stops, both notice.
+#[derive(Clone, Debug)]
+pub struct Liveness(Arc<AtomicI64>);
+
+impl Default for Liveness {
+    fn default() -> Self {
+        let liveness = Self(Arc::new(AtomicI64::new(0)));
+        liveness.beat();
+        liveness
+    }
+}
+
+impl Liveness {
+    pub fn beat(&self) {
+        self.0
+            .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+
+    /// How long since the last beat.
+    pub fn silent_for(&self) -> Duration {
+        let since = chrono::Utc::now().timestamp_millis() - self.0.load(Ordering::Relaxed);
+        Duration::from_millis(since.max(0) as u64)
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct HttpState {
     pub redis: Client,
     pub mysql: MySqlPool,
     pub metrics: Metrics,
+    pub liveness: Liveness,
 }
 
 pub(crate) fn router(state: HttpState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -41,6 +76,18 @@ pub(crate) async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
+    let silent = state.liveness.silent_for();
+    if silent > LIVENESS_TIMEOUT {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("scheduler silent for {}s\n", silent.as_secs()),
+        )
+    } else {
+        (StatusCode::OK, "ok\n".to_owned())
+    }
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
@@ -61,6 +108,7 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
         if redis_ok { "ok" } else { "unavailable" },
         if mysql_ok { "ok" } else { "unavailable" }
     );
+    state.metrics.ready.set(i64::from(redis_ok && mysql_ok));
     let status = if redis_ok && mysql_ok {
         StatusCode::OK
     } else {
@@ -69,12 +117,89 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     (status, body)
 }
 
-async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
+/// OpenMetrics for a client that accepts it (Prometheus asks for it first), the Prometheus text
+/// format otherwise (`curl`, `promtool check metrics`).
+async fn metrics(
+    State(state): State<HttpState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let accept = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    if accept.contains("application/openmetrics-text") {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            state.metrics.encode(),
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            state.metrics.encode_text(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves `state` on a free port and returns the status line and body of `GET path`.
+    async fn get(state: HttpState, path: &str) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let server = tokio::spawn(serve(listener, state, std::future::pending()));
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response).await;
+        server.abort();
+        response
+    }
+
+    fn state(liveness: Liveness) -> HttpState {
+        HttpState {
+            // Never connected: /healthz must not touch the backends.
+            redis: Client::default(),
+            mysql: sqlx::mysql::MySqlPoolOptions::new()
+                .connect_lazy("mysql://nobody@127.0.0.1:1/none")
+                .unwrap_or_else(|e| panic!("{e}")),
+            metrics: Metrics::new(),
+            liveness,
+        }
+    }
+
+    #[tokio::test]
+    async fn healthz_is_ok_while_the_scheduler_beats_and_503_once_it_went_silent() {
+        let alive = Liveness::default();
+        let response = get(state(alive.clone()), "/healthz").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+        let silent = Liveness(Arc::new(AtomicI64::new(
+            chrono::Utc::now().timestamp_millis() - 31_000,
+        )));
+        let response = get(state(silent.clone()), "/healthz").await;
+        assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+        assert!(response.contains("scheduler silent for 31s"), "{response}");
+        silent.beat();
+        let response = get(state(silent), "/healthz").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
 }

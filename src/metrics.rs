@@ -83,7 +83,23 @@ pub struct Metrics {
     pub job_duration: HistogramFamily<JobLabel>,
     pub job_last_success: Family<JobLabel, Gauge<f64, AtomicU64>>,
     pub paused: Family<PartLabel, Gauge>,
+    pub coupon_outbox_oldest_age: Gauge<f64, AtomicU64>,
+    pub coupon_dead_letters: Gauge,
+    pub ready: Gauge,
 }
+
+/// The jobs whose runs are counted and recorded.
+pub const JOBS: [&str; 2] = ["coupon_drain", "ranking_rebuild"];
+/// The results a job run can have.
+pub const JOB_RESULTS: [&str; 4] = ["ok", "error", "skipped", "paused"];
+/// The outcomes a queue entry can have.
+pub const OUTCOMES: [&str; 5] = [
+    "issued",
+    "duplicate",
+    "sold_out",
+    "unknown_coupon",
+    "dead_lettered",
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -245,8 +261,38 @@ impl Metrics {
             "1 while an operator has paused this part (drain: deciding requests; persist: writing issued coupons to MySQL), as last seen by this replica",
             paused.clone(),
         );
+        let coupon_outbox_oldest_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "coupon_outbox_oldest_age_seconds",
+            "Age of the oldest issued coupon waiting in the outbox(es) for MySQL (0 when empty)",
+            coupon_outbox_oldest_age.clone(),
+        );
+        let coupon_dead_letters = Gauge::default();
+        registry.register(
+            "coupon_dead_letters",
+            "Entries in the dead-letter stream(s), waiting for an operator",
+            coupon_dead_letters.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when the last /readyz found Redis and MySQL answering, else 0",
+            ready.clone(),
+        );
+        // Every labelled series exists from the start, at zero: `increase()` then sees the
+        // first dead letter (or error) after a restart, and dashboards show no gaps.
         for part in PAUSABLE {
             let _ = paused.get_or_create(&PartLabel { part });
+        }
+        for outcome in OUTCOMES {
+            let _ = coupon_outcomes.get_or_create(&OutcomeLabel { outcome });
+        }
+        for job in JOBS {
+            let _ = job_duration.get_or_create(&JobLabel { job });
+            let _ = job_last_success.get_or_create(&JobLabel { job });
+            for result in JOB_RESULTS {
+                let _ = job_runs.get_or_create(&JobResultLabel { job, result });
+            }
         }
         Self {
             registry: Arc::new(registry),
@@ -275,6 +321,9 @@ impl Metrics {
             job_duration,
             job_last_success,
             paused,
+            coupon_outbox_oldest_age,
+            coupon_dead_letters,
+            ready,
         }
     }
 
@@ -284,12 +333,20 @@ impl Metrics {
             .set(i64::from(paused));
     }
 
-    /// The registry in Prometheus text exposition format.
+    /// The registry in the OpenMetrics text format (`application/openmetrics-text`).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The registry in the Prometheus text format 0.0.4 (`text/plain`), for clients that ask
+    /// for it (`curl`, `promtool check metrics`, older Prometheus). The samples are the same as
+    /// OpenMetrics'; the differences are in the metadata: a counter's HELP and TYPE name its
+    /// samples' `_total` name, and there is no `# UNIT` or `# EOF` line.
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
     }
 
     pub fn outcome(&self, outcome: &'static str) -> Counter {
@@ -325,5 +382,79 @@ impl Metrics {
                 result: "skipped",
             })
             .inc();
+    }
+}
+
+/// See [`Metrics::encode_text`].
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .filter(|(_, kind)| *kind == "counter")
+        .map(|(name, _)| name)
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let tail = if prefix == "# TYPE " && tail == "unknown" {
+                    "untyped"
+                } else {
+                    tail
+                };
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_labelled_series_exists_from_the_start_at_zero() {
+        let text = Metrics::new().encode_text();
+        for series in [
+            r#"commerce_worker_coupon_outcomes_total{outcome="dead_lettered"} 0"#,
+            r#"commerce_worker_coupon_outcomes_total{outcome="issued"} 0"#,
+            r#"commerce_worker_job_runs_total{job="coupon_drain",result="error"} 0"#,
+            r#"commerce_worker_job_runs_total{job="ranking_rebuild",result="ok"} 0"#,
+            r#"commerce_worker_job_duration_seconds_count{job="coupon_drain"} 0"#,
+            r#"commerce_worker_paused{part="persist"} 0"#,
+            "commerce_worker_coupon_dead_letters 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_text_format_names_counters_by_their_samples_and_has_no_eof() {
+        let text = Metrics::new().encode_text();
+        assert!(text.contains("# TYPE commerce_worker_coupon_outcomes_total counter"));
+        assert!(text.contains("# HELP commerce_worker_coupon_outcomes_total "));
+        assert!(text.contains("# TYPE commerce_worker_coupon_queue_depth gauge"));
+        assert!(!text.contains("# EOF"));
+        let open = Metrics::new().encode();
+        assert!(open.contains("# TYPE commerce_worker_coupon_outcomes counter"));
+        assert!(open.ends_with("# EOF\n"));
     }
 }

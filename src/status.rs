@@ -19,8 +19,7 @@ use crate::config::Config;
 use crate::control::{self, Heartbeat, JobRun};
 use crate::keys::KeyTemplates;
 
-/// The jobs whose runs are recorded in Redis.
-pub const JOBS: [&str; 2] = ["coupon_drain", "ranking_rebuild"];
+pub use crate::metrics::JOBS;
 
 /// Entries per key read for the per-coupon breakdown of a shared queue, outbox or dead-letter
 /// stream.

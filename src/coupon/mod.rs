@@ -149,6 +149,8 @@ pub const PAUSE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 struct Lane {
     queue_key: String,
+    outbox_key: String,
+    dead_key: String,
     decider: Decider,
     persister: Persister,
     reconciler: Reconciler,
@@ -324,6 +326,8 @@ impl CouponDrain {
         };
         Lane {
             queue_key: keys.queue.clone(),
+            outbox_key: keys.outbox.clone(),
+            dead_key: keys.dead.clone(),
             persister: Persister::new(
                 self.client.clone(),
                 self.pool.clone(),
@@ -546,6 +550,31 @@ impl CouponDrain {
         }
         self.metrics.coupon_outbox_depth.set(depth as i64);
         Ok(depth)
+    }
+
+    /// Refreshes the gauges of what waits in Redis across every lane: the outbox's depth and
+    /// oldest issued coupon's age, and the dead letters. Three reads per lane.
+    pub async fn observe_depths(&self) -> anyhow::Result<()> {
+        let now_ms = Utc::now().timestamp_millis() as f64;
+        let (mut outbox, mut oldest_ms, mut dead) = (0u64, None::<f64>, 0u64);
+        // Every outbox, also of coupons that left the registry.
+        for (_, lane) in self.outbox_lanes().await? {
+            outbox += self.client.zcard::<u64, _>(&lane.outbox_key).await?;
+            let head: Vec<(String, f64)> = self
+                .client
+                .zrange(&lane.outbox_key, 0, 0, None, false, None, true)
+                .await?;
+            if let Some((_, score)) = head.first() {
+                oldest_ms = Some(oldest_ms.map_or(*score, |o: f64| o.min(*score)));
+            }
+            dead += self.client.xlen::<u64, _>(&lane.dead_key).await?;
+        }
+        self.metrics.coupon_outbox_depth.set(outbox as i64);
+        self.metrics
+            .coupon_outbox_oldest_age
+            .set(oldest_ms.map_or(0.0, |o| ((now_ms - o) / 1000.0).max(0.0)));
+        self.metrics.coupon_dead_letters.set(dead as i64);
+        Ok(())
     }
 
     /// Compares every lane's Redis with `user_coupon` and, unless `dry_run`, repairs Redis and
@@ -820,13 +849,20 @@ impl CouponDrain {
                 &mut backoff,
                 &stop,
                 "persisting issued coupons failed; they stay in the outbox and will be retried",
-                || self.persist_all(),
+                || async {
+                    let persisted = self.persist_all().await;
+                    if persisted.is_err() {
+                        // The outbox's age is what the alert on a stuck outbox watches.
+                        let _ = self.observe_depths().await;
+                    }
+                    persisted
+                },
             )
             .await;
             match persisted {
                 None => return,
                 Some(0) => {
-                    let _ = self.outbox_depth().await;
+                    let _ = self.observe_depths().await;
                     tokio::select! {
                         _ = self.outbox_ready.notified() => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}

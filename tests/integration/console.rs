@@ -630,3 +630,90 @@ async fn per_coupon_status_walks_every_registered_coupon() {
     assert_eq!(json["total"]["queue_depth"], 4);
     env.cleanup().await;
 }
+
+/// `promtool`, or `None` outside CI when it is not installed (scripts/services.sh installs it).
+fn promtool() -> Option<&'static str> {
+    let found = Command::new("promtool")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "promtool is missing (Debian package prometheus; scripts/services.sh installs it)"
+        );
+        eprintln!("promtool not installed: skipping the exposition check");
+        return None;
+    }
+    Some("promtool")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_metrics_endpoint_passes_promtool_in_the_text_format_and_serves_openmetrics_on_request()
+ {
+    let env = TestEnv::new().await;
+    env.set_stock(7, "1").await;
+    let dead = env.keys().dead.clone();
+    dead_letter(&env, &dead, "1:7", "1", "wrong type: x").await;
+    env.enqueue(&[(1.0, "1:7".to_owned()), (2.0, "2:7".to_owned())])
+        .await;
+    let replica = start_replica(&env).await;
+    // Let a tick and the persister's depth refresh happen, so every kind of series has values.
+    crate::common::eventually(
+        std::time::Duration::from_secs(20),
+        "the replica to decide the queue and count the dead letter",
+        async || {
+            sample(
+                replica.port,
+                r#"commerce_worker_coupon_outcomes_total{outcome="issued"}"#,
+            ) == Some(1.0)
+                && sample(replica.port, "commerce_worker_coupon_dead_letters") == Some(1.0)
+        },
+    )
+    .await;
+    let (code, response) = http_get(replica.port, "/metrics", "text/plain");
+    assert_eq!(code, 200);
+    assert!(response.contains("text/plain; version=0.0.4"), "{response}");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    // Present from the start, at zero.
+    assert!(
+        body.contains(r#"commerce_worker_job_runs_total{job="ranking_rebuild",result="error"} 0"#),
+        "{body}"
+    );
+    if let Some(promtool) = promtool() {
+        use std::io::Write;
+        let mut check = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(mut stdin) = check.stdin.take() {
+            stdin
+                .write_all(body.as_bytes())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let out = check.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (_, open) = http_get(
+        replica.port,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    );
+    assert!(open.contains("application/openmetrics-text"), "{open}");
+    assert!(open.trim_end().ends_with("# EOF"), "{open}");
+    drop(replica);
+    env.cleanup().await;
+}
