@@ -30,41 +30,8 @@ pub const BREAKDOWN_LIMIT: i64 = 100_000;
 #[error("something needs a person (see above)")]
 pub struct NeedsAPerson;
 
-/// When `status` says a person is needed (`[status]` in worker.toml).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Thresholds {
-    /// The oldest request waiting in a queue longer than this.
-    pub oldest_waiting_secs: u64,
-    /// The oldest issued coupon waiting in an outbox (not yet in MySQL) longer than this.
-    pub outbox_oldest_secs: u64,
-    /// More dead letters than this (0: any).
-    pub dead_letters: u64,
-    /// More ranking-log rows waiting for MySQL than this.
-    pub log_backlog: u64,
-    /// No drain run recorded by any replica for this long.
-    pub drain_silent_secs: u64,
-    /// The ranking older than this (or never built).
-    pub ranking_max_age_hours: u64,
-    /// A pause flag set for longer than this (a forgotten pause).
-    pub paused_max_secs: u64,
-    /// Fewer live replicas than this.
-    pub min_replicas: u64,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Self {
-            oldest_waiting_secs: 60,
-            outbox_oldest_secs: 300,
-            dead_letters: 0,
-            log_backlog: 100_000,
-            drain_silent_secs: 120,
-            ranking_max_age_hours: 25,
-            paused_max_secs: 3600,
-            min_replicas: 1,
-        }
-    }
-}
+/// When `status` says a person is needed: `[status]` in worker.toml.
+pub use crate::config::StatusConfig as Thresholds;
 
 /// The figures of one coupon, or of all of them (`coupon: None`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -307,10 +274,10 @@ fn age_of_score_ms(now_ms: f64, score: f64) -> f64 {
 /// Reads everything `status` shows.
 pub async fn gather(config: &Config) -> anyhow::Result<StatusReport> {
     let client = crate::backends::connect_redis(&config.redis).await?;
-    gather_from(&client, config, Thresholds::default()).await
+    gather_from(&client, config, config.status.clone()).await
 }
 
-/// [`gather`] with a connected client and the thresholds to judge by.
+/// [`gather`] with a connected client and the thresholds to judge by (`[status]`).
 pub async fn gather_from(
     client: &Client,
     config: &Config,

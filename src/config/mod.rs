@@ -2,7 +2,7 @@
 //!
 //! The schema is the section structs, one file per section ([`RedisConfig`], [`MysqlConfig`],
 //! [`KeyTemplates`], [`CouponConfig`], [`RankingConfig`], [`RankingLogConfig`], and the daemon's
-//! [`HttpConfig`], [`LogConfig`], [`ShutdownConfig`]): each field carries its name in the file,
+//! [`HttpConfig`], [`LogConfig`], [`ShutdownConfig`], and `status`'s [`StatusConfig`]): each field carries its name in the file,
 //! its default (a function beside the struct) and its doc. Sections are `deny_unknown_fields`:
 //! a typo must never silently fall back to a default.
 //!
@@ -31,6 +31,7 @@ mod read;
 mod redis;
 mod schedule;
 mod secret;
+mod status;
 mod units;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,7 @@ pub use self::read::{ConfigError, DEPRECATED, Deprecated, Problem};
 pub use self::redis::RedisConfig;
 pub use self::schedule::{CronSchedule, validate_schedule};
 pub use self::secret::{SecretUrl, redact_url};
+pub use self::status::StatusConfig;
 use crate::keys::KeyTemplates;
 use read::{Located, Problems, Reader};
 
@@ -69,6 +71,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub status: StatusConfig,
 }
 
 impl Config {
@@ -111,6 +114,7 @@ impl Config {
             reader.section::<HttpConfig>("http"),
             reader.section::<LogConfig>("log"),
             reader.section::<ShutdownConfig>("shutdown"),
+            reader.section::<StatusConfig>("status"),
         );
         let (mut problems, warnings) = reader.finish();
         let (
@@ -123,6 +127,7 @@ impl Config {
             Some(http),
             Some(log),
             Some(shutdown),
+            Some(status),
         ) = sections
         else {
             return Err(fail(problems.0));
@@ -137,6 +142,7 @@ impl Config {
         ranking_log.validate(&mut problems);
         log.validate(&mut problems);
         shutdown.validate(&mut problems);
+        status.validate(&mut problems);
         if !problems.0.is_empty() {
             return Err(fail(problems.0));
         }
@@ -152,6 +158,7 @@ impl Config {
             http,
             log,
             shutdown,
+            status,
         })
     }
 

@@ -45,7 +45,9 @@ impl SecretUrl {
     }
 }
 
-/// `url` as it may be shown: its password (if any) replaced by `***`.
+/// `url` as it may be shown: the password of its user-info and the value of every query
+/// parameter whose name says it is a secret (`password`, `token`, `secret` anywhere in the name,
+/// any case: `sentinelPassword`, `auth_token`, `clientSecret`) replaced by `***`.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) => {
@@ -54,11 +56,33 @@ pub fn redact_url(url: &str) -> String {
                 // has one.
                 let _ = parsed.set_password(Some("***"));
             }
+            let pairs: Vec<(String, String)> = parsed
+                .query_pairs()
+                .map(|(name, value)| {
+                    let value = if names_a_secret(&name) {
+                        "***".to_owned()
+                    } else {
+                        value.into_owned()
+                    };
+                    (name.into_owned(), value)
+                })
+                .collect();
+            if pairs.iter().any(|(_, value)| value == "***") {
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             parsed.to_string()
         }
         // Unparseable: we cannot tell where a password would be, so show nothing of it.
         Err(_) => "<unparseable url>".to_owned(),
     }
+}
+
+/// Whether a query parameter's name says its value is a secret.
+fn names_a_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "passwd", "token", "secret"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 impl fmt::Debug for SecretUrl {
@@ -100,5 +124,55 @@ pub(crate) fn check_url(
             ),
         ),
         Ok(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_info_passwords_and_secret_query_parameters_are_redacted() {
+        let url = "redis-sentinel://user:hunter2@s1:26379/0?sentinelServiceName=mymaster&sentinelUsername=admin&sentinelPassword=s3cr3t&node=s2:26379";
+        let shown = redact_url(url);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("user:***@"), "{shown}");
+        assert!(shown.contains("sentinelPassword=***"), "{shown}");
+        // What is not secret stays readable.
+        assert!(shown.contains("sentinelServiceName=mymaster"), "{shown}");
+        assert!(shown.contains("sentinelUsername=admin"), "{shown}");
+        assert!(
+            shown.contains("node=s2%3A26379") || shown.contains("node=s2:26379"),
+            "{shown}"
+        );
+
+        for (url, secret) in [
+            (
+                "mysql://u@db/x?ssl-mode=REQUIRED&auth_token=abc123",
+                "abc123",
+            ),
+            (
+                "rediss://r:6380?clientSecret=zzz999&Password=p4ss",
+                "zzz999",
+            ),
+            ("rediss://r:6380?clientSecret=zzz999&Password=p4ss", "p4ss"),
+            ("redis://:only-password@r:6379", "only-password"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        assert_eq!(redact_url("redis://r:6379/0"), "redis://r:6379/0");
+        assert_eq!(redact_url("not a url"), "<unparseable url>");
+    }
+
+    #[test]
+    fn debug_and_display_of_a_secret_url_go_through_the_redaction() {
+        let url = SecretUrl::new("redis-sentinel://s1:26379?sentinelPassword=s3cr3t");
+        assert!(!format!("{url:?} {url}").contains("s3cr3t"));
+        assert_eq!(
+            url.expose(),
+            "redis-sentinel://s1:26379?sentinelPassword=s3cr3t"
+        );
     }
 }

@@ -717,3 +717,48 @@ async fn the_live_metrics_endpoint_passes_promtool_in_the_text_format_and_serves
     drop(replica);
     env.cleanup().await;
 }
+
+#[test]
+fn check_config_redacts_every_secret_in_the_urls_and_rejects_schedules_that_cannot_run() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "").unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .env(
+            "REDIS_URL",
+            "redis-sentinel://u:userpass1@s1:26379/0?sentinelServiceName=m&sentinelPassword=sentinelpass2",
+        )
+        .env("DATABASE_URL", "mysql://w:dbpass3@db:3306/shop?auth_token=tok4")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for secret in ["userpass1", "sentinelpass2", "dbpass3", "tok4"] {
+        assert!(!shown.contains(secret), "{secret} shown in: {shown}");
+    }
+    assert!(shown.contains("sentinelPassword=***"), "{shown}");
+
+    for (schedule, why) in [
+        ("0 0 0 31 2 *", "never fires"),
+        ("0 0 0 * * * 2020", "has 7 fields"),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, format!("[ranking]\nschedule = \"{schedule}\"\n"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&bad)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.status.code(), Some(78), "{schedule}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("ranking.schedule"), "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+    }
+}
