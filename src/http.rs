@@ -22,13 +22,13 @@ use crate::metrics::Metrics;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `/healthz` turns 503 when the scheduler has not beaten for this long.
-pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The scheduler's heartbeat: a job the scheduler itself fires every second beats it (and pings
 /// the systemd watchdog in the same run), so `/healthz` and the watchdog see the same signal: if
 /// the scheduler's loop stops, both notice.
 #[derive(Clone, Debug)]
-pub struct Liveness(Arc<AtomicI64>);
+pub(crate) struct Liveness(Arc<AtomicI64>);
 
 impl Default for Liveness {
     fn default() -> Self {
@@ -39,13 +39,13 @@ impl Default for Liveness {
 }
 
 impl Liveness {
-    pub fn beat(&self) {
+    pub(crate) fn beat(&self) {
         self.0
             .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
 
     /// How long since the last beat.
-    pub fn silent_for(&self) -> Duration {
+    pub(crate) fn silent_for(&self) -> Duration {
         let since = chrono::Utc::now().timestamp_millis() - self.0.load(Ordering::Relaxed);
         Duration::from_millis(since.max(0) as u64)
     }
