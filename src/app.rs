@@ -151,6 +151,12 @@ fn new_drain(
     )
     .with_sweep_interval(config.coupon.sweep_interval)
     .with_min_replicas_acked(config.redis.min_replicas_acked)
+    .with_pause_check(
+        config
+            .coupon
+            .follow_interval()
+            .unwrap_or(crate::coupon::PAUSE_CHECK_INTERVAL),
+    )
 }
 
 /// The coupon drain wired as `drain` wires it: the ranking-log writer running behind it, so every

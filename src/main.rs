@@ -138,7 +138,11 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 } else {
                     paused.join(", ")
                 },
-                commerce_worker::coupon::PAUSE_CHECK_INTERVAL.as_millis()
+                config
+                    .coupon
+                    .follow_interval()
+                    .unwrap_or(commerce_worker::coupon::PAUSE_CHECK_INTERVAL)
+                    .as_millis()
             );
             Ok(())
         }

@@ -140,8 +140,8 @@ fn now_ms() -> f64 {
 /// the pool (`[mysql] max_connections`, 8 by default) shared with the log writer.
 const PARALLEL_PERSISTS: usize = 4;
 
-/// How stale this replica's copy of the pause flags may be: a `pause` takes effect within this
-/// long (one Redis read per interval, however many lanes ask).
+/// How stale this replica's copy of the pause flags may be when it does not follow the queue: a
+/// `pause` takes effect within this long (one Redis read per interval, however many lanes ask).
 pub const PAUSE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One queue with its decider and persister: the whole drain in the single-queue layout, one
@@ -242,6 +242,9 @@ pub struct CouponDrain {
     metrics: Metrics,
     /// The pause flags every replica honours.
     control: Control,
+    /// How stale this replica's copy of the pause flags may be (one poll interval when
+    /// following, else [`PAUSE_CHECK_INTERVAL`]).
+    pause_check: Duration,
     /// Wakes the persister when a batch issued coupons.
     outbox_ready: Arc<Notify>,
     /// `[redis] min_replicas_acked`, shared by every lane's persister.
@@ -274,6 +277,7 @@ impl CouponDrain {
             metrics,
             outbox_ready: Arc::new(Notify::new()),
             replicas,
+            pause_check: PAUSE_CHECK_INTERVAL,
         };
         if !keys.per_coupon() {
             drain.layout = Layout::Single(Box::new(drain.lane(None)));
@@ -285,6 +289,13 @@ impl CouponDrain {
     /// [`DEFAULT_SWEEP_INTERVAL`]).
     pub fn with_sweep_interval(mut self, interval: Duration) -> Self {
         self.sweep_interval = interval;
+        self
+    }
+
+    /// A pause takes effect within `interval` (the poll interval when following the queue):
+    /// the flags are read from Redis at most once per interval.
+    pub fn with_pause_check(mut self, interval: Duration) -> Self {
+        self.pause_check = interval;
         self
     }
 
@@ -605,7 +616,7 @@ impl CouponDrain {
     /// connections); an outbox emptied leaves the work list.
     pub async fn persist_all(&self) -> anyhow::Result<usize> {
         use futures_util::{StreamExt, TryStreamExt};
-        if self.control.paused(PAUSE_CHECK_INTERVAL).await?.persist {
+        if self.control.paused(self.pause_check).await?.persist {
             return Ok(0);
         }
         futures_util::stream::iter(self.outbox_lanes().await?)
@@ -647,7 +658,7 @@ impl CouponDrain {
         stop: &CancellationToken,
     ) -> anyhow::Result<DrainReport> {
         let started = Instant::now();
-        if self.control.paused(PAUSE_CHECK_INTERVAL).await?.drain {
+        if self.control.paused(self.pause_check).await?.drain {
             return Ok(DrainReport {
                 stopped: StopReason::Paused,
                 elapsed: started.elapsed(),
@@ -730,8 +741,8 @@ impl CouponDrain {
                 report.stopped = StopReason::BudgetSpent;
                 break Ok(());
             }
-            // Cached: asks Redis at most once per PAUSE_CHECK_INTERVAL for all lanes.
-            match self.control.paused(PAUSE_CHECK_INTERVAL).await {
+            // Cached: asks Redis at most once per `pause_check` for all lanes.
+            match self.control.paused(self.pause_check).await {
                 Ok(paused) if paused.drain => {
                     report.stopped = StopReason::Paused;
                     break Ok(());
@@ -914,7 +925,7 @@ impl CouponDrain {
             if let Ok(0) = self.outbox_depth().await {
                 break;
             }
-            if let Ok(paused) = self.control.paused(PAUSE_CHECK_INTERVAL).await
+            if let Ok(paused) = self.control.paused(self.pause_check).await
                 && paused.persist
             {
                 tracing::warn!("persisting is paused; issued coupons stay in the outbox");
