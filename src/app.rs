@@ -5,12 +5,12 @@
 //! 1. stop scheduling and following; a drain tick or follow step in progress finishes its current
 //!    batch and returns (the follower gives up its lease);
 //! 2. wait for running jobs;
-//! 3. the persister makes a last pass over the outbox;
-//! 4. the ranking-log writer writes what is buffered and replays its spill file;
-//! 5. the HTTP server stops.
+//! 3. [`CouponJob::shutdown`]: the persister makes a last pass over the outbox, then the
+//!    ranking-log pipeline stops reading and writes what it read;
+//! 4. the HTTP server stops.
 //!
-//! Past the deadline, whatever is left is logged (rows still buffered go to the spill file, the
-//! outbox stays in Redis) and [`run`] returns [`ShutdownTimedOut`].
+//! Past the deadline, whatever is left stays in Redis (the outbox; log entries are handed back
+//! for the next reader), is logged, and [`run`] returns [`ShutdownTimedOut`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,7 +36,7 @@ use crate::coupon::{
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::ranking::{RankingKeeper, RankingRebuild, RebuildReport, WhenLocked, today};
-use crate::ranking_log::{self, LogSender, LogWriter, WriterReport};
+use crate::ranking_log::{LogPipeline, WriterReport};
 use crate::schedule::{Clock, SchedulerClock, ZonedSchedule, run_zoned};
 
 /// The shutdown deadline passed with work left; the process exits non-zero.
@@ -44,8 +44,7 @@ use crate::schedule::{Clock, SchedulerClock, ZonedSchedule, run_zoned};
 #[error("shutdown did not finish within {0:?}")]
 pub struct ShutdownTimedOut(pub Duration);
 
-/// A resource named in the configuration could not be set up (the spill directory, the HTTP
-/// listen address): exits 78 like any other configuration problem.
+/// A resource named in the configuration could not be set up (the HTTP listen address): exits 78 like any other configuration problem.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {source:#}")]
 pub struct SetupError {
@@ -76,120 +75,123 @@ impl Backends {
     }
 }
 
-/// The ranking-log channel with its writer task running.
-struct RunningLog {
-    sender: LogSender,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    task: tokio::task::JoinHandle<WriterReport>,
+/// The coupon job's running parts, started and stopped in order by one owner: the drain
+/// (ticked by the caller), the outbox persister, and the ranking-log pipeline. Every command, the
+/// demo, the benchmarks and the tests use it.
+pub struct CouponJob {
+    pub drain: CouponDrain,
+    persister_stop: CancellationToken,
+    persister: tokio::task::JoinHandle<()>,
+    log: LogPipeline,
 }
 
-fn start_log(
-    config: &Config,
-    backends: &Backends,
-    metrics: &Metrics,
-) -> Result<RunningLog, SetupError> {
-    let (sender, writer): (LogSender, LogWriter) =
-        ranking_log::channel(&config.ranking_log, backends.mysql.clone(), metrics.clone())
-            .map_err(|source| SetupError {
-                key: "ranking_log.spill_dir",
-                source,
-            })?;
-    let stop = CancellationToken::new();
-    let abort = CancellationToken::new();
-    let task = tokio::spawn(writer.run(stop.clone(), abort.clone()));
-    Ok(RunningLog {
-        sender,
-        stop,
-        abort,
-        task,
-    })
+/// What [`CouponJob::shutdown`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct JobShutdown {
+    pub log: WriterReport,
+    /// Whether the outbox persister finished its last pass in time.
+    pub outbox_flushed: bool,
+    /// Whether every log row read was written in time.
+    pub log_flushed: bool,
 }
 
-impl RunningLog {
-    /// Stops the writer once it has written everything, however long that takes.
-    async fn finish_writing(self) -> WriterReport {
-        drop(self.sender);
-        self.stop.cancel();
-        self.task.await.unwrap_or_default()
+impl JobShutdown {
+    pub fn clean(&self) -> bool {
+        self.outbox_flushed && self.log_flushed
+    }
+}
+
+impl CouponJob {
+    /// Starts the persister and the log pipeline; the drain is ready to tick.
+    pub fn start(config: &Config, backends: &Backends, metrics: &Metrics) -> Self {
+        let log = LogPipeline::start(
+            &config.ranking_log,
+            &config.keys,
+            backends.redis.clone(),
+            backends.mysql.clone(),
+            metrics.clone(),
+        );
+        let drain = CouponDrain::new(
+            backends.redis.clone(),
+            backends.mysql.clone(),
+            &config.keys,
+            config.coupon.batch_size.get(),
+            log.waker(),
+            metrics.clone(),
+        )
+        .with_sweep_interval(config.coupon.sweep_interval)
+        .with_min_replicas_acked(config.redis.min_replicas_acked)
+        .with_pause_check(
+            config
+                .coupon
+                .follow_interval()
+                .unwrap_or(crate::coupon::PAUSE_CHECK_INTERVAL),
+        );
+        let persister_stop = CancellationToken::new();
+        let persister = {
+            let drain = drain.clone();
+            let stop = persister_stop.clone();
+            tokio::spawn(async move { drain.run_persister(stop).await })
+        };
+        Self {
+            drain,
+            persister_stop,
+            persister,
+            log,
+        }
     }
 
-    /// Stops the writer, giving it until `deadline` to write everything.
-    async fn finish(self, deadline: tokio::time::Instant) -> (WriterReport, bool) {
-        drop(self.sender);
-        self.stop.cancel();
-        let mut task = self.task;
-        match tokio::time::timeout_at(deadline, &mut task).await {
-            Ok(report) => (report.unwrap_or_default(), true),
-            Err(_) => {
-                self.abort.cancel();
-                // Spilling what is left to disk takes milliseconds.
-                let report = tokio::time::timeout(Duration::from_secs(5), task)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
-                (report, false)
+    /// Decides until the queue is empty, then waits until the outbox is empty and every log
+    /// row waiting in Redis is written (including rows other processes left: taken over once
+    /// idle), or until `stop`.
+    pub async fn drain_to_empty(&self, stop: &CancellationToken) -> DrainReport {
+        let report = self.drain.drain_to_empty(stop).await;
+        self.wait_for_log(stop).await;
+        report
+    }
+
+    /// Waits until no log row waits in Redis, or `stop`.
+    pub async fn wait_for_log(&self, stop: &CancellationToken) {
+        loop {
+            if let Ok((0, _)) = self.log.backlog().await {
+                return;
+            }
+            self.log.waker().notify_one();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.cancelled() => return,
             }
         }
     }
-}
 
-fn new_drain(
-    config: &Config,
-    backends: &Backends,
-    log: LogSender,
-    metrics: &Metrics,
-) -> CouponDrain {
-    CouponDrain::new(
-        backends.redis.clone(),
-        backends.mysql.clone(),
-        &config.keys,
-        config.coupon.batch_size.get(),
-        log,
-        metrics.clone(),
-    )
-    .with_sweep_interval(config.coupon.sweep_interval)
-    .with_min_replicas_acked(config.redis.min_replicas_acked)
-    .with_pause_check(
-        config
-            .coupon
-            .follow_interval()
-            .unwrap_or(crate::coupon::PAUSE_CHECK_INTERVAL),
-    )
-}
-
-/// The coupon drain wired as `drain` wires it: the ranking-log writer running behind it, so every
-/// decided request's row reaches MySQL. (The daemon wires the same parts with its own shutdown
-/// order.)
-pub struct LoggedDrain {
-    pub drain: CouponDrain,
-    log: RunningLog,
-}
-
-impl LoggedDrain {
-    pub fn start(
-        config: &Config,
-        backends: &Backends,
-        metrics: &Metrics,
-    ) -> Result<Self, SetupError> {
-        let log = start_log(config, backends, metrics)?;
-        let drain = new_drain(config, backends, log.sender.clone(), metrics);
-        Ok(Self { drain, log })
-    }
-
-    /// Stops the writer, giving it until `deadline` to write everything (what is left goes to
-    /// the spill file); `true` when it finished in time.
-    pub async fn finish(self, deadline: tokio::time::Instant) -> (WriterReport, bool) {
+    /// Stops in order within `deadline`: the persister's last pass over the outbox, then the
+    /// log pipeline writes what it read. Past the deadline, what is left stays in Redis (the
+    /// outbox, the log entries handed back) for the next start or another replica. Call once the
+    /// drain is idle (no tick running).
+    pub async fn shutdown(self, deadline: tokio::time::Instant) -> JobShutdown {
         drop(self.drain);
-        self.log.finish(deadline).await
+        self.persister_stop.cancel();
+        let outbox_flushed = tokio::time::timeout_at(deadline, self.persister)
+            .await
+            .is_ok();
+        if !outbox_flushed {
+            tracing::warn!(
+                "issued coupons still in the outbox at the deadline; the next start or another replica persists them"
+            );
+        }
+        let (log, log_flushed) = self.log.shutdown(deadline).await;
+        JobShutdown {
+            log,
+            outbox_flushed,
+            log_flushed,
+        }
     }
 
-    /// Stops the writer once every row is written, however long that takes (benchmarks, demo,
-    /// tests).
+    /// Waits until every log row in Redis is written, then stops (benchmarks, demo, tests).
     pub async fn finish_writing(self) -> WriterReport {
-        drop(self.drain);
-        self.log.finish_writing().await
+        self.wait_for_log(&CancellationToken::new()).await;
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        self.shutdown(far).await.log
     }
 }
 
@@ -272,8 +274,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // The address actually bound: with port 0 the system picks one, and this line is how a
     // supervisor (or a test) learns it.
     let listen = listener.local_addr().unwrap_or(config.http.listen);
-    let log = start_log(&config, &backends, &metrics)?;
-    let drain = new_drain(&config, &backends, log.sender.clone(), &metrics);
+    let job = CouponJob::start(&config, &backends, &metrics);
+    let drain = job.drain.clone();
     let rebuild = RankingRebuild::new(
         backends.redis.clone(),
         config.keys.clone(),
@@ -299,13 +301,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
         })
     };
-    let persister_stop = CancellationToken::new();
-    let persister = {
-        let drain = drain.clone();
-        let persister_stop = persister_stop.clone();
-        tasks.spawn(async move { drain.run_persister(persister_stop).await })
-    };
-
     let control = Control::new(backends.redis.clone(), &config.keys, metrics.clone());
     let drain_job = GuardedJob::new("coupon_drain", &metrics).recorded_in(&control);
     let keeper = RankingKeeper::new(
@@ -358,29 +353,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tracing::warn!("a job was still running at the shutdown deadline");
         clean = false;
     }
-    persister_stop.cancel();
     tasks.close();
     if tokio::time::timeout_at(deadline, tasks.wait())
         .await
         .is_err()
     {
-        tracing::warn!(
-            "issued coupons still in the outbox at the deadline; the next start or another replica persists them"
-        );
+        tracing::warn!("a job task was still running at the shutdown deadline");
         clean = false;
     }
-    drop(persister);
     drop(drain);
-    let (log_report, log_clean) = log.finish(deadline).await;
-    if !log_clean {
-        tracing::warn!(
-            rows_spilled = log_report.rows_left_spilled,
-            "ranking-log rows not written by the deadline; kept in the spill file for the next start"
-        );
+    let stopped = job.shutdown(deadline).await;
+    if !stopped.clean() {
         clean = false;
     }
     heartbeat_stop.cancel();
     let _ = heartbeat.await;
+    let log_report = stopped.log;
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
     if clean {
@@ -513,10 +501,10 @@ pub async fn drain_once(
     let metrics = Metrics::new();
     let backends = Backends::connect(config).await?;
     backends::check_migrated(&backends.mysql).await?;
-    let logged = LoggedDrain::start(config, &backends, &metrics)?;
+    let job = CouponJob::start(config, &backends, &metrics);
     let stop = CancellationToken::new();
     let report = {
-        let work = logged.drain.drain_to_empty(&stop);
+        let work = job.drain_to_empty(&stop);
         tokio::pin!(work);
         tokio::select! {
             report = &mut work => report,
@@ -527,8 +515,8 @@ pub async fn drain_once(
         }
     };
     let deadline = tokio::time::Instant::now() + config.shutdown.timeout;
-    let (log_report, _) = logged.finish(deadline).await;
-    Ok((report, log_report))
+    let stopped = job.shutdown(deadline).await;
+    Ok((report, stopped.log))
 }
 
 /// `rebuild-ranking`: one rebuild for `day` (default: today in the configured timezone).
@@ -641,9 +629,10 @@ pub async fn reconcile_once(
     let metrics = Metrics::new();
     let backends = Backends::connect(config).await?;
     backends::check_migrated(&backends.mysql).await?;
-    let logged = LoggedDrain::start(config, &backends, &metrics)?;
-    let reports = logged.drain.reconcile_all(dry_run).await;
-    logged.finish_writing().await;
+    let job = CouponJob::start(config, &backends, &metrics);
+    let reports = job.drain.reconcile_all(dry_run).await;
+    job.shutdown(tokio::time::Instant::now() + config.shutdown.timeout)
+        .await;
     reports
 }
 

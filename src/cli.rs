@@ -80,6 +80,9 @@ pub(crate) enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Move ranking-log rows MySQL rejected for good (kept in each log stream's `:dead` stream
+    /// with the error) back into the log, to be written again, e.g. after fixing the table.
+    RequeueLogDead,
     /// The tools: `demo` and `bench` (built with the `tools` feature, on by default).
     #[cfg(feature = "tools")]
     #[command(flatten)]

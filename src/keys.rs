@@ -46,6 +46,13 @@ pub struct KeyTemplates {
     /// ZSET of issued coupons not yet confirmed in MySQL: member `userId:couponId`, score =
     /// issue time in ms. Internal.
     pub outbox: String,
+    /// STREAM of ranking-log rows waiting for MySQL: one entry per decided batch, written by the
+    /// decide script with the decisions. Internal; `<log>:rows` counts the rows waiting and
+    /// `<log>:dead` keeps rows MySQL rejected for good. Left out of `worker.toml` (files written
+    /// before it existed), it is the queue's template with `log` for `queue`: see
+    /// [`KeyTemplates::log_beside_queue`].
+    #[serde(default)]
+    pub log: String,
     /// SET of couponIds with a queue of their own (per-coupon layout only; written by the API).
     pub coupon_registry: String,
     /// SET of couponIds whose queues have work (per-coupon layout only): the API adds the coupon
@@ -72,6 +79,7 @@ impl Default for KeyTemplates {
             result: "coupon:result:{couponId}".into(),
             dead: "coupon:dead".into(),
             outbox: "coupon:outbox".into(),
+            log: "coupon:log".into(),
             coupon_registry: "coupon:registry".into(),
             coupon_active: "coupon:active".into(),
             ranking_daily: "product:ranking:{date}".into(),
@@ -93,6 +101,7 @@ impl KeyTemplates {
             result: "{coupon}:result:{couponId}".into(),
             dead: "{coupon}:dead".into(),
             outbox: "{coupon}:outbox".into(),
+            log: "{coupon}:log".into(),
             ..Self::default()
         }
     }
@@ -108,6 +117,7 @@ impl KeyTemplates {
             result: "{coupon:{couponId}}:result".into(),
             dead: "{coupon:{couponId}}:dead".into(),
             outbox: "{coupon:{couponId}}:outbox".into(),
+            log: "{coupon:{couponId}}:log".into(),
             ..Self::default()
         }
     }
@@ -122,6 +132,7 @@ impl KeyTemplates {
             ("result", &self.result),
             ("dead", &self.dead),
             ("outbox", &self.outbox),
+            ("log", &self.log),
             ("coupon_registry", &self.coupon_registry),
             ("coupon_active", &self.coupon_active),
             ("ranking_daily", &self.ranking_daily),
@@ -139,6 +150,7 @@ impl KeyTemplates {
             ("result", &mut self.result),
             ("dead", &mut self.dead),
             ("outbox", &mut self.outbox),
+            ("log", &mut self.log),
             ("coupon_registry", &mut self.coupon_registry),
             ("coupon_active", &mut self.coupon_active),
             ("ranking_daily", &mut self.ranking_daily),
@@ -164,7 +176,7 @@ impl KeyTemplates {
             let wants = match name {
                 "stock" | "issued" | "seq" | "result" => Some(COUPON_ID),
                 // The per-coupon layout: one queue (and dead-letter stream and outbox) per coupon.
-                "queue" | "dead" | "outbox" if self.per_coupon() => Some(COUPON_ID),
+                "queue" | "dead" | "outbox" | "log" if self.per_coupon() => Some(COUPON_ID),
                 "ranking_daily" => Some(DATE),
                 _ => None,
             };
@@ -186,16 +198,15 @@ impl KeyTemplates {
                 }
             }
         }
-        for name in ["dead", "outbox"] {
-            let template = if name == "dead" {
-                &self.dead
-            } else {
-                &self.outbox
-            };
+        for (name, template) in [
+            ("dead", &self.dead),
+            ("outbox", &self.outbox),
+            ("log", &self.log),
+        ] {
             if !self.per_coupon() && template.contains(COUPON_ID) {
                 problems.push((
                     name,
-                    format!("`{template}` uses `{COUPON_ID}` but `keys.queue` does not: a per-coupon layout needs it in queue, dead and outbox"),
+                    format!("`{template}` uses `{COUPON_ID}` but `keys.queue` does not: a per-coupon layout needs it in queue, dead, outbox and log"),
                 ));
             }
         }
@@ -217,6 +228,27 @@ impl KeyTemplates {
         } else {
             format!("{}:follower", self.queue)
         }
+    }
+
+    /// The default `log` template for a `queue` template: its trailing `queue` replaced by
+    /// `log` (`coupon:queue` → `coupon:log`, `{coupon:{couponId}}:queue` →
+    /// `{coupon:{couponId}}:log`), or `:log` appended. Either way in the queue's hash slot.
+    pub fn log_beside_queue(queue: &str) -> String {
+        match queue.strip_suffix("queue") {
+            Some(stem) if !stem.is_empty() => format!("{stem}log"),
+            _ => format!("{queue}:log"),
+        }
+    }
+
+    /// The counter of ranking-log rows waiting in a (resolved) `log` stream: `<log>:rows`, in the
+    /// stream's hash slot when the template has a hash tag.
+    pub fn log_rows(&self) -> String {
+        format!("{}:rows", self.log)
+    }
+
+    /// The stream of ranking-log rows MySQL rejected for good, with the error: `<log>:dead`.
+    pub fn log_dead(&self) -> String {
+        format!("{}:dead", self.log)
     }
 
     fn coupon_key(template: &str, coupon_id: i64) -> String {
@@ -358,11 +390,11 @@ impl KeyTemplates {
         self.queue.contains(COUPON_ID)
     }
 
-    /// The keys of one coupon's lane in the per-coupon layout: `queue`, `dead` and `outbox`
+    /// The keys of one coupon's lane in the per-coupon layout: `queue`, `dead`, `outbox` and `log`
     /// resolved for `coupon_id`. (In the single-queue layout, the same templates.)
     pub fn for_coupon(&self, coupon_id: i64) -> Self {
         let mut out = self.clone();
-        for template in [&mut out.queue, &mut out.dead, &mut out.outbox] {
+        for template in [&mut out.queue, &mut out.dead, &mut out.outbox, &mut out.log] {
             *template = Self::coupon_key(template, coupon_id);
         }
         out
@@ -582,6 +614,6 @@ mod tests {
             ..KeyTemplates::default()
         };
         let names: Vec<&str> = half.validate().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, vec!["outbox"]);
+        assert_eq!(names, vec!["outbox", "log"]);
     }
 }

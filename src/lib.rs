@@ -10,7 +10,7 @@
 //! - [`ranking`] — the **ranking rebuild**, at midnight in the configured timezone: the window's
 //!   daily sales sets summed into the ranking key and swapped in atomically; old days pruned.
 //! - [`ranking_log`] — the **ranking log**: one row per decided request through a bounded
-//!   channel to MySQL in batches; a full channel spills to disk, nothing is dropped silently.
+//!   channel to MySQL in batches (the rows wait in Redis, written by the decide script itself).
 //!
 //! Around them: [`config`] (worker.toml → validated config), [`keys`] (key templates),
 //! [`outcome`] (what happened to a request: one vocabulary for every part), [`backends`]

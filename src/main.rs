@@ -102,8 +102,8 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Drain => {
             let (report, log) = app::drain_once(&config, app::shutdown_signal()).await?;
             println!(
-                "drained: {report}; ranking-log rows written: {}, spilled: {}",
-                log.rows_written, log.rows_left_spilled,
+                "drained: {report}; ranking-log rows written: {}, handed back to Redis: {}",
+                log.rows_written, log.rows_left,
             );
             Ok(())
         }
@@ -190,6 +190,13 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             if dry_run && !differing.is_empty() {
                 return Err(app::DifferencesFound(differing.len()).into());
             }
+            Ok(())
+        }
+        Command::RequeueLogDead => {
+            let redis = commerce_worker::backends::connect_redis(&config.redis).await?;
+            let moved =
+                commerce_worker::ranking_log::requeue_log_dead(&redis, &config.keys).await?;
+            println!("requeued {moved} dead-lettered ranking-log entries");
             Ok(())
         }
     }

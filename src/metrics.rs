@@ -76,7 +76,8 @@ pub struct Metrics {
     pub ranking_log_channel_depth: Gauge,
     pub ranking_log_rows_written: Counter,
     pub ranking_log_rows_retried: Counter,
-    pub ranking_log_rows_spilled: Counter,
+    pub ranking_log_backlog_rows: Gauge,
+    pub ranking_log_backlog_oldest_age: Gauge<f64, AtomicU64>,
     pub ranking_log_rows_given_up: Counter,
     pub ranking_log_batch_duration: Histogram,
     pub job_runs: Family<JobResultLabel, Counter>,
@@ -218,16 +219,22 @@ impl Metrics {
             "Ranking-log row write attempts that failed and were retried",
             ranking_log_rows_retried.clone(),
         );
-        let ranking_log_rows_spilled = Counter::default();
+        let ranking_log_backlog_rows = Gauge::default();
         registry.register(
-            "ranking_log_rows_spilled",
-            "Ranking-log rows written to the spill file because the channel was full or shutdown came first",
-            ranking_log_rows_spilled.clone(),
+            "ranking_log_backlog_rows",
+            "Ranking-log rows waiting in Redis for MySQL (all log streams)",
+            ranking_log_backlog_rows.clone(),
+        );
+        let ranking_log_backlog_oldest_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "ranking_log_backlog_oldest_age_seconds",
+            "Age of the oldest ranking-log entry waiting in Redis (0 when none)",
+            ranking_log_backlog_oldest_age.clone(),
         );
         let ranking_log_rows_given_up = Counter::default();
         registry.register(
             "ranking_log_rows_given_up",
-            "Ranking-log rows MySQL kept rejecting, moved to the rejected file instead of the table",
+            "Ranking-log rows MySQL kept rejecting, moved to the log dead-letter stream in Redis",
             ranking_log_rows_given_up.clone(),
         );
         let ranking_log_batch_duration = duration_histogram();
@@ -314,7 +321,8 @@ impl Metrics {
             ranking_log_channel_depth,
             ranking_log_rows_written,
             ranking_log_rows_retried,
-            ranking_log_rows_spilled,
+            ranking_log_backlog_rows,
+            ranking_log_backlog_oldest_age,
             ranking_log_rows_given_up,
             ranking_log_batch_duration,
             job_runs,

@@ -80,6 +80,11 @@ impl Outcome {
         Self::ALL.into_iter().find(|o| o.facts().code == code)
     }
 
+    /// The one-letter code `decide.lua` returns (and writes in the log stream).
+    pub fn code(self) -> u8 {
+        self.facts().code
+    }
+
     /// The label used in metrics and log fields.
     pub fn label(self) -> &'static str {
         self.facts().label

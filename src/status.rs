@@ -53,6 +53,10 @@ impl Depths {
         self.queue_depth += other.queue_depth;
         self.outbox_depth += other.outbox_depth;
         self.dead_letters += other.dead_letters;
+        self.log_backlog = match (self.log_backlog, other.log_backlog) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
         self.queue_oldest_age_secs =
             max_age(self.queue_oldest_age_secs, other.queue_oldest_age_secs);
         self.outbox_oldest_age_secs =
@@ -370,6 +374,13 @@ async fn lane_depths(client: &Client, lane: &KeyTemplates, now_ms: f64) -> anyho
         outbox_depth: client.zcard(&lane.outbox).await?,
         outbox_oldest_age_secs: oldest(lane.outbox.clone()).await?,
         dead_letters: client.xlen(&lane.dead).await?,
+        log_backlog: Some(
+            client
+                .get::<Option<i64>, _>(lane.log_rows())
+                .await?
+                .unwrap_or(0)
+                .max(0) as u64,
+        ),
         ..Depths::default()
     };
     for (_, reason) in dead_entries(client, &lane.dead).await? {

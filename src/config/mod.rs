@@ -120,7 +120,7 @@ impl Config {
         let (
             Some(mut redis),
             Some(mut mysql),
-            Some(keys),
+            Some(mut keys),
             Some(coupon),
             Some(ranking),
             Some(ranking_log),
@@ -136,6 +136,11 @@ impl Config {
         let mysql_origin = mysql.override_from_env(&env);
         redis.validate(&redis_origin, &mut problems);
         mysql.validate(&mysql_origin, &mut problems);
+        if keys.log.is_empty() {
+            // Not set: beside the queue, in its hash slot, so cluster layouts written before
+            // the log stream existed keep working unchanged.
+            keys.log = KeyTemplates::log_beside_queue(&keys.queue);
+        }
         validate_keys(&keys, redis.is_cluster(), &mut problems);
         coupon.validate(&mut problems);
         ranking.validate(&mut problems);
@@ -204,6 +209,26 @@ mod tests {
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml_str(text, Path::new("worker.toml"), |_| None)
+    }
+
+    #[test]
+    fn the_retired_spill_dir_is_accepted_with_a_warning() {
+        let config =
+            load("[ranking_log]\nspill_dir = \"var/spill\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let lines = config.warning_lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("ranking_log.spill_dir"), "{lines:?}");
+        assert!(lines[0].contains("Redis"), "{lines:?}");
+    }
+
+    #[test]
+    fn the_log_stream_defaults_to_beside_the_queue_in_its_hash_slot() {
+        assert_eq!(load("").map(|c| c.keys.log).ok(), Some("coupon:log".into()));
+        let per_coupon = load("[keys]\nqueue = \"{coupon:{couponId}}:queue\"\nstock = \"{coupon:{couponId}}:stock\"\nissued = \"{coupon:{couponId}}:issued\"\nseq = \"{coupon:{couponId}}:seq\"\nresult = \"{coupon:{couponId}}:result\"\ndead = \"{coupon:{couponId}}:dead\"\noutbox = \"{coupon:{couponId}}:outbox\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(per_coupon.keys.log, "{coupon:{couponId}}:log");
+        let set = load("[keys]\nlog = \"my:log\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.keys.log, "my:log");
     }
 
     #[test]

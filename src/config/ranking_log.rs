@@ -1,7 +1,6 @@
 //! `[ranking_log]`: the channel and writer that put one row per decided request in MySQL.
 
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -12,7 +11,7 @@ use super::units::{millis, nonzero};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RankingLogConfig {
-    /// Rows buffered in memory between the drain and the writer.
+    /// Rows read from the Redis log streams and not yet written, at most.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: NonZeroUsize,
     /// Rows per INSERT statement.
@@ -25,12 +24,8 @@ pub struct RankingLogConfig {
         default = "default_flush_interval"
     )]
     pub flush_interval: Duration,
-    /// Where rows go when the channel is full, and where rows that could not be written before
-    /// shutdown wait for the next start.
-    #[serde(default = "default_spill_dir")]
-    pub spill_dir: PathBuf,
-    /// Attempts at a batch the server keeps rejecting (not an outage) before its rows are given
-    /// up and written to the rejected file.
+    /// Attempts at an entry the server keeps rejecting (not an outage) before its rows move to
+    /// the `<log>:dead` stream in Redis.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
 }
@@ -45,10 +40,6 @@ fn default_batch_size() -> NonZeroUsize {
 
 fn default_flush_interval() -> Duration {
     Duration::from_millis(200)
-}
-
-fn default_spill_dir() -> PathBuf {
-    PathBuf::from("var/spill")
 }
 
 fn default_max_attempts() -> u32 {

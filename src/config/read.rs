@@ -26,9 +26,12 @@ pub struct Deprecated {
 }
 
 /// Keys retired from the schema. Retiring one: remove its field from the section's struct and
-/// add a line here, e.g.
-/// `Deprecated { section: "ranking_log", key: "spill_dir", note: "rows wait in Redis now; remove it" }`.
-pub const DEPRECATED: &[Deprecated] = &[];
+/// add a line here.
+pub const DEPRECATED: &[Deprecated] = &[Deprecated {
+    section: "ranking_log",
+    key: "spill_dir",
+    note: "ranking-log rows now wait in Redis (the `[keys] log` stream), never on the local disk; remove it",
+}];
 
 /// One thing wrong (or, for a warning, worth changing) in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

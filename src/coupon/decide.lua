@@ -1,8 +1,9 @@
 #!lua
 -- Decides one batch of coupon requests atomically (docs/contract.md §2).
 --
--- KEYS[1] queue ZSET, KEYS[2] dead-letter STREAM, KEYS[3] outbox ZSET, then for each coupon c
--- (1-based) four keys at 3 + 4(c-1) + 1..4: stock STRING, issued SET, seq STRING, result HASH.
+-- KEYS[1] queue ZSET, KEYS[2] dead-letter STREAM, KEYS[3] outbox ZSET, KEYS[4] ranking-log
+-- STREAM, KEYS[5] ranking-log row counter STRING, then for each coupon c (1-based) four keys at
+-- 5 + 4(c-1) + 1..4: stock STRING, issued SET, seq STRING, result HASH.
 -- ARGV[1] number of coupons, ARGV[2] number of entries, then 3 arguments per entry:
 -- member, coupon index (0 = malformed), and the userId (or, for a malformed entry, the reason).
 -- The last key, KEYS[#KEYS], is the lane's reconciliation marker (see below).
@@ -17,6 +18,14 @@
 -- names arrive in KEYS, never built here, so the script works on Redis Cluster when they share a
 -- hash slot. userIds stay strings: Lua numbers are doubles and cannot hold every i64.
 --
+-- The batch's ranking-log rows (one per decided request) go into the log stream as ONE entry,
+-- written with the decisions, so a decision and its row exist together or not at all. Fields:
+-- `m` the decided members joined by spaces (decided members are `digits:digits`), `r` their ranks
+-- joined by spaces, `o` their outcome letters (I/D/S/U), in the same order; the entry id's
+-- milliseconds (Redis' clock) are the decision time. The counter adds the rows for the backlog
+-- metric. Nothing is logged for a batch with no decided request. (Two table appends per entry
+-- and one XADD per batch: table.concat builds the fields in C.)
+--
 -- Speed: Redis commands are issued in bulk (ZRANGE or ZMSCORE, one MGET for every coupon's stock
 -- and seq, SMISMEMBER, then one removal, SADD, HSET, ZADD per key) rather than per entry; inside
 -- one script nothing can interleave, so reading the whole batch first and writing it after is the
@@ -28,7 +37,8 @@
 -- The result hash is the one key the decision never reads: HLEN, the cheapest read there is,
 -- checks its type.
 
-local queue, dead, outbox = KEYS[1], KEYS[2], KEYS[3]
+local queue, dead, outbox, log, log_rows = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local FIRST_COUPON_KEY = 5
 
 -- Never decide against a Redis that forgot (docs/contract.md §2, README "When Redis forgets"): the
 -- marker holds the identity (run_id, which changes on every restart, restore and failover, and
@@ -53,7 +63,9 @@ local function key_type(key)
   return redis.call('TYPE', key)['ok']
 end
 
-for _, spec in ipairs({ { queue, 'zset' }, { dead, 'stream' }, { outbox, 'zset' } }) do
+for _, spec in ipairs({
+  { queue, 'zset' }, { dead, 'stream' }, { outbox, 'zset' }, { log, 'stream' }, { log_rows, 'string' },
+}) do
   local t = key_type(spec[1])
   if t ~= 'none' and t ~= spec[2] then
     return redis.error_reply('WRONGTYPE ' .. spec[1] .. ' is a ' .. t .. ', expected a ' .. spec[2])
@@ -124,7 +136,7 @@ for i = 1, nentries do
   if c > 0 and scores[i] then
     local info = coupons[c]
     if info == nil then
-      local base = 3 + (c - 1) * 4
+      local base = FIRST_COUPON_KEY + (c - 1) * 4
       info = {
         stock_key = KEYS[base + 1], issued_key = KEYS[base + 2],
         seq_key = KEYS[base + 3], result_key = KEYS[base + 4],
@@ -181,6 +193,7 @@ end
 
 -- Decide, in queue order.
 local codes, ranks, claimed, outbox_adds = {}, {}, {}, {}
+local log_members, log_ranks, log_codes = {}, {}, {}
 for i = 1, nentries do
   local member, user, info = members[i], user_or_reason[i], coupons[cidx[i]]
   local code, rank = 'G', 0
@@ -210,6 +223,8 @@ for i = 1, nentries do
         outbox_adds[#outbox_adds + 1] = issued_at_ms
         outbox_adds[#outbox_adds + 1] = member
       end
+      local n = #log_members + 1
+      log_members[n], log_ranks[n], log_codes[n] = member, rank, code
       if holds[i] then
         -- A holder's result is ISSUED (written with the SADD that made them one) and ISSUED is
         -- never overwritten; HSETNX covers holders added by other means, who have none.
@@ -237,6 +252,11 @@ for _, info in ipairs(live) do
   bulk('HSET', info.result_key, nil, info.results, 2)
   if info.taken > 0 then redis.call('DECRBY', info.stock_key, info.taken) end
   if info.decided > 0 then redis.call('INCRBY', info.seq_key, info.decided) end
+end
+if #log_members > 0 then
+  redis.call('XADD', log, '*', 'm', table.concat(log_members, ' '), 'r', table.concat(log_ranks, ' '),
+    'o', table.concat(log_codes))
+  redis.call('INCRBY', log_rows, #log_members)
 end
 
 local out = { table.concat(codes) }

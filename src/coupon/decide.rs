@@ -3,7 +3,8 @@
 //! The batch is read from the head of the queue (lowest score first, ties by member), parsed
 //! here, and sent to the script with every key it will touch listed in KEYS. The script claims
 //! each entry by removing it from the queue, so entries another replica decided in the meantime
-//! come back as [`Outcome::Gone`] and are not decided twice.
+//! come back as [`Outcome::Gone`] and are not decided twice. The same script records the batch's
+//! ranking-log rows in the lane's log stream (read back by the ranking-log pipeline).
 
 use std::collections::HashMap;
 
@@ -103,6 +104,8 @@ impl Decider {
             self.keys.queue.clone(),
             self.keys.dead.clone(),
             self.keys.outbox.clone(),
+            self.keys.log.clone(),
+            self.keys.log_rows(),
         ];
         let mut args: Vec<String> = Vec::with_capacity(2 + head.len() * 5);
         let parsed: Vec<Result<Request, &str>> = head

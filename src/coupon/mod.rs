@@ -8,9 +8,10 @@
 //!                                             │ removes entries from the queue
 //!                                             │ stock, issued set, seq, result hash
 //!                                             │ dead-letter stream (undecidable entries)
-//!                                             └ outbox ZSET (issued coupons)
-//! outcomes ──▶ ranking log channel (never waits)
+//!                                             ├ outbox ZSET (issued coupons)
+//!                                             └ log STREAM (the batch's ranking-log rows)
 //! outbox ──Persister: INSERT … ON DUPLICATE KEY, then ZREM──▶ user_coupon
+//! log stream ──ranking-log pipeline (any replica)──▶ ranking_logs
 //! ```
 //!
 //! [`CouponDrain::tick`] is one unit of work: batches until the queue is empty, the tick's budget
@@ -47,7 +48,6 @@ use crate::control::Control;
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 use crate::outcome::OutcomeCounts;
-use crate::ranking_log::{LogRow, LogSender};
 use crate::retry::{self, Backoff};
 
 /// Why a tick stopped taking batches.
@@ -133,7 +133,7 @@ impl std::fmt::Display for DrainReport {
 
 /// Now in epoch milliseconds, the unit of queue scores.
 fn now_ms() -> f64 {
-    Utc::now().timestamp_millis() as f64
+    chrono::Utc::now().timestamp_millis() as f64
 }
 
 /// Outboxes persisted at once in the per-coupon layout: enough to keep MySQL busy, well under
@@ -238,7 +238,8 @@ pub struct CouponDrain {
     /// Per-coupon layout: how often the whole registry is swept for queues and outboxes with
     /// entries that the active set does not show.
     sweep_interval: Duration,
-    log: LogSender,
+    /// Wakes the ranking-log reader when a batch wrote log rows.
+    log_ready: Arc<Notify>,
     metrics: Metrics,
     /// The pause flags every replica honours.
     control: Control,
@@ -260,7 +261,7 @@ impl CouponDrain {
         pool: MySqlPool,
         keys: &KeyTemplates,
         batch_size: usize,
-        log: LogSender,
+        log_ready: Arc<Notify>,
         metrics: Metrics,
     ) -> Self {
         let control = Control::new(client.clone(), keys, metrics.clone());
@@ -273,7 +274,7 @@ impl CouponDrain {
             batch_size,
             layout: Layout::PerCoupon(Arc::default()),
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
-            log,
+            log_ready,
             metrics,
             outbox_ready: Arc::new(Notify::new()),
             replicas,
@@ -803,16 +804,14 @@ impl CouponDrain {
         Ok((report, oldest_ms))
     }
 
-    /// Counts outcomes, updates metrics and hands one log row per decided request to the
-    /// ranking log.
+    /// Counts outcomes and updates metrics. (The batch's log rows are already in Redis: the
+    /// script wrote them; the log reader is woken to fetch them.)
     fn record(&self, decisions: &[Decision], coupon: Option<i64>, report: &mut DrainReport) {
         if decisions.is_empty() {
             return;
         }
-        let now = Utc::now();
-        let decided_ms = now.timestamp_millis() as f64;
+        let decided_ms = chrono::Utc::now().timestamp_millis() as f64;
         let mut batch = DrainReport::default();
-        let mut rows = Vec::with_capacity(decisions.len());
         for decision in decisions {
             batch.outcomes[decision.outcome] += 1;
             // A dead-lettered entry gets its row when requeued and decided; a gone one from the
@@ -824,17 +823,7 @@ impl CouponDrain {
             self.metrics
                 .coupon_decision_latency
                 .observe((decided_ms - decision.enqueued_ms).max(0.0) / 1000.0);
-            if let Some(request) = decision.request {
-                tracing::debug!(member = %decision.member, outcome = decision.outcome.label(), rank = decision.rank, "decided");
-                rows.push(LogRow {
-                    user_id: request.user_id,
-                    coupon_id: request.coupon_id,
-                    rank: decision.rank,
-                    outcome: decision.outcome,
-                    decided_at: now,
-                    retry_count: 0,
-                });
-            }
+            tracing::debug!(member = %decision.member, outcome = decision.outcome.label(), rank = decision.rank, "decided");
         }
         // One metric update per outcome and batch, not per entry.
         for (outcome, count) in batch.outcomes.iter() {
@@ -846,8 +835,15 @@ impl CouponDrain {
             self.outbox_has_entries(coupon);
             self.outbox_ready.notify_one();
         }
+        // The script wrote a log row for each outcome that makes one.
+        if batch
+            .outcomes
+            .iter()
+            .any(|(outcome, n)| n > 0 && outcome.row_name().is_some())
+        {
+            self.log_ready.notify_one();
+        }
         report.add_counts(&batch);
-        self.log.send(rows);
     }
 
     /// The persister as a long-running task: persists whenever the outbox has entries, retries
@@ -896,16 +892,11 @@ impl CouponDrain {
         }
     }
 
-    /// The `drain` command: decides until the queue is empty and persists until the outbox is
-    /// empty, retrying outages until both are done or `stop` fires.
+    /// The `drain` command's coupon part: decides until the queue is empty and waits until the
+    /// outbox is empty, retrying outages until both are done or `stop` fires. The persister must
+    /// be running (`app::CouponJob` runs it).
     pub async fn drain_to_empty(&self, stop: &CancellationToken) -> DrainReport {
         let started = Instant::now();
-        let persister_stop = CancellationToken::new();
-        let persisting = {
-            let drain = self.clone();
-            let persister_stop = persister_stop.clone();
-            tokio::spawn(async move { drain.run_persister(persister_stop).await })
-        };
         let mut total = DrainReport::default();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         while let Some(report) =
@@ -937,8 +928,6 @@ impl CouponDrain {
                 _ = stop.cancelled() => break,
             }
         }
-        persister_stop.cancel();
-        let _ = persisting.await;
         total.elapsed = started.elapsed();
         total
     }

@@ -2,11 +2,9 @@
 //!
 //! Both commands play the API's part against the operator's real servers, so they must never
 //! touch the shop's data: a [`Sandbox`] has its own key prefix (every template in `[keys]` gets
-//! `<name>:` in front), its own database on the configured MySQL server (created and migrated
-//! here), and its own spill directory under the system temp dir. [`Sandbox::cleanup`] deletes the
-//! keys (found with SCAN on the prefix), drops the database and removes the directory.
-
-use std::path::PathBuf;
+//! `<name>:` in front) and its own database on the configured MySQL server (created and migrated
+//! here). [`Sandbox::cleanup`] deletes the keys (found with SCAN on the prefix) and drops the
+//! database.
 
 use anyhow::Context;
 use fred::prelude::*;
@@ -33,7 +31,6 @@ impl Sandbox {
         let mut config = base.clone();
         config.keys = base.keys.with_prefix(&format!("{name}:"));
         config.mysql.url = SecretUrl::new(with_database(base.mysql.url.expose(), &name)?);
-        config.ranking_log.spill_dir = std::env::temp_dir().join(&name);
         backends::migrate(&config.mysql)
             .await
             .context("creating the sandbox database")?;
@@ -55,11 +52,7 @@ impl Sandbox {
         }
     }
 
-    fn spill_dir(&self) -> PathBuf {
-        self.config.ranking_log.spill_dir.clone()
-    }
-
-    /// Deletes every key under the prefix, drops the database and removes the spill directory.
+    /// Deletes every key under the prefix and drops the database.
     pub async fn cleanup(self) -> anyhow::Result<()> {
         let keys = backends::scan_keys(&self.redis, &format!("{}:*", self.name))
             .await
@@ -77,10 +70,6 @@ impl Sandbox {
         .await
         .context("dropping the sandbox database")?;
         server.close().await;
-        let dir = self.spill_dir();
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
         let _ = self.redis.quit().await;
         Ok(())
     }

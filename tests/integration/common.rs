@@ -20,8 +20,8 @@ pub fn mysql_server_url() -> String {
     std::env::var("TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
 }
 
-/// An isolated environment: the worker's own [`Sandbox`] (a migrated database, a key prefix and a
-/// spill directory, with a config pointing at all three), plus a directory for the files a test
+/// An isolated environment: the worker's own [`Sandbox`] (a migrated database and a key prefix,
+/// with a config pointing at both), plus a directory for the files a test
 /// writes. Reads as the sandbox: `env.config`, `env.redis`, `env.mysql`, `env.name`.
 pub struct TestEnv {
     sandbox: Sandbox,
@@ -42,13 +42,12 @@ impl std::ops::DerefMut for TestEnv {
     }
 }
 
-pub fn base_config(redis: &str, mysql_url: &str, spill_dir: &Path, prefix: &str) -> Config {
+pub fn base_config(redis: &str, mysql_url: &str, prefix: &str) -> Config {
     let mut config = Config::from_toml_str("", Path::new("test.toml"), |_| None)
         .unwrap_or_else(|e| panic!("{e}"));
     config.redis.url = SecretUrl::new(redis);
     config.mysql.url = SecretUrl::new(mysql_url);
     config.keys = KeyTemplates::default().with_prefix(prefix);
-    config.ranking_log.spill_dir = spill_dir.to_owned();
     config.http.listen = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
     config
 }
@@ -60,9 +59,8 @@ impl TestEnv {
 
     pub async fn with_servers(redis: &str, mysql_server: &str) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        // The sandbox takes the servers from here and puts its own prefix, database and spill
-        // directory in.
-        let base = base_config(redis, &format!("{mysql_server}/unused"), dir.path(), "");
+        // The sandbox takes the servers from here and puts its own prefix and database in.
+        let base = base_config(redis, &format!("{mysql_server}/unused"), "");
         let sandbox = Sandbox::create(&base, "test")
             .await
             .unwrap_or_else(|e| panic!("creating the test's sandbox: {e:#}"));
@@ -85,10 +83,9 @@ impl TestEnv {
             .map(|(k, v)| format!("{k} = {v:?}\n"))
             .collect();
         let text = format!(
-            "[redis]\nurl = {:?}\n[mysql]\nurl = {:?}\n[keys]\n{keys}[ranking_log]\nspill_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"text\"\n",
+            "[redis]\nurl = {:?}\n[mysql]\nurl = {:?}\n[keys]\n{keys}[http]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"text\"\n",
             self.config.redis.url.expose(),
             self.config.mysql.url.expose(),
-            self.config.ranking_log.spill_dir.display().to_string(),
         );
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
         path
@@ -111,7 +108,7 @@ impl TestEnv {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// Deletes the keys, drops the database and removes the spill directory (the sandbox's
+    /// Deletes the keys and drops the database (the sandbox's
     /// cleanup). A failure is reported but does not fail the test: it only leaves litter.
     pub async fn cleanup(self) {
         if let Err(e) = self.sandbox.cleanup().await {
@@ -362,7 +359,15 @@ impl Daemon {
     /// `commerce-worker run --config <config>` with `envs`; waits for its "running" log line and
     /// reads the port it listens on from it.
     pub fn start(config: &Path, envs: &[(&str, &str)]) -> Self {
+        Self::start_in(config, envs, None)
+    }
+
+    /// [`Daemon::start`] with `dir` as the working directory (a pod's, deleted with it).
+    pub fn start_in(config: &Path, envs: &[(&str, &str)], dir: Option<&Path>) -> Self {
         let mut command = Command::new(BIN);
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
         command
             .args(["run", "--config"])
             .arg(config)
@@ -765,12 +770,11 @@ pub async fn eventually(timeout: Duration, what: &str, mut check: impl AsyncFnMu
     }
 }
 
-/// A coupon drain wired to a running ranking-log writer, as the daemon wires them.
-/// The drain with its ranking-log writer, wired as `drain` wires it.
-pub struct Pipeline(commerce_worker::app::LoggedDrain);
+/// The coupon job (drain, persister, ranking-log pipeline), wired as every command wires it.
+pub struct Pipeline(commerce_worker::app::CouponJob);
 
 impl std::ops::Deref for Pipeline {
-    type Target = commerce_worker::app::LoggedDrain;
+    type Target = commerce_worker::app::CouponJob;
 
     fn deref(&self) -> &Self::Target {
         &self.0
@@ -788,14 +792,11 @@ impl TestEnv {
             redis,
             mysql: self.mysql.clone(),
         };
-        Pipeline(
-            commerce_worker::app::LoggedDrain::start(
-                &self.config,
-                &backends,
-                &commerce_worker::metrics::Metrics::new(),
-            )
-            .unwrap_or_else(|e| panic!("{e:#}")),
-        )
+        Pipeline(commerce_worker::app::CouponJob::start(
+            &self.config,
+            &backends,
+            &commerce_worker::metrics::Metrics::new(),
+        ))
     }
 
     /// `ZADD key NX` of `entries`, 1000 at a time, as the API writes; returns how many were new.
@@ -845,7 +846,8 @@ impl Pipeline {
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// Stops the log writer after it wrote everything; returns rows written.
+    /// Stops the job once every log row waiting in Redis is written; returns the rows this
+    /// job's writer wrote.
     pub async fn finish(self) -> u64 {
         self.0.finish_writing().await.rows_written
     }

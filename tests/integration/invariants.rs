@@ -13,12 +13,6 @@ use fred::prelude::*;
 
 use crate::common::TestEnv;
 
-/// Whether every ranking-log row survives a SIGKILL of the worker and a lost reply (a Redis
-/// primary killed after running a batch, before answering). Today the rows between the decide
-/// script and MySQL live in the process (issue 11): the fault tests that threaten them check
-/// `ranking_logs` only once this is switched on, when the rows are kept in Redis.
-pub(crate) const RANKING_LOG_DURABLE: bool = false;
-
 /// `users` users each ask once for each of `coupons`, which start with `initial` in stock; user u
 /// asks for coupon c at score u·10 + c. Written as the API writes them, in either layout.
 pub(crate) async fn flash_sale(env: &TestEnv, coupons: &[i64], initial: i64, users: i64) {
@@ -168,10 +162,22 @@ pub(crate) async fn seq(env: &TestEnv, coupon: i64) -> i64 {
         .unwrap_or(0)
 }
 
-/// `ranking_logs` once every row was written (docs/contract.md §4): per coupon, ranks exactly 1..=n
+/// `ranking_logs` once every row was written (docs/contract.md §4): the log streams empty, per coupon, ranks exactly 1..=n
 /// where n is `seq` (one row per decided request, none twice, none lost), each user's
 /// `ISSUED` row at most once, and the `ISSUED` users exactly the holders.
 pub(crate) async fn assert_ranking_log(env: &TestEnv, coupons: &[i64]) {
+    for lane in lanes(env, coupons) {
+        let waiting: u64 = env
+            .redis
+            .xlen(&lane.log)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            waiting, 0,
+            "log stream {} written and emptied (acknowledged after COMMIT)",
+            lane.log
+        );
+    }
     for &c in coupons {
         let rows: Vec<(i64, i32, String)> = sqlx::query_as(
             "SELECT user_id, `rank`, status FROM ranking_logs WHERE coupon_type = ? ORDER BY `rank`",

@@ -40,13 +40,12 @@ use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 use super::{Summary, in_sandbox};
-use crate::app::LoggedDrain;
+use crate::app::CouponJob;
 use crate::config::Config;
 use crate::coupon::member::parse_member;
 use crate::coupon::{CouponDrain, DrainReport, Outcome, StopReason};
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
-use crate::ranking_log;
 use crate::tools::options::{CouponBenchOptions, Workload};
 use crate::tools::report::{group, rate};
 use crate::tools::sandbox::Sandbox;
@@ -352,16 +351,9 @@ async fn run_worker(
     }
 
     let metrics = Metrics::new();
-    let logged = LoggedDrain::start(config, &sandbox.backends(), &metrics)?;
-    let drain = &logged.drain;
-
     let started = Instant::now();
-    let persister_stop = CancellationToken::new();
-    let persister = tokio::spawn({
-        let drain = drain.clone();
-        let stop = persister_stop.clone();
-        async move { drain.run_persister(stop).await }
-    });
+    let job = CouponJob::start(config, &sandbox.backends(), &metrics);
+    let drain = &job.drain;
     // The API keeps writing while the drain runs (realistic mix only).
     let api =
         realistic.then(|| tokio::spawn(api_writes(sandbox.redis.clone(), keys.clone(), sale)));
@@ -401,10 +393,8 @@ async fn run_worker(
     }
     let issue_elapsed = last_issue.unwrap_or_else(|| started.elapsed());
     let persist_elapsed = started.elapsed();
-    persister_stop.cancel();
-    persister.await?;
 
-    let written = logged.finish_writing().await;
+    let written = job.finish_writing().await;
     let log_elapsed = started.elapsed();
     ensure!(
         report.decided() == expected.decided + expected.dead_lettered
@@ -422,9 +412,9 @@ async fn run_worker(
         expected.issued
     );
     ensure!(
-        written.rows_left_spilled == 0,
+        written.rows_left == 0,
         "{} ranking-log rows were left unwritten",
-        written.rows_left_spilled
+        written.rows_left
     );
     let (rows_persisted, log_rows) = check_results(sandbox, &sale, &expected).await?;
     Ok(WorkerFigures {
@@ -678,30 +668,42 @@ async fn run_backlog(
     sale.write_stock(&sandbox.redis, keys).await?;
     sale.enqueue(&sandbox.redis, keys, 0..sale.requests, FIRST_ARRIVAL_MS)
         .await?;
-    // Room in the channel for every row: the backlog waits in memory, not in the spill file.
-    let mut log_config = config.ranking_log.clone();
-    log_config.channel_capacity =
-        std::num::NonZeroUsize::MIN.saturating_add(sale.requests as usize);
-    let (log, writer) = ranking_log::channel(&log_config, sandbox.mysql.clone(), Metrics::new())?;
+    // No job running: the log rows wait in Redis (the log stream), as during an outage.
     let drain = CouponDrain::new(
         sandbox.redis.clone(),
         sandbox.mysql.clone(),
         keys,
         config.coupon.batch_size.get(),
-        log,
+        std::sync::Arc::new(tokio::sync::Notify::new()),
         Metrics::new(),
     );
     let never = CancellationToken::new();
     while drain.tick(Duration::MAX, &never).await?.stopped != StopReason::QueueEmpty {}
-    let stop = CancellationToken::new();
+    let log_metrics = Metrics::new();
     let started = Instant::now();
-    let writing =
-        with_log_writer.then(|| tokio::spawn(writer.run(stop.clone(), CancellationToken::new())));
+    let writing = with_log_writer.then(|| {
+        crate::ranking_log::LogPipeline::start(
+            &config.ranking_log,
+            keys,
+            sandbox.redis.clone(),
+            sandbox.mysql.clone(),
+            log_metrics.clone(),
+        )
+    });
     let persisted = drain.persist_all().await? as u64;
     let elapsed = started.elapsed();
-    stop.cancel();
     let log_rows = match writing {
-        Some(task) => task.await?.rows_written,
+        Some(pipeline) => {
+            while log_metrics.ranking_log_rows_written.get() < sale.requests {
+                ensure!(
+                    started.elapsed() < PERSIST_DEADLINE,
+                    "the log backlog was not written within {PERSIST_DEADLINE:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let far = tokio::time::Instant::now() + Duration::from_secs(60);
+            pipeline.shutdown(far).await.0.rows_written
+        }
         None => 0,
     };
     ensure!(

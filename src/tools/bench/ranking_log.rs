@@ -8,12 +8,12 @@
 //!    autocommit loop pays one log flush per statement, the writer one per group);
 //! 3. **LOAD DATA INFILE** — the same rows from a file on the server's disk: the physical limit
 //!    of this MySQL for this table (only when the server runs on this machine and may read files);
-//! 4. **writer, steady** — the real channel and writer, the producer sending 1000-row batches as
-//!    the drain does but never faster than the channel has room for (nothing spills): the
-//!    writer's sustained rate, compared with (2) and (3);
-//! 5. **writer, burst** — the producer sends everything at once, as a drain far ahead of MySQL
-//!    does: the channel fills, the overflow goes to the spill file and is replayed. Shows memory
-//!    staying bounded by the channel (the process's peak RSS) and every row landing once.
+//! 4. **writer, steady** — the real pipeline (log stream in Redis, reader, bounded channel,
+//!    writer, acknowledgement), a producer appending 1000-row entries to the log stream as the
+//!    decide script does while the pipeline runs: the sustained rate, compared with (2) and (3);
+//! 5. **writer, burst** — every entry already waits in Redis when the pipeline starts, as after
+//!    a MySQL outage: shows memory staying bounded by the channel (the process's peak RSS) and
+//!    every row landing once.
 //!
 //! `--runs N` repeats all five and prints each figure's median and range.
 
@@ -21,13 +21,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use chrono::Utc;
-use tokio_util::sync::CancellationToken;
+use fred::prelude::*;
 
 use super::{MemorySampler, Summary, in_sandbox};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
-use crate::ranking_log::{self, LogRow, STATEMENTS_PER_TRANSACTION, insert_statement};
+use crate::ranking_log::{
+    LogEntry, LogPipeline, LogRow, STATEMENTS_PER_TRANSACTION, insert_statement,
+};
 use crate::tools::options::RankingLogBenchOptions;
 use crate::tools::report::{group, rate};
 use crate::tools::sandbox::Sandbox;
@@ -114,9 +116,8 @@ async fn run_in(
         }
     };
 
-    // 4. The writer, fed as fast as the channel takes rows.
-    let (steady_elapsed, spilled, _) = through_writer(sandbox, rows, true).await?;
-    ensure!(spilled == 0, "the paced producer spilled {spilled} rows");
+    // 4. The pipeline, fed while it runs.
+    let (steady_elapsed, _) = through_pipeline(sandbox, rows, true).await?;
     let steady_rate = rate(rows, steady_elapsed);
     println!(
         "  writer, steady:                   {:.2} s = {} rows/s = {:.0} % of the grouped bare loop (target >= 80 %: {}){}",
@@ -136,15 +137,14 @@ async fn run_in(
             .unwrap_or_default()
     );
 
-    // 5. The writer, everything sent at once.
-    let (burst_elapsed, burst_spilled, (resident_before, burst_peak_resident)) =
-        through_writer(sandbox, rows, false).await?;
+    // 5. The pipeline, everything waiting in Redis already.
+    let (burst_elapsed, (resident_before, burst_peak_resident)) =
+        through_pipeline(sandbox, rows, false).await?;
     let burst_rate = rate(rows, burst_elapsed);
     println!(
-        "  writer, burst:                    {:.2} s = {} rows/s; {} rows spilled to disk and replayed; process RSS {} MiB before, peak {} MiB",
+        "  writer, burst:                    {:.2} s = {} rows/s; process RSS {} MiB before, peak {} MiB",
         burst_elapsed.as_secs_f64(),
         group(burst_rate),
-        group(burst_spilled as f64),
         resident_before / (1024 * 1024),
         burst_peak_resident / (1024 * 1024),
     );
@@ -173,7 +173,6 @@ async fn run_in(
         );
     }
     summary.record("writer, burst", "rows/s", burst_rate);
-    summary.record("writer, burst: rows spilled", "rows", burst_spilled as f64);
     summary.record(
         "writer, burst: peak process RSS",
         "MiB",
@@ -272,47 +271,75 @@ async fn truncate(sandbox: &Sandbox) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends `rows` rows through a fresh channel and writer; returns the time until the writer had
-/// written them all, the rows spilled, and `(RSS before, peak RSS)`.
-async fn through_writer(
+/// Appends rows `from..to` to the log stream as `PRODUCER_BATCH`-row entries, as the decide
+/// script does.
+async fn produce(sandbox: &Sandbox, from: u64, to: u64) -> anyhow::Result<()> {
+    let keys = &sandbox.config.keys;
+    let mut next = from;
+    while next < to {
+        let end = (next + PRODUCER_BATCH).min(to);
+        let batch: Vec<LogRow> = (next..end).map(row).collect();
+        let raw = LogEntry::encode(&batch);
+        let _: String = sandbox
+            .redis
+            .xadd(
+                &keys.log,
+                false,
+                None,
+                "*",
+                vec![("m", raw.members), ("r", raw.ranks), ("o", raw.outcomes)],
+            )
+            .await?;
+        let _: i64 = sandbox
+            .redis
+            .incr_by(keys.log_rows(), (end - next) as i64)
+            .await?;
+        next = end;
+    }
+    Ok(())
+}
+
+/// Runs `rows` rows through a fresh pipeline; returns the time until all were written, and
+/// `(RSS before, peak RSS)`. `steady`: produced while the pipeline runs; otherwise all waiting
+/// in Redis before it starts.
+async fn through_pipeline(
     sandbox: &Sandbox,
     rows: u64,
-    paced: bool,
-) -> anyhow::Result<(Duration, u64, (u64, u64))> {
+    steady: bool,
+) -> anyhow::Result<(Duration, (u64, u64))> {
     truncate(sandbox).await?;
-    let config = &sandbox.config.ranking_log;
+    if !steady {
+        produce(sandbox, 0, rows).await?;
+    }
     let metrics = Metrics::new();
-    let (sender, writer) = ranking_log::channel(config, sandbox.mysql.clone(), metrics.clone())?;
-    let capacity = config.channel_capacity.get();
     let memory = MemorySampler::start();
     let started = Instant::now();
-    let stop = CancellationToken::new();
-    let writing = tokio::spawn(writer.run(stop.clone(), CancellationToken::new()));
-    let mut next = 0;
-    while next < rows {
-        let end = (next + PRODUCER_BATCH).min(rows);
-        if paced {
-            while sender.queued() + (end - next) as usize > capacity {
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-        }
-        sender.send((next..end).map(row));
-        next = end;
-        // The drain yields between batches (each is a Redis round trip); so does this.
-        tokio::task::yield_now().await;
+    let pipeline = LogPipeline::start(
+        &sandbox.config.ranking_log,
+        &sandbox.config.keys,
+        sandbox.redis.clone(),
+        sandbox.mysql.clone(),
+        metrics.clone(),
+    );
+    if steady {
+        produce(sandbox, 0, rows).await?;
+        pipeline.waker().notify_one();
     }
-    drop(sender);
-    stop.cancel();
-    let report = writing.await?;
+    while metrics.ranking_log_rows_written.get() < rows {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let elapsed = started.elapsed();
+    let (report, clean) = pipeline
+        .shutdown(tokio::time::Instant::now() + Duration::from_secs(60))
+        .await;
     let resident = memory.finish().await;
     ensure!(
-        report.rows_written == rows && report.rows_left_spilled == 0,
-        "the writer wrote {} of {rows} rows",
+        clean && report.rows_written == rows,
+        "the pipeline wrote {} of {rows} rows",
         report.rows_written
     );
     expect_rows(sandbox, rows).await?;
-    Ok((elapsed, metrics.ranking_log_rows_spilled.get(), resident))
+    Ok((elapsed, resident))
 }
 
 async fn expect_rows(sandbox: &Sandbox, rows: u64) -> anyhow::Result<()> {

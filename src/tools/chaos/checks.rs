@@ -4,7 +4,6 @@
 //! window's sum, dead letters with reasons, and nothing given up silently.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 
 use fred::prelude::*;
 use sqlx::MySqlPool;
@@ -52,8 +51,6 @@ pub struct Inputs<'a> {
     pub ledger: &'a Ledger,
     pub window_days: u32,
     pub stale_day: chrono::NaiveDate,
-    /// Every spill directory any replica had.
-    pub spill_dirs: Vec<PathBuf>,
     /// `ranking_log_rows_given_up_total` summed over the replicas' last scrape.
     pub given_up_metric: f64,
 }
@@ -406,41 +403,19 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
         )],
     ));
 
-    // Nothing given up silently: no rows left in a spill file, every given-up row in a
-    // rejected file.
-    let mut spilled_left = 0usize;
-    let mut rejected = 0usize;
-    let mut files = Vec::new();
-    for dir in &inputs.spill_dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let lines = std::fs::read_to_string(&path)
-                .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
-                .unwrap_or(0);
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if lines > 0 {
-                files.push(format!("{} ({lines} lines)", path.display()));
-            }
-            if name.contains("rejected") {
-                rejected += lines;
-            } else {
-                spilled_left += lines;
-            }
-        }
+    // Nothing given up silently: no ranking-log row left waiting in Redis, none moved to a
+    // log dead-letter stream.
+    let (waiting, _) = crate::ranking_log::stream::backlog(redis, keys).await?;
+    let mut dead_lettered = 0u64;
+    for lane in crate::coupon::queue_keys(redis, keys).await? {
+        dead_lettered += redis.xlen::<u64, _>(lane.log_dead()).await?;
     }
     checks.push(Check::new(
-        "nothing given up silently: spill files replayed, given-up rows only in rejected files",
-        spilled_left == 0 && rejected == 0 && inputs.given_up_metric == 0.0,
+        "nothing given up silently: every ranking-log row left Redis for MySQL, none dead-lettered",
+        waiting == 0 && dead_lettered == 0 && inputs.given_up_metric == 0.0,
         vec![format!(
-            "rows left in spill files {spilled_left}, in rejected files {rejected}; given-up rows counted by the replicas' metrics {}{}",
-            inputs.given_up_metric,
-            if files.is_empty() { String::new() } else { format!("; files: {}", files.join(", ")) }
+            "rows waiting in the log streams {waiting}, log entries dead-lettered {dead_lettered}; given-up rows counted by the replicas' metrics {}",
+            inputs.given_up_metric
         )],
     ));
     Ok(checks)

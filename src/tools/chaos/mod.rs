@@ -3,13 +3,13 @@
 //! The run owns everything it attacks: a private `redis-server` (append-only file, `everysec`)
 //! and `mariadbd` on free ports, a [fault proxy](crate::tools::fault_proxy) in front of each,
 //! and R replicas of the real binary (`commerce-worker run`, child processes with their own
-//! config, HTTP port, spill directory and log) connected through the proxies. While the
+//! config, HTTP port and log) connected through the proxies. While the
 //! [workload] plays the API (a flash sale, orders across simulated midnights), the [nemesis]
 //! injects faults from its menu at random times chosen by the seed. At the end it heals every
 //! fault, waits (with a deadline) until the system is quiet, stops the replicas with SIGTERM and
 //! runs the [checks]. The run passes only if every check holds; on failure it prints the seed,
 //! the command that replays it, and the fault timeline, and keeps its directory (servers' data,
-//! every replica's config, log and spill files).
+//! every replica's config and log).
 //!
 //! ```text
 //!   chaos ── API writes (direct) ──────────────► redis-server (AOF everysec) ◄── redis proxy ◄─┐
@@ -197,7 +197,7 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
             println!("  {:>9.3}s  {}", event.at.as_secs_f64(), event.text);
         }
         println!(
-            "replay: {}\nkept for a look: {} (servers' data, each replica's worker.toml, worker.log and spill files)",
+            "replay: {}\nkept for a look: {} (servers' data, each replica's worker.toml and worker.log)",
             replay_command(&options, seed),
             run_dir.display()
         );
@@ -237,7 +237,7 @@ async fn run_in(
         mysql_url: mysql.url("chaos"),
     };
     let operator_config = run_dir.join("operator.toml");
-    let text = workers::config_text(&direct, 0, &run_dir.join("operator-spill"));
+    let text = workers::config_text(&direct, 0);
     std::fs::write(&operator_config, &text)?;
     let config = Config::from_toml_str(&text, &operator_config, |_| None)?;
     crate::backends::migrate(&config.mysql).await?;
@@ -362,11 +362,6 @@ async fn run_in(
     nemesis.note(format!("replicas stopped: {}", exits.join(", ")));
 
     // 5. Checks.
-    let spill_dirs = cluster
-        .workers
-        .iter()
-        .flat_map(Worker::spill_dirs)
-        .collect();
     let mut checks = vec![quiet];
     checks.extend(
         checks::run(&checks::Inputs {
@@ -377,7 +372,6 @@ async fn run_in(
             ledger: &api.ledger,
             window_days,
             stale_day,
-            spill_dirs,
             given_up_metric: given_up,
         })
         .await?,

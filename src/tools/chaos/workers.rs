@@ -1,9 +1,9 @@
 //! The worker replicas a chaos run attacks: the real binary (`commerce-worker run`), one child
-//! process per replica, each with its own config file, HTTP port, spill directory and log file.
+//! process per replica, each with its own config file, HTTP port and log file.
 //!
-//! A replica restarted after a SIGKILL keeps its spill directory (a process restarted by systemd
-//! on the same machine); a *replaced* replica gets an empty one (a Kubernetes pod rescheduled
-//! with its local disk gone).
+//! A replica may be restarted after a SIGKILL (a process restarted by systemd on the same
+//! machine) or *replaced* (a Kubernetes pod rescheduled with its local disk gone); the worker
+//! keeps no state on disk (ranking-log rows wait in Redis), so both must lose nothing.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ pub struct Endpoints {
 
 /// The worker settings a chaos run uses: fast schedules and small batches, so that faults land
 /// between many small steps.
-pub fn config_text(endpoints: &Endpoints, http_port: u16, spill_dir: &Path) -> String {
+pub fn config_text(endpoints: &Endpoints, http_port: u16) -> String {
     format!(
         r#"# Written by `commerce-worker chaos`.
 [redis]
@@ -46,7 +46,6 @@ timezone = "Asia/Seoul"
 [ranking_log]
 batch_size = 100
 flush_interval_ms = 50
-spill_dir = {spill:?}
 max_attempts = 10
 
 [http]
@@ -61,7 +60,6 @@ timeout_secs = 20
 "#,
         redis = endpoints.redis_url,
         mysql = endpoints.mysql_url,
-        spill = spill_dir.display().to_string(),
     )
 }
 
@@ -112,17 +110,6 @@ impl Worker {
         })
     }
 
-    pub fn spill_dir(&self) -> PathBuf {
-        self.dir.join(format!("spill-{}", self.generation))
-    }
-
-    /// Every spill directory this replica had (replaced disks included, for the final checks).
-    pub fn spill_dirs(&self) -> Vec<PathBuf> {
-        (0..=self.generation)
-            .map(|g| self.dir.join(format!("spill-{g}")))
-            .collect()
-    }
-
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("worker.toml")
     }
@@ -139,7 +126,7 @@ impl Worker {
     pub fn start(&mut self) -> anyhow::Result<()> {
         std::fs::write(
             self.config_path(),
-            config_text(&self.endpoints, self.http_port, &self.spill_dir()),
+            config_text(&self.endpoints, self.http_port),
         )?;
         let log = OpenOptions::new()
             .create(true)
@@ -175,7 +162,7 @@ impl Worker {
         self.state = State::Down;
     }
 
-    /// The next start gets an empty spill directory.
+    /// The next start is a replaced pod (a new generation; the worker keeps nothing on disk).
     pub fn lose_disk(&mut self) {
         self.generation += 1;
     }

@@ -1,0 +1,623 @@
+//! The Redis side of the ranking log: reading the log streams in a consumer group, taking over
+//! what a dead consumer left, acknowledging after the COMMIT, the dead-letter stream and the
+//! backlog figures.
+//!
+//! Every command here is safe to run twice (fred resends a command whose reply was lost): reads
+//! deliver at most a duplicate that the batch marker makes harmless, the acknowledge and
+//! dead-letter scripts act only on entries still in the stream, and group creation ignores
+//! `BUSYGROUP`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::entry::{LogEntry, RawFields};
+use crate::keys::KeyTemplates;
+use crate::metrics::Metrics;
+
+/// The consumer group every worker reads the log streams in.
+pub const GROUP: &str = "ranking-log";
+
+/// An entry read by a consumer and not acknowledged for this long is taken over by any live
+/// reader. Live readers refresh their entries every [`MAINTENANCE_EVERY`], so only a dead or
+/// stuck process's entries get this old.
+pub const CLAIM_IDLE: Duration = Duration::from_secs(10);
+
+/// How often a reader refreshes its entries, takes over idle ones and updates the backlog
+/// metrics.
+pub const MAINTENANCE_EVERY: Duration = Duration::from_secs(2);
+
+/// Entries read per stream and command.
+const READ_COUNT: u64 = 32;
+
+/// Acknowledges entries whose rows are committed: XACK, XDEL, and the row counter down by the
+/// rows of each entry this call actually deleted (so running it twice subtracts once).
+/// KEYS[1] log stream, KEYS[2] row counter; ARGV[1] group, then pairs (entry id, rows).
+const ACK_LUA: &str = r#"
+local removed = 0
+for i = 2, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then removed = removed + tonumber(ARGV[i + 1]) end
+end
+if removed > 0 and redis.call('TYPE', KEYS[2])['ok'] ~= 'none' then
+  if redis.call('DECRBY', KEYS[2], removed) < 0 then redis.call('SET', KEYS[2], '0') end
+end
+return removed
+"#;
+
+/// Moves an entry MySQL rejected for good to the dead-letter stream with the error, once.
+/// KEYS[1] log stream, KEYS[2] row counter, KEYS[3] dead-letter stream; ARGV: group, entry id,
+/// rows, m, r, o, error.
+const DEAD_LUA: &str = r#"
+if redis.call('XDEL', KEYS[1], ARGV[2]) == 1 then
+  redis.call('XADD', KEYS[3], '*', 'stream', KEYS[1], 'id', ARGV[2], 'm', ARGV[4], 'r', ARGV[5],
+    'o', ARGV[6], 'error', ARGV[7])
+  if redis.call('TYPE', KEYS[2])['ok'] ~= 'none' then redis.call('DECRBY', KEYS[2], ARGV[3]) end
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
+/// Moves up to ARGV[1] dead-lettered entries back into the log stream as new entries.
+/// KEYS[1] dead-letter stream, KEYS[2] log stream, KEYS[3] row counter. Returns the entries
+/// moved.
+const REQUEUE_LUA: &str = r#"
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[1])
+for _, entry in ipairs(entries) do
+  local f = {}
+  for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
+  if f['m'] and f['r'] and f['o'] and #f['o'] > 0 then
+    redis.call('XADD', KEYS[2], '*', 'm', f['m'], 'r', f['r'], 'o', f['o'])
+    redis.call('INCRBY', KEYS[3], #f['o'])
+  end
+  redis.call('XDEL', KEYS[1], entry[1])
+end
+return #entries
+"#;
+
+/// Entries this process has read and not yet acknowledged, per stream.
+#[derive(Clone, Default)]
+pub struct InHand(Arc<Mutex<HashMap<String, HashSet<String>>>>);
+
+impl InHand {
+    /// Adds an entry; false if it was already in hand (read again by a claim).
+    fn insert(&self, stream: &str, id: &str) -> bool {
+        // A std mutex: held for a few instructions, never across an await.
+        let Ok(mut map) = self.0.lock() else {
+            return true;
+        };
+        map.entry(stream.to_owned())
+            .or_default()
+            .insert(id.to_owned())
+    }
+
+    pub fn remove(&self, stream: &str, id: &str) {
+        if let Ok(mut map) = self.0.lock()
+            && let Some(ids) = map.get_mut(stream)
+        {
+            ids.remove(id);
+            if ids.is_empty() {
+                map.remove(stream);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(String, Vec<String>)> {
+        self.0
+            .lock()
+            .map(|map| {
+                map.iter()
+                    .map(|(stream, ids)| (stream.clone(), ids.iter().cloned().collect()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Commands on the log streams, for one consumer.
+#[derive(Clone)]
+pub struct LogStream {
+    client: Client,
+    consumer: String,
+    ack: Script,
+    dead: Script,
+}
+
+impl LogStream {
+    /// A reader with a consumer name of its own: host, process id and a random part, so two
+    /// processes never share one (a restarted process's old entries are taken over by claim).
+    pub fn new(client: Client) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            client,
+            consumer: format!("{host}-{}-{}", std::process::id(), &random[..8]),
+            ack: Script::from_lua(ACK_LUA),
+            dead: Script::from_lua(DEAD_LUA),
+        }
+    }
+
+    async fn create_group(&self, stream: &str) -> anyhow::Result<()> {
+        // From id 0: entries written before the group existed are read too.
+        let created: Result<Value, Error> =
+            self.client.xgroup_create(stream, GROUP, "0", true).await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs `command`, creating the group first if Redis says it is missing (a new stream, or
+    /// one lost with a Redis restart).
+    async fn with_group<T, F, Fut>(&self, stream: &str, command: F) -> anyhow::Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        match command().await {
+            Ok(value) => Ok(value),
+            Err(e) if e.details().contains("NOGROUP") => {
+                self.create_group(stream).await?;
+                Ok(command().await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Entries never delivered to any consumer, now delivered to this one.
+    pub async fn read_new(&self, stream: &str) -> anyhow::Result<Vec<(String, Option<RawFields>)>> {
+        let reply: Value = self
+            .with_group(stream, || {
+                self.client.xreadgroup::<Value, _, _, _, _>(
+                    GROUP,
+                    self.consumer.as_str(),
+                    Some(READ_COUNT),
+                    None,
+                    false,
+                    stream,
+                    ">",
+                )
+            })
+            .await?;
+        // [[stream, [[id, [field, value, …]], …]]] (RESP2), or nil when there is nothing.
+        let entries = match reply {
+            Value::Array(mut streams) if !streams.is_empty() => match streams.swap_remove(0) {
+                Value::Array(mut pair) if pair.len() == 2 => pair.swap_remove(1),
+                _ => Value::Null,
+            },
+            _ => Value::Null,
+        };
+        Ok(parse_entries(entries))
+    }
+
+    /// Takes over entries another consumer read and left idle for [`CLAIM_IDLE`], from
+    /// `cursor`; returns them and the next cursor.
+    pub async fn claim_idle(
+        &self,
+        stream: &str,
+        cursor: &str,
+    ) -> anyhow::Result<(String, Vec<(String, Option<RawFields>)>)> {
+        let reply: Value = self
+            .with_group(stream, || {
+                self.client.xautoclaim::<Value, _, _, _, _>(
+                    stream,
+                    GROUP,
+                    self.consumer.as_str(),
+                    CLAIM_IDLE.as_millis() as u64,
+                    cursor,
+                    Some(READ_COUNT),
+                    false,
+                )
+            })
+            .await?;
+        // [next cursor, [[id, fields], …], (Redis 7) [deleted ids]]
+        let mut parts = match reply {
+            Value::Array(parts) => parts,
+            _ => Vec::new(),
+        };
+        if parts.len() < 2 {
+            return Ok(("0-0".into(), Vec::new()));
+        }
+        let entries = parse_entries(parts.swap_remove(1));
+        let next = parts
+            .first()
+            .and_then(|v| v.as_string())
+            .unwrap_or_else(|| "0-0".into());
+        Ok((next, entries))
+    }
+
+    /// Resets the idle time of entries this consumer holds, so no live reader takes them over
+    /// while MySQL is slow.
+    pub async fn touch(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<()> {
+        for chunk in ids.chunks(500) {
+            let _: Value = self
+                .client
+                .xclaim(
+                    stream,
+                    GROUP,
+                    self.consumer.as_str(),
+                    0,
+                    chunk.to_vec(),
+                    None,
+                    None,
+                    None,
+                    false,
+                    true,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Hands entries this consumer could not write back: marks them long idle, so the next
+    /// reader (this process restarted, or another replica) takes them over at once.
+    pub async fn release(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<()> {
+        let idle = CLAIM_IDLE.as_millis() as u64 * 100;
+        for chunk in ids.chunks(500) {
+            let _: Value = self
+                .client
+                .xclaim(
+                    stream,
+                    GROUP,
+                    self.consumer.as_str(),
+                    0,
+                    chunk.to_vec(),
+                    Some(idle),
+                    None,
+                    None,
+                    false,
+                    true,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges and deletes committed entries `(id, rows)` of one stream.
+    pub async fn ack(&self, stream: &str, entries: &[(&str, usize)]) -> anyhow::Result<()> {
+        let mut args = Vec::with_capacity(1 + entries.len() * 2);
+        args.push(GROUP.to_owned());
+        for (id, rows) in entries {
+            args.push((*id).to_owned());
+            args.push(rows.to_string());
+        }
+        let _: i64 = self
+            .ack
+            .evalsha_with_reload(
+                &self.client,
+                vec![stream.to_owned(), rows_key(stream)],
+                args,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Moves an entry to `<log>:dead` with `error`, and acknowledges it.
+    pub async fn dead_letter(
+        &self,
+        stream: &str,
+        id: &str,
+        raw: &RawFields,
+        rows: usize,
+        error: &str,
+    ) -> anyhow::Result<()> {
+        let keys = vec![stream.to_owned(), rows_key(stream), dead_key(stream)];
+        let args = vec![
+            GROUP.to_owned(),
+            id.to_owned(),
+            rows.to_string(),
+            raw.members.clone(),
+            raw.ranks.clone(),
+            raw.outcomes.clone(),
+            error.to_owned(),
+        ];
+        let _: i64 = self
+            .dead
+            .evalsha_with_reload(&self.client, keys, args)
+            .await?;
+        Ok(())
+    }
+
+    /// Rows waiting in the log streams of `keys` (every registered coupon's in the per-coupon
+    /// layout) and the age of the oldest entry.
+    pub async fn backlog(&self, keys: &KeyTemplates) -> anyhow::Result<(u64, Duration)> {
+        backlog(&self.client, keys).await
+    }
+}
+
+/// The row counter of a resolved log stream key.
+fn rows_key(stream: &str) -> String {
+    format!("{stream}:rows")
+}
+
+/// The dead-letter stream of a resolved log stream key.
+fn dead_key(stream: &str) -> String {
+    format!("{stream}:dead")
+}
+
+/// `[[id, [field, value, …] | nil], …]` as `(id, fields)`; `None` for an entry deleted while
+/// pending.
+fn parse_entries(value: Value) -> Vec<(String, Option<RawFields>)> {
+    let Value::Array(items) = value else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut pair) = item else {
+            continue;
+        };
+        if pair.len() != 2 {
+            continue;
+        }
+        let fields = pair.pop();
+        let Some(id) = pair.pop().and_then(|v| v.as_string()) else {
+            continue;
+        };
+        let fields = match fields {
+            Some(Value::Array(values)) => {
+                let mut raw = RawFields::default();
+                for kv in values.chunks(2) {
+                    if let [k, v] = kv {
+                        let value = v.as_string().unwrap_or_default();
+                        match k.as_str().as_deref() {
+                            Some("m") => raw.members = value,
+                            Some("r") => raw.ranks = value,
+                            Some("o") => raw.outcomes = value,
+                            _ => {}
+                        }
+                    }
+                }
+                Some(raw)
+            }
+            _ => None,
+        };
+        out.push((id, fields));
+    }
+    out
+}
+
+/// See [`LogStream::backlog`].
+pub async fn backlog(client: &Client, keys: &KeyTemplates) -> anyhow::Result<(u64, Duration)> {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut rows = 0u64;
+    let mut oldest_ms: Option<i64> = None;
+    for lane in crate::coupon::queue_keys(client, keys).await? {
+        let count: Option<i64> = client.get(lane.log_rows()).await?;
+        rows += count.unwrap_or(0).max(0) as u64;
+        let first: Vec<(String, HashMap<String, String>)> =
+            client.xrange(&lane.log, "-", "+", Some(1)).await?;
+        if let Some(ms) = first
+            .first()
+            .and_then(|(id, _)| id.split_once('-'))
+            .and_then(|(ms, _)| ms.parse::<i64>().ok())
+        {
+            oldest_ms = Some(oldest_ms.map_or(ms, |o| o.min(ms)));
+        }
+    }
+    let age = oldest_ms
+        .map(|ms| Duration::from_millis((now_ms - ms).max(0) as u64))
+        .unwrap_or_default();
+    Ok((rows, age))
+}
+
+/// `requeue-dead --ranking-log`: moves every dead-lettered log entry back into its log stream
+/// (as a new entry, written again from the start). Returns the entries moved.
+pub async fn requeue_log_dead(client: &Client, keys: &KeyTemplates) -> anyhow::Result<u64> {
+    let script = Script::from_lua(REQUEUE_LUA);
+    let mut moved = 0u64;
+    for lane in crate::coupon::queue_keys(client, keys).await? {
+        loop {
+            let n: i64 = script
+                .evalsha_with_reload(
+                    client,
+                    vec![lane.log_dead(), lane.log.clone(), lane.log_rows()],
+                    vec!["100"],
+                )
+                .await?;
+            if n <= 0 {
+                break;
+            }
+            moved += n as u64;
+        }
+    }
+    Ok(moved)
+}
+
+/// An entry on its way to the writer, holding its rows' share of the channel's capacity.
+pub struct Delivered {
+    pub entry: LogEntry,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The reader task: moves entries from the log streams into the bounded channel.
+pub struct LogReader {
+    pub(super) stream: LogStream,
+    pub(super) keys: KeyTemplates,
+    pub(super) tx: mpsc::Sender<Delivered>,
+    pub(super) permits: Arc<Semaphore>,
+    pub(super) capacity: usize,
+    pub(super) in_hand: InHand,
+    pub(super) wake: Arc<Notify>,
+    pub(super) poll: Duration,
+    pub(super) metrics: Metrics,
+}
+
+impl LogReader {
+    /// Reads until `stop`; entries read are handed to the writer (waiting for room in the
+    /// channel) unless `abort` fires first. Dropping the sender at the end lets the writer
+    /// finish.
+    pub async fn run(self, stop: CancellationToken, abort: CancellationToken) {
+        let mut last_maintenance: Option<tokio::time::Instant> = None;
+        let mut cursors: HashMap<String, String> = HashMap::new();
+        let mut errors = 0u32;
+        'reading: while !stop.is_cancelled() {
+            let lanes = match crate::coupon::queue_keys(&self.stream.client, &self.keys).await {
+                Ok(lanes) => lanes,
+                Err(e) => {
+                    self.failed(&mut errors, &e);
+                    self.pause(&stop).await;
+                    continue;
+                }
+            };
+            let mut read = 0usize;
+            if last_maintenance.is_none_or(|t| t.elapsed() >= MAINTENANCE_EVERY) {
+                last_maintenance = Some(tokio::time::Instant::now());
+                match self.maintain(&lanes, &mut cursors, &abort).await {
+                    Ok(Some(n)) => read += n,
+                    Ok(None) => break 'reading,
+                    Err(e) => self.failed(&mut errors, &e),
+                }
+            }
+            for lane in &lanes {
+                match self.stream.read_new(&lane.log).await {
+                    Ok(entries) => {
+                        errors = 0;
+                        read += entries.len();
+                        for (id, fields) in entries {
+                            if !self.hand_over(&lane.log, id, fields, &abort).await {
+                                break 'reading;
+                            }
+                        }
+                    }
+                    Err(e) => self.failed(&mut errors, &e),
+                }
+            }
+            if read == 0 {
+                self.pause(&stop).await;
+            }
+        }
+    }
+
+    async fn pause(&self, stop: &CancellationToken) {
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(self.poll) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+
+    /// Logs a failed read: the first of a run at WARN, later ones at DEBUG (Redis may be down
+    /// for a while; the drain says so too).
+    fn failed(&self, errors: &mut u32, error: &anyhow::Error) {
+        if *errors == 0 {
+            tracing::warn!(error = %format!("{error:#}"), "reading ranking-log rows from Redis failed; retrying");
+        } else {
+            tracing::debug!(error = %format!("{error:#}"), "reading ranking-log rows from Redis still failing");
+        }
+        *errors += 1;
+    }
+
+    /// Refreshes the entries in hand, takes over idle ones, updates the backlog metrics.
+    /// Returns the entries taken over, or `None` when `abort` fired.
+    async fn maintain(
+        &self,
+        lanes: &[KeyTemplates],
+        cursors: &mut HashMap<String, String>,
+        abort: &CancellationToken,
+    ) -> anyhow::Result<Option<usize>> {
+        for (stream, ids) in self.in_hand.snapshot() {
+            self.stream.touch(&stream, ids).await?;
+        }
+        let mut taken = 0;
+        for lane in lanes {
+            let cursor = cursors
+                .get(&lane.log)
+                .cloned()
+                .unwrap_or_else(|| "0-0".into());
+            let (next, entries) = self.stream.claim_idle(&lane.log, &cursor).await?;
+            cursors.insert(lane.log.clone(), next);
+            for (id, fields) in entries {
+                taken += 1;
+                if !self.hand_over(&lane.log, id, fields, abort).await {
+                    return Ok(None);
+                }
+            }
+        }
+        if taken > 0 {
+            tracing::info!(
+                entries = taken,
+                "took over ranking-log entries another consumer left idle"
+            );
+        }
+        let (rows, age) = backlog(&self.stream.client, &self.keys).await?;
+        self.metrics.ranking_log_backlog_rows.set(rows as i64);
+        self.metrics
+            .ranking_log_backlog_oldest_age
+            .set(age.as_secs_f64());
+        Ok(Some(taken))
+    }
+
+    /// Sends one entry to the writer, or dead-letters it if it cannot be decoded. False when
+    /// `abort` fired while waiting for room.
+    async fn hand_over(
+        &self,
+        stream: &str,
+        id: String,
+        fields: Option<RawFields>,
+        abort: &CancellationToken,
+    ) -> bool {
+        let Some(raw) = fields else {
+            return true; // deleted while pending: already written and acknowledged
+        };
+        let entry = match LogEntry::decode(stream, &id, raw.clone()) {
+            Ok(entry) => entry,
+            Err(reason) => {
+                let rows = raw.outcomes.len();
+                self.metrics.ranking_log_rows_given_up.inc_by(rows as u64);
+                tracing::error!(%stream, %id, %reason, "undecodable ranking-log entry; moved to the dead-letter stream");
+                if let Err(e) = self
+                    .stream
+                    .dead_letter(stream, &id, &raw, rows, &format!("undecodable: {reason}"))
+                    .await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "could not dead-letter it; it stays pending");
+                }
+                return true;
+            }
+        };
+        if !self.in_hand.insert(stream, &id) {
+            return true; // already on its way
+        }
+        let wanted = entry.rows.len().clamp(1, self.capacity) as u32;
+        let permit = tokio::select! {
+            permit = self.permits.clone().acquire_many_owned(wanted) => permit,
+            _ = abort.cancelled() => return false,
+        };
+        let Ok(permit) = permit else {
+            return false;
+        };
+        self.metrics
+            .ranking_log_channel_depth
+            .set((self.capacity - self.permits.available_permits()) as i64);
+        self.tx
+            .send(Delivered {
+                entry,
+                _permit: permit,
+            })
+            .await
+            .is_ok()
+    }
+}
+
+impl InHand {
+    /// Every entry still in hand, handed back to Redis (see [`LogStream::release`]). Returns
+    /// how many.
+    pub async fn release_all(&self, stream: &LogStream) -> usize {
+        let mut released = 0;
+        for (key, ids) in self.snapshot() {
+            let n = ids.len();
+            match stream.release(&key, ids).await {
+                Ok(()) => released += n,
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), stream = %key,
+                    "could not hand ranking-log entries back; another reader takes them over once idle"),
+            }
+        }
+        released
+    }
+}

@@ -1,0 +1,326 @@
+//! The batching MySQL writer: entries from the channel, rows into `ranking_logs` exactly once,
+//! then the entries acknowledged in Redis.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use sqlx::{MySql, MySqlPool, QueryBuilder};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::stream::{Delivered, InHand, LogStream};
+use super::{LogEntry, MAX_ROWS_PER_STATEMENT, WriterReport, insert_statement};
+use crate::config::RankingLogConfig;
+use crate::metrics::Metrics;
+use crate::retry::{Backoff, is_transient};
+
+/// At most this many `batch_size` statements go in one transaction: a waiting backlog shares
+/// one BEGIN/COMMIT (three round trips and a log flush) over several statements.
+pub const STATEMENTS_PER_TRANSACTION: usize = 8;
+
+/// The consumer's end of the channel: one task that writes entries to MySQL.
+pub struct LogWriter {
+    rx: mpsc::Receiver<Delivered>,
+    pool: MySqlPool,
+    stream: LogStream,
+    in_hand: InHand,
+    metrics: Metrics,
+    batch_size: usize,
+    flush_interval: Duration,
+    max_attempts: u32,
+    batches_written: u64,
+}
+
+/// How a write ended.
+enum Written {
+    Rows(u64),
+    /// `abort` fired while retrying: the entries are still in Redis, in hand.
+    Aborted,
+}
+
+impl LogWriter {
+    pub(super) fn new(
+        config: &RankingLogConfig,
+        rx: mpsc::Receiver<Delivered>,
+        pool: MySqlPool,
+        stream: LogStream,
+        in_hand: InHand,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            rx,
+            pool,
+            stream,
+            in_hand,
+            metrics,
+            batch_size: config.batch_size.get(),
+            flush_interval: config.flush_interval,
+            max_attempts: config.max_attempts,
+            batches_written: 0,
+        }
+    }
+
+    /// Writes entries until the reader is gone and the channel is empty, or until `abort`
+    /// (what is left stays in hand; [`super::LogPipeline::shutdown`] hands it back).
+    pub async fn run(mut self, abort: CancellationToken) -> WriterReport {
+        let mut report = WriterReport::default();
+        loop {
+            let first = tokio::select! {
+                first = self.rx.recv() => first,
+                _ = abort.cancelled() => None,
+            };
+            let Some(first) = first else {
+                break;
+            };
+            let mut batch = vec![first];
+            self.fill_batch(&mut batch).await;
+            self.take_backlog(&mut batch);
+            match self.write(&mut batch, &abort).await {
+                Written::Rows(n) => report.rows_written += n,
+                Written::Aborted => {
+                    report.rows_left += rows_in(&batch) as u64;
+                    break;
+                }
+            }
+            self.metrics
+                .ranking_log_channel_depth
+                .set(self.rx.len() as i64);
+        }
+        self.rx.close();
+        while let Ok(delivered) = self.rx.try_recv() {
+            report.rows_left += delivered.entry.rows.len() as u64;
+        }
+        self.metrics.ranking_log_channel_depth.set(0);
+        report
+    }
+
+    /// Takes more entries until the batch holds `batch_size` rows or `flush_interval` passed.
+    async fn fill_batch(&mut self, batch: &mut Vec<Delivered>) {
+        let deadline = tokio::time::Instant::now() + self.flush_interval;
+        while rows_in(batch) < self.batch_size {
+            match self.rx.try_recv() {
+                Ok(delivered) => {
+                    batch.push(delivered);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(delivered)) => batch.push(delivered),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
+    /// Takes what is already waiting, up to `STATEMENTS_PER_TRANSACTION` statements' worth.
+    fn take_backlog(&mut self, batch: &mut Vec<Delivered>) {
+        let limit = self.batch_size * STATEMENTS_PER_TRANSACTION;
+        while rows_in(batch) < limit {
+            match self.rx.try_recv() {
+                Ok(delivered) => batch.push(delivered),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Writes `batch` exactly once and acknowledges it; retries as the module docs describe.
+    async fn write(&mut self, batch: &mut [Delivered], abort: &CancellationToken) -> Written {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut rejected_attempts = 0u32;
+        loop {
+            let started = Instant::now();
+            let entries: Vec<&LogEntry> = batch.iter().map(|d| &d.entry).collect();
+            let result = insert_entries(&self.pool, &entries, self.batch_size).await;
+            self.metrics
+                .ranking_log_batch_duration
+                .observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(inserted) => {
+                    self.metrics.ranking_log_rows_written.inc_by(inserted);
+                    self.acknowledge(&entries).await;
+                    self.batches_written += 1;
+                    if self.batches_written % 1000 == 1 {
+                        self.prune_batch_ids().await;
+                    }
+                    return Written::Rows(inserted);
+                }
+                Err(e) => {
+                    let rows = rows_in(batch);
+                    for delivered in batch.iter_mut() {
+                        for row in &mut delivered.entry.rows {
+                            row.retry_count += 1;
+                        }
+                    }
+                    self.metrics.ranking_log_rows_retried.inc_by(rows as u64);
+                    if !is_transient(&e) && !is_duplicate_marker(&e) {
+                        rejected_attempts += 1;
+                        if rejected_attempts >= self.max_attempts {
+                            return self.give_up(batch, &e, abort).await;
+                        }
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(rows, entries = batch.len(), retry_in_ms = delay.as_millis() as u64,
+                        error = %format!("{e:#}"), "ranking-log batch write failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = abort.cancelled() => return Written::Aborted,
+                    }
+                }
+            }
+        }
+    }
+
+    /// MySQL kept rejecting `batch`: entry by entry, what it still rejects goes to the
+    /// dead-letter stream.
+    async fn give_up(
+        &mut self,
+        batch: &mut [Delivered],
+        error: &sqlx::Error,
+        abort: &CancellationToken,
+    ) -> Written {
+        if batch.len() > 1 {
+            // One bad entry should not take the others with it.
+            let mut total = 0;
+            for one in batch.chunks_mut(1) {
+                match Box::pin(self.write(one, abort)).await {
+                    Written::Rows(n) => total += n,
+                    Written::Aborted => return Written::Aborted,
+                }
+            }
+            return Written::Rows(total);
+        }
+        for delivered in batch.iter() {
+            let entry = &delivered.entry;
+            let rows = entry.rows.len();
+            self.metrics.ranking_log_rows_given_up.inc_by(rows as u64);
+            let kept = self
+                .stream
+                .dead_letter(
+                    &entry.stream,
+                    &entry.id,
+                    &entry.raw,
+                    rows,
+                    &error.to_string(),
+                )
+                .await;
+            tracing::error!(rows, stream = %entry.stream, id = %entry.id, kept_in_dead_letter = kept.is_ok(),
+                error = %error, "MySQL keeps rejecting a ranking-log entry; moved to the dead-letter stream");
+            self.in_hand.remove(&entry.stream, &entry.id);
+        }
+        Written::Rows(0)
+    }
+
+    /// XACK + XDEL the committed entries. A failure leaves them pending: a reader takes them over
+    /// once idle, finds their markers and acknowledges them then.
+    async fn acknowledge(&self, entries: &[&LogEntry]) {
+        let mut by_stream: BTreeMap<&str, Vec<(&str, usize)>> = BTreeMap::new();
+        for entry in entries {
+            by_stream
+                .entry(&entry.stream)
+                .or_default()
+                .push((&entry.id, entry.rows.len()));
+        }
+        for (stream, ids) in by_stream {
+            if let Err(e) = self.stream.ack(stream, &ids).await {
+                tracing::warn!(error = %format!("{e:#}"), %stream,
+                    "could not acknowledge written ranking-log entries; they are acknowledged when read again");
+            }
+        }
+        for entry in entries {
+            self.in_hand.remove(&entry.stream, &entry.id);
+        }
+    }
+
+    async fn prune_batch_ids(&self) {
+        let result = sqlx::query(
+            "DELETE FROM ranking_log_batches WHERE created_at < NOW(3) - INTERVAL 30 DAY LIMIT 10000",
+        )
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "pruning ranking_log_batches failed; will try again later");
+        }
+    }
+}
+
+fn rows_in(batch: &[Delivered]) -> usize {
+    batch.iter().map(|d| d.entry.rows.len()).sum()
+}
+
+/// Another writer inserted the same marker between our check and our insert (two replicas
+/// holding one entry): retrying finds it and skips the entry.
+fn is_duplicate_marker(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|e| e.number()) == Some(1062))
+}
+
+/// Longest `batch_id` the marker table holds.
+const MAX_BATCH_ID: usize = 255;
+
+fn batch_id(entry: &LogEntry) -> String {
+    let id = entry.batch_id();
+    if id.len() <= MAX_BATCH_ID {
+        return id;
+    }
+    // Keep the end: the entry id and first row, which make it unique.
+    let cut = id
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|i| id.len() - i <= MAX_BATCH_ID)
+        .unwrap_or(0);
+    id[cut..].to_owned()
+}
+
+/// Inserts the rows of the entries not written yet, with one marker row each, in one
+/// transaction. Returns the rows inserted (0 when every entry was already in).
+pub async fn insert_entries(
+    pool: &MySqlPool,
+    entries: &[&LogEntry],
+    rows_per_statement: usize,
+) -> sqlx::Result<u64> {
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<String> = entries.iter().map(|e| batch_id(e)).collect();
+    let mut tx = pool.begin().await?;
+    let mut check: QueryBuilder<MySql> =
+        QueryBuilder::new("SELECT batch_id FROM ranking_log_batches WHERE batch_id IN (");
+    let mut list = check.separated(", ");
+    for id in &ids {
+        list.push_bind(id);
+    }
+    check.push(")");
+    let done: HashSet<String> = check
+        .build_query_scalar::<String>()
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+    let fresh: Vec<(&String, &LogEntry)> = ids
+        .iter()
+        .zip(entries)
+        .filter(|(id, _)| !done.contains(*id))
+        .map(|(id, e)| (id, *e))
+        .collect();
+    if fresh.is_empty() {
+        // Every entry landed before (a lost COMMIT reply, a crash before XACK).
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    let mut markers: QueryBuilder<MySql> =
+        QueryBuilder::new("INSERT INTO ranking_log_batches (batch_id) ");
+    markers.push_values(&fresh, |mut b, (id, _)| {
+        b.push_bind(*id);
+    });
+    markers.build().execute(&mut *tx).await?;
+    let rows: Vec<&super::LogRow> = fresh.iter().flat_map(|(_, e)| &e.rows).collect();
+    for chunk in rows.chunks(rows_per_statement.clamp(1, MAX_ROWS_PER_STATEMENT)) {
+        insert_statement(chunk.iter().copied())
+            .build()
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(rows.len() as u64)
+}
