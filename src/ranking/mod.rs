@@ -126,12 +126,16 @@ pub struct RebuildReport {
 /// `ranking rebuilt for 2026-11-24: window 2026-11-22 .. 2026-11-24 (…), 500 products, …`.
 impl std::fmt::Display for RebuildReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let window: Vec<String> = self.window.iter().map(|d| d.to_string()).collect();
+        // Oldest .. newest: a window of a year is one line, not 366 dates.
+        let window = match (self.window.first(), self.window.last()) {
+            (Some(first), Some(last)) => format!("{first} .. {last}"),
+            _ => String::new(),
+        };
         write!(
             f,
             "ranking rebuilt for {}: window {} ({} members summed, strategy {:?}), {} products, {} old daily keys pruned, {:.2}s",
             self.day,
-            window.join(" .. "),
+            window,
             self.source_members,
             self.strategy,
             self.products,
