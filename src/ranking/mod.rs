@@ -362,13 +362,17 @@ impl RankingRebuild {
             }
             Strategy::Chunked => self.build_chunked(window, &temp, token).await?,
         }
-        let built: u64 = self.client.zcard(&temp).await?;
+        // Whether the temporary key must exist is decided by the window, not by looking at the
+        // key: a key lost meanwhile (a failover to a replica that had not received it, a restart
+        // from an older snapshot) would otherwise pass for an empty window, and the swap would
+        // delete the ranking and record the day as built. The swap then refuses, and the
+        // rebuild fails and is retried.
         let swap = self
             .swap(
                 token,
                 day,
                 &temp,
-                built > 0,
+                report.source_members > 0,
                 when_locked == WhenLocked::Skip,
             )
             .await?;

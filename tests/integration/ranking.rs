@@ -391,6 +391,68 @@ async fn a_swap_whose_reply_was_lost_and_that_was_sent_again_leaves_the_new_rank
     env.cleanup().await;
 }
 
+/// A failover to a replica that had not yet received the ZUNIONSTORE (or a restart from an older
+/// snapshot) loses the temporary key between the build and the swap: the window's daily keys are
+/// still there, so the rebuild must fail (and be retried), never swap in "nothing" as if the
+/// window were empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temporary_key_lost_before_the_swap_fails_the_rebuild_instead_of_deleting_the_ranking() {
+    let env = TestEnv::new().await;
+    add_sales(&env, "2026-11-23", &[("p1", 5.0), ("p2", 1.0)]).await;
+    add_sales(&env, "2026-11-22", &[("p1", 2.0)]).await;
+    rebuilder(&env)
+        .rebuild(day("2026-11-23"), WhenLocked::Wait)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let before = ranking(&env).await;
+    assert_eq!(before.len(), 2);
+    let (proxy, client) = through_proxy(&env).await;
+    // The EXPIRE right after the ZUNIONSTORE loses its reply; the client's reconnection then
+    // hangs while the temporary key is lost.
+    proxy.set_blackhole(true);
+    proxy.drop_reply_when(b"EXPIRE\r\n");
+    let rebuild = tokio::spawn({
+        let rebuild = RankingRebuild::new(
+            client,
+            env.keys().clone(),
+            env.config.ranking.clone(),
+            Metrics::new(),
+        )
+        .with_strategy(Strategy::Zunionstore);
+        async move { rebuild.rebuild(day("2026-11-24"), WhenLocked::Skip).await }
+    });
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the temporary key's EXPIRE reply to be lost",
+        async || proxy.replies_dropped() == 1,
+    )
+    .await;
+    let temp_pattern = format!("{{{}}}:tmp:*", env.keys().ranking_window);
+    let temps = commerce_worker::backends::scan_keys(&env.redis, &temp_pattern)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(temps.len(), 1, "one temporary key: {temps:?}");
+    let _: u64 = env.redis.del(temps).await.unwrap_or_else(|e| panic!("{e}"));
+    proxy.set_blackhole(false);
+    let result = rebuild.await.unwrap_or_else(|e| panic!("{e}"));
+    let after = ranking(&env).await;
+    assert_eq!(
+        after, before,
+        "the live ranking was replaced by a lost build (rebuild said {result:?})"
+    );
+    assert!(
+        result.is_err(),
+        "a lost build counts as a failure: {result:?}"
+    );
+    let live = rebuilder(&env)
+        .live()
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .unwrap_or_else(|| panic!("no live record"));
+    assert_eq!(live.day, day("2026-11-23"), "not recorded as built");
+    env.cleanup().await;
+}
+
 fn rebuild_ranking_command(env: &TestEnv, args: &[&str]) -> std::process::Output {
     let config = env.config_file();
     crate::common::output_within(
