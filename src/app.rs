@@ -642,7 +642,14 @@ pub fn describe_difference(c: &crate::coupon::reconcile::CouponReport) -> String
         "coupon {}: {} rows in user_coupon, {} missing from Redis' holders",
         c.coupon_id, c.rows, c.missing
     );
-    if c.missing > 0 {
+    if c.forgotten > 0 {
+        line.push_str(&format!(
+            "; {} decisions logged above Redis' seq (forgotten by a rollback): {} of their \
+             requests back in the queue, {} results to restore, {} ISSUED rows not in user_coupon",
+            c.forgotten, c.requeued, c.results_restored, c.reissued
+        ));
+    }
+    if c.missing > 0 || c.reissued > 0 {
         line.push_str(&format!(
             " (stock takes {}, {} beyond the stock{})",
             c.taken,

@@ -20,7 +20,19 @@
 //!    so this write waits for inserts in flight, and later inserts from the replaced Redis find a
 //!    different identity and are dropped (that Redis and its outbox are gone; nobody holds those
 //!    coupons). After it, every row a replaced Redis could still add is in `user_coupon`;
-//! 3. per coupon, in chunks of [`CHUNK`] users (index `(coupon_id, user_id)`): every holder in
+//! 3. per coupon, first the decisions Redis forgot: the `ranking_logs` rows ranked above the seq
+//!    Redis came back with (index `(coupon_type, rank)`; none unless it rolled back), in chunks
+//!    of [`CHUNK`] rows (`forgotten.lua`). A queue entry of the same member scored (the API's
+//!    enqueue time) no later than the row's `timestamp` (the worker's clock just after the
+//!    decision returned, so later than the decision itself) is that request put back by the
+//!    rollback: removed, and its result put back (never over ISSUED), so it keeps its one
+//!    outcome. An entry scored later is a new request and stays. An ISSUED row `user_coupon`
+//!    lacks (its outbox entry was rolled back before it was persisted) is honoured: holder,
+//!    stock (never below 0) and the outbox entry are put back. The API's and the worker's
+//!    clocks are compared here: a skew larger than the enqueue-to-log delay makes a put-back
+//!    request look new (decided a second time, as before) or a new request look put back (it
+//!    gets its previous outcome, which, with no restock in between, is the one it would get);
+//!  - then, in chunks of [`CHUNK`] users (index `(coupon_id, user_id)`): every holder in
 //!    MySQL that Redis lacks joins the issued set with `ISSUED` in the result hash, and the stock
 //!    is decremented for it, never below 0 (`reconcile.lua`). What the stock cannot explain is
 //!    an ERROR log and `commerce_worker_coupon_unexplained_rows`: a person must look;
@@ -31,13 +43,15 @@
 //! Every Redis step checks the identity, so a restart in the middle restarts the reconciliation.
 //! Every step is safe to run twice and on several replicas at once.
 //!
-//! Not covered: ranks handed out by the rolled-back Redis whose log rows had not reached
-//! `ranking_logs` yet may be handed out again; a row written to `user_coupon` by someone other
+//! Not covered: decisions whose log rows had not reached `ranking_logs` when this runs (still in
+//! a worker's log channel or spill file) are not known: their requests, put back by the
+//! rollback, are decided anew and their ranks handed out again; a row written to `user_coupon` by someone other
 //! than the worker after step 2 is only seen by the next reconciliation.
 
 use std::sync::Arc;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use sqlx::MySqlPool;
@@ -48,6 +62,7 @@ use crate::mysql::{self, MYSQL_DEADLINE};
 
 const MARKER_LUA: &str = include_str!("marker.lua");
 const RECONCILE_LUA: &str = include_str!("reconcile.lua");
+const FORGOTTEN_LUA: &str = include_str!("forgotten.lua");
 
 /// Users per `reconcile.lua` call and per MySQL read.
 pub const CHUNK: usize = 2000;
@@ -88,6 +103,16 @@ pub struct CouponReport {
     pub stock_after: Option<i64>,
     /// seq raised to this rank (the highest in `ranking_logs`).
     pub seq_raised_to: Option<i64>,
+    /// `ranking_logs` rows ranked above the seq Redis came back with: decisions it forgot.
+    pub forgotten: u64,
+    /// Their requests the rollback had put back in the queue, removed (not decided again).
+    pub requeued: u64,
+    /// Results put back in the result hash from those rows.
+    pub results_restored: u64,
+    /// ISSUED rows among them `user_coupon` lacked (rolled back before being persisted): the
+    /// user is a holder again and the coupon back in the outbox. Their stock is in `taken`, what
+    /// the stock could not explain in `unexplained`.
+    pub reissued: u64,
     /// Why the coupon's keys could not be reconciled (wrong type, stock not an integer): left
     /// alone, as the decide script leaves them (it dead-letters their requests).
     pub unusable: Option<String>,
@@ -96,7 +121,10 @@ pub struct CouponReport {
 impl CouponReport {
     /// Whether Redis differed from MySQL for this coupon.
     pub fn differs(&self) -> bool {
-        self.missing > 0 || self.seq_raised_to.is_some() || self.unusable.is_some()
+        self.missing > 0
+            || self.forgotten > 0
+            || self.seq_raised_to.is_some()
+            || self.unusable.is_some()
     }
 }
 
@@ -131,6 +159,7 @@ pub struct Reconciler {
     metrics: Metrics,
     marker_script: Script,
     chunk_script: Script,
+    forgotten_script: Script,
     /// One reconciliation of this lane at a time in this process (others wait, then find it done).
     running: Arc<tokio::sync::Mutex<()>>,
 }
@@ -151,6 +180,7 @@ impl Reconciler {
             metrics,
             marker_script: Script::from_lua(MARKER_LUA),
             chunk_script: Script::from_lua(RECONCILE_LUA),
+            forgotten_script: Script::from_lua(FORGOTTEN_LUA),
             running: Arc::default(),
         }
     }
@@ -240,7 +270,9 @@ impl Reconciler {
             let coupon = self.coupon(*coupon_id, &identity, dry_run).await?;
             if coupon.differs() || coupon.rows > 0 {
                 tracing::info!(%scope, coupon = coupon.coupon_id, rows = coupon.rows,
-                    missing = coupon.missing, taken = coupon.taken, unexplained = coupon.unexplained,
+                    missing = coupon.missing, forgotten = coupon.forgotten,
+                    requeued = coupon.requeued, results_restored = coupon.results_restored,
+                    reissued = coupon.reissued, taken = coupon.taken, unexplained = coupon.unexplained,
                     seq_raised_to = ?coupon.seq_raised_to, dry_run,
                     progress = format!("{}/{}", done + 1, coupons.len()), "coupon reconciled");
             }
@@ -255,7 +287,9 @@ impl Reconciler {
                 }
             }
             if !dry_run {
-                self.metrics.coupon_rows_restored.inc_by(coupon.missing);
+                self.metrics
+                    .coupon_rows_restored
+                    .inc_by(coupon.missing + coupon.reissued);
             }
             report.coupons.push(coupon);
         }
@@ -310,6 +344,12 @@ impl Reconciler {
             self.keys.result(coupon_id),
             self.keys.seq(coupon_id),
         ];
+        if !self
+            .forgotten(coupon_id, identity, dry_run, &mut report)
+            .await?
+        {
+            return Ok(report);
+        }
         let mut after = 0_i64;
         loop {
             let users: Vec<i64> = mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
@@ -366,6 +406,130 @@ impl Reconciler {
             }
         }
         Ok(report)
+    }
+}
+
+/// One `ranking_logs` row ranked above Redis' seq: `(id, user_id, rank, decided at, outcome or
+/// '', whether user_coupon holds the user)`.
+type ForgottenRow = (i64, i64, i64, DateTime<Utc>, String, i64);
+
+impl Reconciler {
+    /// Puts back the decisions Redis forgot for one coupon (step 3 of the module doc), in chunks
+    /// of [`CHUNK`] rows in rank order: `forgotten.lua` per chunk. The rows are those ranked
+    /// above the seq Redis holds now — none unless Redis lost decisions, found through the index
+    /// `(coupon_type, rank)`. Returns false when the coupon's keys are unusable (`report.unusable`
+    /// says why).
+    async fn forgotten(
+        &self,
+        coupon_id: i64,
+        identity: &str,
+        dry_run: bool,
+        report: &mut CouponReport,
+    ) -> anyhow::Result<bool> {
+        let seq_key = self.keys.seq(coupon_id);
+        let seq: Option<String> = self
+            .client
+            .get(&seq_key)
+            .await
+            .with_context(|| format!("reading {seq_key}"))?;
+        let seq = seq.unwrap_or_else(|| "0".to_owned());
+        // Not a count: reconcile.lua reports the coupon as unusable.
+        let Ok(seq_value) = seq.parse::<i64>() else {
+            return Ok(true);
+        };
+        let keys = vec![
+            self.keys.reconciled_marker(),
+            self.keys.stock(coupon_id),
+            self.keys.issued(coupon_id),
+            self.keys.result(coupon_id),
+            seq_key,
+            self.keys.queue.clone(),
+            self.keys.outbox.clone(),
+        ];
+        // Keyset pagination on (rank, id): a coupon's ranks are unique unless an older version
+        // of the worker reused them.
+        let (mut after_rank, mut after_id) = (seq_value, i64::MAX);
+        loop {
+            let rows: Vec<ForgottenRow> =
+                mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
+                    Box::pin(async move {
+                        Ok(sqlx::query_as(
+                            "SELECT r.id, r.user_id, CAST(r.`rank` AS SIGNED), r.`timestamp`, \
+                         CASE WHEN r.status = 'ISSUED' THEN 'ISSUED' \
+                              WHEN r.reason IN ('DUPLICATE', 'SOLD_OUT', 'UNKNOWN_COUPON') \
+                              THEN CAST(r.reason AS CHAR) ELSE '' END, \
+                         CAST(uc.user_id IS NOT NULL AS SIGNED) \
+                         FROM ranking_logs r LEFT JOIN user_coupon uc \
+                         ON uc.coupon_id = ? AND uc.user_id = r.user_id \
+                         WHERE r.coupon_type = ? AND r.`rank` >= ? \
+                         AND (r.`rank` > ? OR r.id > ?) \
+                         ORDER BY r.`rank`, r.id LIMIT ?",
+                        )
+                        .bind(coupon_id)
+                        .bind(coupon_id.to_string())
+                        .bind(after_rank)
+                        .bind(after_rank)
+                        .bind(after_id)
+                        .bind(CHUNK as i64)
+                        .fetch_all(&mut *conn)
+                        .await?)
+                    })
+                })
+                .await
+                .with_context(|| {
+                    format!("reading coupon {coupon_id}'s decisions above rank {seq}")
+                })?;
+            let Some(&(last_id, _, last_rank, ..)) = rows.last() else {
+                return Ok(true);
+            };
+            let mut args = vec![
+                identity.to_owned(),
+                if dry_run { "1" } else { "0" }.to_owned(),
+                seq.clone(),
+                if dry_run { report.taken } else { 0 }.to_string(),
+            ];
+            for (_, user, _, decided_at, outcome, persisted) in &rows {
+                args.push(user.to_string());
+                args.push(format!("{user}:{coupon_id}"));
+                args.push(decided_at.timestamp_millis().to_string());
+                args.push(outcome.clone());
+                args.push(if *persisted != 0 { "1" } else { "0" }.to_owned());
+            }
+            let reply: Vec<Value> = self
+                .forgotten_script
+                .evalsha_with_reload(&self.client, keys.clone(), args)
+                .await
+                .with_context(|| {
+                    format!("putting back coupon {coupon_id}'s forgotten decisions")
+                })?;
+            let numbers: Vec<i64> = reply.iter().take(7).filter_map(Value::as_i64).collect();
+            let [n, requeued, restored, reissued, taken, unexplained, stock] = numbers[..] else {
+                anyhow::bail!("forgotten-decisions script returned {reply:?}");
+            };
+            if let Some(why) = reply.get(7).and_then(Value::as_string)
+                && !why.is_empty()
+            {
+                if why.starts_with("seq moved") {
+                    tracing::info!(coupon = coupon_id, %why, "forgotten decisions already put back");
+                    return Ok(true);
+                }
+                tracing::error!(coupon = coupon_id, %why,
+                    "coupon's keys cannot be reconciled; left alone for a person");
+                report.unusable = Some(why);
+                return Ok(false);
+            }
+            report.forgotten += n as u64;
+            report.requeued += requeued as u64;
+            report.results_restored += restored as u64;
+            report.reissued += reissued as u64;
+            report.taken += taken as u64;
+            report.unexplained += unexplained as u64;
+            report.stock_after = (stock >= 0).then_some(stock);
+            if rows.len() < CHUNK {
+                return Ok(true);
+            }
+            (after_rank, after_id) = (last_rank, last_id);
+        }
     }
 }
 

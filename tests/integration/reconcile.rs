@@ -583,3 +583,154 @@ async fn a_sentinel_failover_to_a_stale_replica_never_over_issues() {
 async fn with_min_replicas_acked_nothing_the_stale_replica_lacks_is_persisted() {
     failover_to_a_stale_replica(1).await;
 }
+
+/// `(user, rank, status)` of every ranking_logs row of `coupon`, in rank order.
+async fn logged(env: &TestEnv, coupon: i64) -> Vec<(i64, i64, String)> {
+    sqlx::query_as(
+        "SELECT user_id, CAST(`rank` AS SIGNED), CAST(COALESCE(reason, status) AS CHAR) \
+         FROM ranking_logs WHERE coupon_type = ? ORDER BY `rank`, id",
+    )
+    .bind(coupon.to_string())
+    .fetch_all(&env.mysql)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn now_ms() -> f64 {
+    chrono::Utc::now().timestamp_millis() as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcome() {
+    let mut redis = PrivateRedis::with_snapshots();
+    let env = TestEnv::with_servers(&redis.url(), &mysql_server_url()).await;
+    let coupon = 6;
+    env.set_stock(coupon, "3").await;
+    let first = env.pipeline();
+    first
+        .drain
+        .reconcile_all(false)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    // The snapshot holds five queued requests, nothing decided.
+    let t0 = now_ms() - 1000.0;
+    enqueue(
+        &env,
+        (1..=5)
+            .map(|user| (t0 + user as f64, member(user, coupon)))
+            .collect(),
+    )
+    .await;
+    assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
+
+    // After the snapshot: they are decided (1-3 issued, 4-5 sold out), as is a sixth request
+    // (sold out) enqueued after the snapshot; rows and coupons reach MySQL.
+    let report = first.drain.drain_to_empty(&CancellationToken::new()).await;
+    assert_eq!(report[Outcome::Issued], 3, "{report:?}");
+    enqueue(&env, vec![(now_ms(), member(6, coupon))]).await;
+    let report = first.drain.drain_to_empty(&CancellationToken::new()).await;
+    assert_eq!(report[Outcome::SoldOut], 1, "{report:?}");
+    first.finish().await;
+    assert_eq!(logged(&env, coupon).await.len(), 6);
+    // User 3's coupon is as if its outbox entry had been rolled back before the persister wrote
+    // it: only its ISSUED row in ranking_logs knows it.
+    sqlx::query("DELETE FROM user_coupon WHERE coupon_id = ? AND user_id = 3")
+        .bind(coupon)
+        .execute(&env.mysql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // kill -9, restart from the snapshot: the five requests are queued again, seq 0, stock 3.
+    redis.stop();
+    redis.resume();
+    let queued: i64 = env
+        .redis
+        .zcard(&env.keys().queue)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        queued, 5,
+        "the restart rolled the queue back to the snapshot"
+    );
+    // User 6, told SOLD_OUT, asks again: a new request, to be decided.
+    enqueue(&env, vec![(now_ms() + 1.0, member(6, coupon))]).await;
+
+    let second = env.pipeline();
+    let dry = second
+        .drain
+        .reconcile_all(true)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let c = dry
+        .iter()
+        .flat_map(|lane| lane.coupons.iter())
+        .find(|c| c.coupon_id == coupon)
+        .unwrap_or_else(|| panic!("coupon {coupon} not reported: {dry:?}"));
+    assert_eq!(
+        (c.forgotten, c.requeued, c.reissued, c.missing, c.taken),
+        (6, 5, 1, 2, 3),
+        "the dry run reports the forgotten decisions: {c:?}"
+    );
+    let report = second.drain.drain_to_empty(&CancellationToken::new()).await;
+    assert_eq!(
+        (report.decided(), report[Outcome::SoldOut]),
+        (1, 1),
+        "only user 6's new request is decided: {report:?}"
+    );
+    second.finish().await;
+
+    // Each request has exactly one row, ranks 1..n.
+    let rows = logged(&env, coupon).await;
+    let ranks: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    assert_eq!(ranks, (1..=7).collect::<Vec<i64>>(), "{rows:?}");
+    let mut per_user: HashMap<i64, Vec<String>> = HashMap::new();
+    for (user, _, outcome) in &rows {
+        per_user.entry(*user).or_default().push(outcome.clone());
+    }
+    let expected: HashMap<i64, Vec<String>> = [
+        (1, vec!["ISSUED"]),
+        (2, vec!["ISSUED"]),
+        (3, vec!["ISSUED"]),
+        (4, vec!["SOLD_OUT"]),
+        (5, vec!["SOLD_OUT"]),
+        (6, vec!["SOLD_OUT", "SOLD_OUT"]),
+    ]
+    .into_iter()
+    .map(|(u, o)| (u, o.into_iter().map(str::to_owned).collect()))
+    .collect();
+    assert_eq!(per_user, expected, "one row per request: {rows:?}");
+    let results: HashMap<String, String> = env
+        .redis
+        .hgetall(env.keys().result(coupon))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let expected: HashMap<String, String> = [
+        ("1", "ISSUED"),
+        ("2", "ISSUED"),
+        ("3", "ISSUED"),
+        ("4", "SOLD_OUT"),
+        ("5", "SOLD_OUT"),
+        ("6", "SOLD_OUT"),
+    ]
+    .into_iter()
+    .map(|(u, o)| (u.to_owned(), o.to_owned()))
+    .collect();
+    assert_eq!(results, expected, "the result hash");
+    // User 3's coupon went back through the outbox into user_coupon; stock 0, holders 1-3.
+    assert_eq!(mysql_holders(&env, coupon).await, vec![1, 2, 3]);
+    assert_consistent(&env, coupon, 3).await;
+    // A second reconciliation finds nothing left to do.
+    let again = env.pipeline();
+    let reports = again
+        .drain
+        .reconcile_all(false)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    again.finish().await;
+    assert!(
+        reports.iter().all(|r| r.differing().next().is_none()),
+        "{reports:?}"
+    );
+    env.cleanup().await;
+    drop(redis);
+}
