@@ -110,13 +110,16 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(stock, "2", "the restart rolled Redis back to the snapshot");
 
-    // New requests arrive right away; the worker (the same client, reconnected) drains them.
+    // New requests arrive right away (scored now, as the API does: after the decisions, so
+    // 1001's is a new request, not its first one put back); the worker (the same client,
+    // reconnected) drains them.
+    let now = now_ms();
     enqueue(
         &env,
         vec![
-            (10.0, member(2001, coupon)),
-            (11.0, member(2002, coupon)),
-            (12.0, member(1001, coupon)),
+            (now + 10.0, member(2001, coupon)),
+            (now + 11.0, member(2002, coupon)),
+            (now + 12.0, member(1001, coupon)),
         ],
     )
     .await;
