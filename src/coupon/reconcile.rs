@@ -23,13 +23,13 @@
 //! 3. per coupon, first the decisions Redis forgot: the `ranking_logs` rows ranked above the seq
 //!    Redis came back with (index `(coupon_type, rank)`; none unless it rolled back), in chunks
 //!    of [`CHUNK`] rows (`forgotten.lua`). A queue entry of the same member scored (the API's
-//!    enqueue time) no later than the row's `timestamp` (the worker's clock just after the
-//!    decision returned, so later than the decision itself) is that request put back by the
+//!    enqueue time) no later than the row's `timestamp` (the decision time: Redis' clock in
+//!    the decide step, the id of its log stream entry) is that request put back by the
 //!    rollback: removed, and its result put back (never over ISSUED), so it keeps its one
 //!    outcome. An entry scored later is a new request and stays. An ISSUED row `user_coupon`
 //!    lacks (its outbox entry was rolled back before it was persisted) is honoured: holder,
-//!    stock (never below 0) and the outbox entry are put back. The API's and the worker's
-//!    clocks are compared here: a skew larger than the enqueue-to-log delay makes a put-back
+//!    stock (never below 0) and the outbox entry are put back. The API's and Redis'
+//!    clocks are compared here: a skew larger than the enqueue-to-decision delay makes a put-back
 //!    request look new (decided a second time, as before) or a new request look put back (it
 //!    gets its previous outcome, which, with no restock in between, is the one it would get);
 //!  - then, in chunks of [`CHUNK`] users (index `(coupon_id, user_id)`): every holder in
@@ -43,10 +43,11 @@
 //! Every Redis step checks the identity, so a restart in the middle restarts the reconciliation.
 //! Every step is safe to run twice and on several replicas at once.
 //!
-//! Not covered: decisions whose log rows had not reached `ranking_logs` when this runs (still in
-//! a worker's log channel or spill file) are not known: their requests, put back by the
-//! rollback, are decided anew and their ranks handed out again; a row written to `user_coupon` by someone other
-//! than the worker after step 2 is only seen by the next reconciliation.
+//! Not covered: decisions whose log rows had not reached `ranking_logs` when this runs (still
+//! in Redis' log stream, lost with it, or read by a worker and not yet committed) are not known:
+//! their requests, put back by the rollback, are decided anew (a row still in flight that lands
+//! later is a second row); a row written to `user_coupon` by someone other than the worker after
+//! step 2 is only seen by the next reconciliation.
 
 use std::sync::Arc;
 
