@@ -330,6 +330,20 @@ impl KeyTemplates {
         parse_id(id)
     }
 
+    /// A SCAN `MATCH` pattern finding every coupon's ranking-log stream in the per-coupon layout
+    /// (and possibly other keys, which [`Self::coupon_of_log`] rejects).
+    pub fn log_pattern(&self) -> String {
+        let (before, after) = self.log.split_once(COUPON_ID).unwrap_or((&self.log, ""));
+        format!("{}*{}", glob_escape(before), glob_escape(after))
+    }
+
+    /// The coupon whose ranking-log stream `key` is, in the per-coupon layout.
+    pub fn coupon_of_log(&self, key: &str) -> Option<i64> {
+        let (before, after) = self.log.split_once(COUPON_ID)?;
+        let id = key.strip_prefix(before)?.strip_suffix(after)?;
+        parse_id(id)
+    }
+
     /// The reconciliation marker of a lane (these templates resolved by [`Self::for_coupon`]):
     /// the identity of the Redis last reconciled from MySQL for this outbox. Beside the outbox,
     /// in its hash slot, so the decide script can read it on Redis Cluster.

@@ -382,12 +382,53 @@ fn parse_entries(value: Value) -> Vec<(String, Option<RawFields>)> {
     out
 }
 
+/// How often the reader looks (SCAN on every primary) for log streams of coupons no longer in
+/// the registry.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Per-coupon layout: the log streams (as lanes) of coupons that are not in the registry but
+/// still have a log stream — a coupon retired (`SREM`) before its rows were written. Their rows
+/// are written and counted like any other. Empty in the single-queue layout.
+pub async fn unregistered_log_lanes(
+    client: &Client,
+    keys: &KeyTemplates,
+    registered: &[KeyTemplates],
+) -> anyhow::Result<Vec<KeyTemplates>> {
+    if !keys.per_coupon() {
+        return Ok(Vec::new());
+    }
+    let known: HashSet<&str> = registered.iter().map(|lane| lane.log.as_str()).collect();
+    let mut ids: Vec<i64> = crate::backends::scan_keys(client, &keys.log_pattern())
+        .await?
+        .iter()
+        .filter(|key| !known.contains(key.as_str()))
+        .filter_map(|key| keys.coupon_of_log(key))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids.into_iter().map(|id| keys.for_coupon(id)).collect())
+}
+
+/// Every log stream to read: the registered coupons' (or the single one) and, per coupon, any
+/// left by a coupon removed from the registry.
+pub async fn log_lanes(client: &Client, keys: &KeyTemplates) -> anyhow::Result<Vec<KeyTemplates>> {
+    let mut lanes = crate::coupon::queue_keys(client, keys).await?;
+    let extra = unregistered_log_lanes(client, keys, &lanes).await?;
+    lanes.extend(extra);
+    Ok(lanes)
+}
+
 /// See [`LogStream::backlog`].
 pub async fn backlog(client: &Client, keys: &KeyTemplates) -> anyhow::Result<(u64, Duration)> {
+    backlog_of(client, &log_lanes(client, keys).await?).await
+}
+
+/// Rows waiting in the log streams of `lanes` and the age of the oldest entry.
+async fn backlog_of(client: &Client, lanes: &[KeyTemplates]) -> anyhow::Result<(u64, Duration)> {
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut rows = 0u64;
     let mut oldest_ms: Option<i64> = None;
-    for lane in crate::coupon::queue_keys(client, keys).await? {
+    for lane in lanes {
         let count: Option<i64> = client.get(lane.log_rows()).await?;
         rows += count.unwrap_or(0).max(0) as u64;
         let first: Vec<(String, HashMap<String, String>)> =
@@ -411,7 +452,7 @@ pub async fn backlog(client: &Client, keys: &KeyTemplates) -> anyhow::Result<(u6
 pub async fn requeue_log_dead(client: &Client, keys: &KeyTemplates) -> anyhow::Result<u64> {
     let script = Script::from_lua(REQUEUE_LUA);
     let mut moved = 0u64;
-    for lane in crate::coupon::queue_keys(client, keys).await? {
+    for lane in log_lanes(client, keys).await? {
         loop {
             let n: i64 = script
                 .evalsha_with_reload(
@@ -456,9 +497,30 @@ impl LogReader {
         let mut last_maintenance: Option<tokio::time::Instant> = None;
         let mut cursors: HashMap<String, String> = HashMap::new();
         let mut errors = 0u32;
+        // Log streams of coupons removed from the registry, refreshed every SWEEP_EVERY.
+        let mut unregistered: Vec<KeyTemplates> = Vec::new();
+        let mut last_sweep: Option<tokio::time::Instant> = None;
         'reading: while !stop.is_cancelled() {
             let lanes = match crate::coupon::queue_keys(&self.stream.client, &self.keys).await {
-                Ok(lanes) => lanes,
+                Ok(mut lanes) => {
+                    if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                        last_sweep = Some(tokio::time::Instant::now());
+                        match unregistered_log_lanes(&self.stream.client, &self.keys, &lanes).await
+                        {
+                            Ok(found) => unregistered = found,
+                            Err(e) => self.failed(&mut errors, &e),
+                        }
+                    }
+                    let registered: HashSet<String> =
+                        lanes.iter().map(|lane| lane.log.clone()).collect();
+                    lanes.extend(
+                        unregistered
+                            .iter()
+                            .filter(|lane| !registered.contains(&lane.log))
+                            .cloned(),
+                    );
+                    lanes
+                }
                 Err(e) => {
                     self.failed(&mut errors, &e);
                     self.pause(&stop).await;
@@ -545,7 +607,7 @@ impl LogReader {
                 "took over ranking-log entries another consumer left idle"
             );
         }
-        let (rows, age) = backlog(&self.stream.client, &self.keys).await?;
+        let (rows, age) = backlog_of(&self.stream.client, lanes).await?;
         self.metrics.ranking_log_backlog_rows.set(rows as i64);
         self.metrics
             .ranking_log_backlog_oldest_age

@@ -404,3 +404,56 @@ async fn a_commit_applied_whose_reply_was_lost_writes_no_row_twice() {
     proxy.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_coupon_rows_of_a_coupon_removed_from_the_registry_are_still_written_and_counted() {
+    let mut env = TestEnv::new().await;
+    env.config.keys = commerce_worker::keys::KeyTemplates::per_coupon_layout()
+        .with_prefix(&format!("{}:", env.name));
+    let keys = env.keys().clone();
+    let _: i64 = env
+        .redis
+        .sadd(&keys.coupon_registry, vec!["7"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Coupon 9 was decided, then retired (SREM) before its rows reached MySQL.
+    for (coupon, first) in [(7, 1), (9, 1), (9, 51)] {
+        let lane = keys.for_coupon(coupon);
+        let raw = LogEntry::encode(&rows(coupon, first, 50));
+        let _: String = env
+            .redis
+            .xadd(
+                &lane.log,
+                false,
+                None,
+                "*",
+                vec![("m", raw.members), ("r", raw.ranks), ("o", raw.outcomes)],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _: i64 = env
+            .redis
+            .incr_by(lane.log_rows(), 50)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let (waiting_rows, _) = commerce_worker::ranking_log::stream::backlog(&env.redis, &keys)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        waiting_rows, 150,
+        "the retired coupon's rows count in the backlog"
+    );
+    let metrics = Metrics::new();
+    let log = pipeline(&env, &metrics);
+    until_written(&env, &metrics, 150).await;
+    log.shutdown(soon()).await;
+    assert_eq!(landed(&env).await, (150, 0));
+    let left: u64 = env
+        .redis
+        .xlen(keys.for_coupon(9).log)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(left, 0);
+    env.cleanup().await;
+}
