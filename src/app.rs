@@ -636,39 +636,6 @@ pub async fn reconcile_once(
     reports
 }
 
-/// One line for a coupon where Redis differed from MySQL.
-pub fn describe_difference(c: &crate::coupon::reconcile::CouponReport) -> String {
-    let mut line = format!(
-        "coupon {}: {} rows in user_coupon, {} missing from Redis' holders",
-        c.coupon_id, c.rows, c.missing
-    );
-    if c.forgotten > 0 {
-        line.push_str(&format!(
-            "; {} decisions logged above Redis' seq (forgotten by a rollback): {} of their \
-             requests back in the queue, {} results to restore, {} ISSUED rows not in user_coupon",
-            c.forgotten, c.requeued, c.results_restored, c.reissued
-        ));
-    }
-    if c.missing > 0 || c.reissued > 0 {
-        line.push_str(&format!(
-            " (stock takes {}, {} beyond the stock{})",
-            c.taken,
-            c.unexplained,
-            match c.stock_after {
-                Some(stock) => format!(", stock after {stock}"),
-                None => ", no stock key".to_owned(),
-            }
-        ));
-    }
-    if let Some(rank) = c.seq_raised_to {
-        line.push_str(&format!("; seq below the logged rank {rank}"));
-    }
-    if let Some(why) = &c.unusable {
-        line.push_str(&format!("; left alone: {why}"));
-    }
-    line
-}
-
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let terminate = async {

@@ -19,7 +19,8 @@
 //! heartbeats in Redis, shared by every replica and the operator's commands), `http`
 //! (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], `retry`, `systemd`
 //! (readiness and watchdog notifications), [`status`] (the `status` command), `schedule` (cron
-//! schedules that follow the timezone across DST changes, for every job), [`exit`] (exit codes).
+//! schedules that follow the timezone across DST changes, for every job), [`exit`] (exit codes),
+//! [`commands`] (what each one-shot command prints, and the binary's start-up steps).
 //!
 //! Private by default: a module is `pub` only when the binary, the tools or the tests need it,
 //! and the `unreachable_pub` lint keeps items inside private modules `pub(crate)`.
@@ -32,6 +33,7 @@
 
 pub mod app;
 pub mod backends;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod coupon;

@@ -129,6 +129,43 @@ impl CouponReport {
     }
 }
 
+/// One line for a coupon where Redis differed from MySQL (what `reconcile` prints).
+impl std::fmt::Display for CouponReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "coupon {}: {} rows in user_coupon, {} missing from Redis' holders",
+            self.coupon_id, self.rows, self.missing
+        )?;
+        if self.forgotten > 0 {
+            write!(
+                f,
+                "; {} decisions logged above Redis' seq (forgotten by a rollback): {} of their \
+                 requests back in the queue, {} results to restore, {} ISSUED rows not in user_coupon",
+                self.forgotten, self.requeued, self.results_restored, self.reissued
+            )?;
+        }
+        if self.missing > 0 || self.reissued > 0 {
+            write!(
+                f,
+                " (stock takes {}, {} beyond the stock",
+                self.taken, self.unexplained
+            )?;
+            match self.stock_after {
+                Some(stock) => write!(f, ", stock after {stock})")?,
+                None => write!(f, ", no stock key)")?,
+            }
+        }
+        if let Some(rank) = self.seq_raised_to {
+            write!(f, "; seq below the logged rank {rank}")?;
+        }
+        if let Some(why) = &self.unusable {
+            write!(f, "; left alone: {why}")?;
+        }
+        Ok(())
+    }
+}
+
 /// One lane's reconciliation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LaneReport {

@@ -56,6 +56,32 @@ impl Report {
     }
 }
 
+/// `chaos` as a command: exits 0 only if every check held, 1 if one failed, 2 if the run could
+/// not complete. It needs no configuration file (it brings its own servers and writes its
+/// replicas' configs), so the binary runs it before loading one.
+pub fn main(options: ChaosOptions) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    // The report is the output; the clients' reconnection warnings would bury it (RUST_LOG
+    // still wins).
+    crate::telemetry::init(&crate::config::LogConfig {
+        level: "error".into(),
+        format: crate::config::LogFormat::Text,
+    });
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(options)));
+    match outcome {
+        Ok(report) if report.all_passed() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Runs the operator's CLI (`requeue-dead`, `rebuild-ranking`) against the servers directly, as
 /// an operator would.
 #[derive(Clone)]

@@ -1,0 +1,285 @@
+//! The one-shot commands as the operator sees them: what each prints (a report with a `Display`
+//! impl) and how it ends (the error that picks its exit code), plus the binary's start-up steps
+//! (load the config, start logging, run on a runtime, map a failure to an exit code), so that
+//! `main.rs` stays glue. The work itself is done in [`app`] and the jobs' modules.
+
+use std::fmt;
+use std::future::Future;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::{self, Config};
+use crate::coupon::reconcile::CouponReport;
+use crate::coupon::{DeadAction, DeadFilter, DeadReport, DrainReport, PAUSE_CHECK_INTERVAL};
+use crate::exit::{EX_CONFIG, code_for};
+use crate::ranking_log::WriterReport;
+use crate::{app, backends, status, telemetry};
+
+/// Printed (exit 64) when `purge-dead` lacks `--yes`.
+pub const PURGE_NEEDS_YES: &str = "error: purge-dead deletes dead-lettered entries for good: add --yes (try `requeue-dead --dry-run` with the same filter to see them)";
+
+/// Loads the configuration; on failure prints why and returns exit code 78.
+pub fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path, config::process_env).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+/// `check-config`: the warnings on stderr, the configuration with secrets redacted on stdout.
+pub fn check_config(config: &Config) -> ExitCode {
+    config.warning_lines().iter().for_each(|w| eprintln!("{w}"));
+    print!("{}", config.to_redacted_toml());
+    ExitCode::SUCCESS
+}
+
+/// Starts logging and logs the configuration's warnings. A command whose output is a report
+/// logs at `warn`: per-tick INFO lines would bury it (RUST_LOG still wins).
+pub fn start_logging(config: &Config, prints_a_report: bool) {
+    let mut log = config.log.clone();
+    if prints_a_report {
+        log.level = "warn".into();
+    }
+    telemetry::init(&log);
+    config
+        .warning_lines()
+        .iter()
+        .for_each(|w| tracing::warn!("{w}"));
+}
+
+/// Runs a command on a new runtime; a failure is logged, printed and mapped to its exit code.
+pub fn run_to_exit(command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+        .and_then(|runtime| runtime.block_on(command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "exiting");
+            eprintln!("error: {e:#}");
+            ExitCode::from(code_for(&e))
+        }
+    }
+}
+
+/// `migrate`: how many migrations were applied.
+pub async fn migrate(config: &Config) -> anyhow::Result<Migrated> {
+    Ok(Migrated(backends::migrate(&config.mysql).await?))
+}
+
+/// What `migrate` did.
+#[derive(Debug, Clone, Copy)]
+pub struct Migrated(pub usize);
+
+impl fmt::Display for Migrated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "migrations applied: {} (database up to date)", self.0)
+    }
+}
+
+/// `drain`: one drain until the queue is empty, stopped early by SIGTERM/SIGINT.
+pub async fn drain(config: &Config) -> anyhow::Result<Drained> {
+    let (drain, log) = app::drain_once(config, app::shutdown_signal()).await?;
+    Ok(Drained { drain, log })
+}
+
+/// What `drain` did: the decisions and the ranking-log rows.
+#[derive(Debug, Clone)]
+pub struct Drained {
+    pub drain: DrainReport,
+    pub log: WriterReport,
+}
+
+impl fmt::Display for Drained {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "drained: {}; ranking-log rows written: {}, handed back to Redis: {}",
+            self.drain, self.log.rows_written, self.log.rows_left,
+        )
+    }
+}
+
+/// `requeue-dead` and `purge-dead`: each matching entry printed as it is handled, then this.
+pub async fn dead_letters(
+    config: &Config,
+    action: DeadAction,
+    filter: DeadFilter,
+    dry_run: bool,
+) -> anyhow::Result<DeadLetters> {
+    let report = app::dead_letters_once(config, action, &filter, dry_run).await?;
+    Ok(DeadLetters {
+        action,
+        dry_run,
+        report,
+    })
+}
+
+/// What `requeue-dead` or `purge-dead` did (or, in a dry run, would do).
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetters {
+    pub action: DeadAction,
+    pub dry_run: bool,
+    pub report: DeadReport,
+}
+
+impl fmt::Display for DeadLetters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.report;
+        match self.action {
+            DeadAction::Requeue => write!(
+                f,
+                "{} {} of {} matching dead-lettered entries ({} looked at); {} left in the stream without a member or numeric score",
+                if self.dry_run {
+                    "would requeue"
+                } else {
+                    "requeued"
+                },
+                r.done,
+                r.matched,
+                r.looked_at,
+                r.left
+            ),
+            DeadAction::Purge => write!(
+                f,
+                "{} {} matching dead-lettered entries ({} looked at)",
+                if self.dry_run {
+                    "would delete"
+                } else {
+                    "deleted"
+                },
+                r.done,
+                r.looked_at
+            ),
+        }
+    }
+}
+
+/// `pause` (`pausing`) and `resume`: sets or clears the chosen flags.
+pub async fn pause(
+    config: &Config,
+    drain: bool,
+    persist: bool,
+    pausing: bool,
+) -> anyhow::Result<Paused> {
+    let paused = app::pause_once(config, drain, persist, pausing).await?;
+    Ok(Paused {
+        pausing,
+        paused,
+        followed_within: config
+            .coupon
+            .follow_interval()
+            .unwrap_or(PAUSE_CHECK_INTERVAL),
+    })
+}
+
+/// What `pause` or `resume` left set.
+#[derive(Debug, Clone)]
+pub struct Paused {
+    /// `pause` (true) or `resume`.
+    pub pausing: bool,
+    /// The flags set afterwards.
+    pub paused: Vec<String>,
+    /// How soon every replica reads the flags.
+    pub followed_within: Duration,
+}
+
+impl fmt::Display for Paused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}; paused now: {} (every replica follows within {} ms)",
+            if self.pausing { "paused" } else { "resumed" },
+            if self.paused.is_empty() {
+                "nothing".to_owned()
+            } else {
+                self.paused.join(", ")
+            },
+            self.followed_within.as_millis()
+        )
+    }
+}
+
+/// `status [--json]`: prints the report; fails with [`status::NeedsAPerson`] (exit 1) if it
+/// found a problem.
+pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let report = status::gather(config).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    if !report.healthy() {
+        return Err(status::NeedsAPerson.into());
+    }
+    Ok(())
+}
+
+/// `reconcile [--dry-run]`: every lane compared with MySQL and, unless a dry run, repaired.
+pub async fn reconcile(config: &Config, dry_run: bool) -> anyhow::Result<Reconciled> {
+    let lanes = app::reconcile_once(config, dry_run).await?;
+    Ok(Reconciled {
+        dry_run,
+        coupons: lanes.into_iter().flat_map(|lane| lane.coupons).collect(),
+    })
+}
+
+/// What `reconcile` found: one line per coupon that differed, then a summary.
+#[derive(Debug, Clone)]
+pub struct Reconciled {
+    pub dry_run: bool,
+    pub coupons: Vec<CouponReport>,
+}
+
+impl Reconciled {
+    fn differing(&self) -> impl Iterator<Item = &CouponReport> {
+        self.coupons.iter().filter(|c| c.differs())
+    }
+
+    /// A dry run that found differences fails with [`app::DifferencesFound`] (exit 1).
+    pub fn into_result(self) -> anyhow::Result<()> {
+        let differing = self.differing().count();
+        if self.dry_run && differing > 0 {
+            return Err(app::DifferencesFound(differing).into());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Reconciled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for coupon in self.differing() {
+            writeln!(f, "{coupon}")?;
+        }
+        write!(
+            f,
+            "{} coupons compared with MySQL, {} differed{}",
+            self.coupons.len(),
+            self.differing().count(),
+            if self.dry_run {
+                " (dry run: nothing changed)"
+            } else {
+                "; Redis repaired from MySQL"
+            }
+        )
+    }
+}
+
+/// `requeue-log-dead`: dead-lettered ranking-log entries moved back to their log streams.
+pub async fn requeue_log_dead(config: &Config) -> anyhow::Result<LogRequeued> {
+    let redis = backends::connect_redis(&config.redis).await?;
+    Ok(LogRequeued(
+        crate::ranking_log::requeue_log_dead(&redis, &config.keys).await?,
+    ))
+}
+
+/// What `requeue-log-dead` did.
+#[derive(Debug, Clone, Copy)]
+pub struct LogRequeued(pub u64);
+
+impl fmt::Display for LogRequeued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "requeued {} dead-lettered ranking-log entries", self.0)
+    }
+}
