@@ -615,6 +615,27 @@ impl LogReader {
         Ok(Some(taken))
     }
 
+    /// Touches the entries in hand and updates the backlog gauges (no takeover: there is no room
+    /// for more entries). Failures are left to the next round.
+    async fn refresh_while_full(&self) {
+        let refreshed = async {
+            for (stream, ids) in self.in_hand.snapshot() {
+                self.stream.touch(&stream, ids).await?;
+            }
+            backlog(&self.stream.client, &self.keys).await
+        };
+        match refreshed.await {
+            Ok((rows, age)) => {
+                self.metrics.ranking_log_backlog_rows.set(rows as i64);
+                self.metrics
+                    .ranking_log_backlog_oldest_age
+                    .set(age.as_secs_f64());
+            }
+            Err(e) => tracing::debug!(error = %format!("{e:#}"),
+                "refreshing ranking-log entries while the channel is full failed"),
+        }
+    }
+
     /// Sends one entry to the writer, or dead-letters it if it cannot be decoded. False when
     /// `abort` fired while waiting for room.
     async fn hand_over(
@@ -647,9 +668,14 @@ impl LogReader {
             return true; // already on its way
         }
         let wanted = entry.rows.len().clamp(1, self.capacity) as u32;
-        let permit = tokio::select! {
-            permit = self.permits.clone().acquire_many_owned(wanted) => permit,
-            _ = abort.cancelled() => return false,
+        // While the channel is full (MySQL down or slow) the loop in `run` does not get to
+        // `maintain`: keep the entries in hand fresh and the backlog gauges true from here.
+        let permit = loop {
+            tokio::select! {
+                permit = self.permits.clone().acquire_many_owned(wanted) => break permit,
+                _ = abort.cancelled() => return false,
+                _ = tokio::time::sleep(MAINTENANCE_EVERY) => self.refresh_while_full().await,
+            }
         };
         let Ok(permit) = permit else {
             return false;

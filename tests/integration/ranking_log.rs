@@ -457,3 +457,43 @@ async fn per_coupon_rows_of_a_coupon_removed_from_the_registry_are_still_written
     assert_eq!(left, 0);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_gauge_follows_redis_while_mysql_is_down_and_the_channel_is_full() {
+    let mut env = TestEnv::new().await;
+    env.config.ranking_log.channel_capacity = nz(10);
+    env.config.ranking_log.batch_size = nz(10);
+    for first in [1, 11, 21, 31] {
+        log_entry(&env, &rows(8, first, 10)).await;
+    }
+    // Nothing listens on port 1: every write fails as MySQL being down does.
+    let down = sqlx::mysql::MySqlPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("mysql://root@127.0.0.1:1/x")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let metrics = Metrics::new();
+    let log = LogPipeline::start(
+        &env.config.ranking_log,
+        env.keys(),
+        env.redis.clone(),
+        down,
+        metrics.clone(),
+    );
+    eventually(Duration::from_secs(30), "the channel full", async || {
+        metrics.ranking_log_channel_depth.get() >= 10
+    })
+    .await;
+    for first in [41, 51, 61, 71, 81] {
+        log_entry(&env, &rows(8, first, 10)).await;
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the backlog gauge to show the 90 rows waiting in Redis",
+        async || metrics.ranking_log_backlog_rows.get() == 90,
+    )
+    .await;
+    log.shutdown(tokio::time::Instant::now() + Duration::from_secs(2))
+        .await;
+    assert_eq!(waiting(&env).await, (9, 90), "nothing left Redis");
+    env.cleanup().await;
+}
