@@ -63,6 +63,20 @@ fn connect_options(config: &MysqlConfig) -> anyhow::Result<MySqlConnectOptions> 
     MySqlConnectOptions::from_str(config.url.expose()).context("bad MySQL URL")
 }
 
+/// Set on every pooled connection when it opens (valid on MySQL 8 and MariaDB 10.6+). The
+/// worker abandons a call after `MYSQL_DEADLINE` (10 s) and drops its side of the connection, but
+/// a server whose client vanished without a FIN (frozen proxy, half-open TCP) keeps the session —
+/// and any lock it holds, such as a persister's share lock on `redis_fence`, which blocks the
+/// reconciler's fence write after a Redis restart — until `wait_timeout` (8 h by default). So:
+/// - `wait_timeout` 60 s: a few deadlines; such a session and its locks go within a minute;
+/// - `innodb_lock_wait_timeout` 5 s: a statement blocked by a lock errors before the deadline
+///   (and the caller retries) instead of being abandoned mid-wait.
+pub const MYSQL_SESSION_SETUP: &str =
+    "SET SESSION wait_timeout = 60, SESSION innodb_lock_wait_timeout = 5";
+
+/// Idle pooled connections are closed after this, well below the session `wait_timeout` (60 s).
+const MYSQL_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Connects the MySQL pool. Connections that break are replaced by the pool on next use.
 pub async fn connect_mysql(config: &MysqlConfig) -> Result<MySqlPool, Unavailable> {
     let unavailable = |source: anyhow::Error| Unavailable {
@@ -73,6 +87,15 @@ pub async fn connect_mysql(config: &MysqlConfig) -> Result<MySqlPool, Unavailabl
     MySqlPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        // Below the session's wait_timeout: the pool closes idle connections before the
+        // server would, so it never hands out one the server already dropped.
+        .idle_timeout(MYSQL_POOL_IDLE_TIMEOUT)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query(MYSQL_SESSION_SETUP).execute(conn).await?;
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
         // sqlx's message already includes its source; `{e}` keeps it from being printed twice.

@@ -221,6 +221,11 @@ pub async fn reconcile(config: &Config, dry_run: bool) -> anyhow::Result<Reconci
     let lanes = app::reconcile_once(config, dry_run).await?;
     Ok(Reconciled {
         dry_run,
+        fences: lanes
+            .iter()
+            .filter(|l| l.fence_differs())
+            .cloned()
+            .collect(),
         coupons: lanes.into_iter().flat_map(|lane| lane.coupons).collect(),
     })
 }
@@ -230,6 +235,8 @@ pub async fn reconcile(config: &Config, dry_run: bool) -> anyhow::Result<Reconci
 pub struct Reconciled {
     pub dry_run: bool,
     pub coupons: Vec<CouponReport>,
+    /// Lanes whose `redis_fence` row named another Redis than the live, reconciled one.
+    pub fences: Vec<crate::coupon::reconcile::LaneReport>,
 }
 
 impl Reconciled {
@@ -239,7 +246,7 @@ impl Reconciled {
 
     /// A dry run that found differences fails with [`app::DifferencesFound`] (exit 1).
     pub fn into_result(self) -> anyhow::Result<()> {
-        let differing = self.differing().count();
+        let differing = self.differing().count() + self.fences.len();
         if self.dry_run && differing > 0 {
             return Err(app::DifferencesFound(differing).into());
         }
@@ -252,11 +259,22 @@ impl fmt::Display for Reconciled {
         for coupon in self.differing() {
             writeln!(f, "{coupon}")?;
         }
+        for lane in &self.fences {
+            writeln!(
+                f,
+                "lane {}: MySQL's redis_fence names {}, not the live reconciled Redis {}{}",
+                lane.scope,
+                lane.fence.as_deref().unwrap_or("nothing (no row)"),
+                lane.identity,
+                if self.dry_run { "" } else { "; rewritten" }
+            )?;
+        }
         write!(
             f,
-            "{} coupons compared with MySQL, {} differed{}",
+            "{} coupons compared with MySQL, {} differed, {} fences differed{}",
             self.coupons.len(),
             self.differing().count(),
+            self.fences.len(),
             if self.dry_run {
                 " (dry run: nothing changed)"
             } else {

@@ -67,6 +67,7 @@ pub struct Metrics {
     pub coupon_reconciliations: Counter,
     pub coupon_rows_restored: Counter,
     pub coupon_unexplained_rows: Counter,
+    pub coupon_fence_conflicts: Counter,
     pub coupon_outbox_waiting_replicas: Gauge,
     pub ranking_products: Gauge,
     /// The day the live ranking was built for, as YYYYMMDD (0 until known).
@@ -176,6 +177,12 @@ impl Metrics {
             "coupon_unexplained_rows",
             "Holders in user_coupon beyond what the stock in Redis can explain: a person must look",
             coupon_unexplained_rows.clone(),
+        );
+        let coupon_fence_conflicts = Counter::default();
+        registry.register(
+            "coupon_fence_conflicts",
+            "Persist attempts refused because MySQL's redis_fence names another Redis than the reconciled live one (restored MySQL, or two deployments on one MySQL): run `reconcile` once understood",
+            coupon_fence_conflicts.clone(),
         );
         let coupon_outbox_waiting_replicas = Gauge::default();
         registry.register(
@@ -314,6 +321,7 @@ impl Metrics {
             coupon_reconciliations,
             coupon_rows_restored,
             coupon_unexplained_rows,
+            coupon_fence_conflicts,
             coupon_outbox_waiting_replicas,
             ranking_products,
             ranking_built_day,

@@ -157,13 +157,21 @@ struct Lane {
 }
 
 impl Lane {
-    /// Persists the lane's outbox until empty, reconciling Redis first if it refuses.
+    /// Persists the lane's outbox until empty, reconciling Redis first if it refuses, or if
+    /// MySQL's fence row is missing (see [`Reconciler::after_fence_mismatch`]).
     async fn persist_all(&self) -> anyhow::Result<usize> {
         match self.persister.persist_all().await {
             Err(e) if reconcile::is_unreconciled(&e) => {
                 self.reconciler.ensure().await?;
                 self.persister.persist_all().await
             }
+            Err(e) => match e.downcast_ref::<outbox::FenceMismatch>() {
+                Some(mismatch) => {
+                    self.reconciler.after_fence_mismatch(mismatch).await?;
+                    self.persister.persist_all().await
+                }
+                None => Err(e),
+            },
             other => other,
         }
     }

@@ -220,13 +220,15 @@ impl Persister {
                     .fetch_optional(&mut *tx)
                     .await?;
                     if fence.as_deref() != Some(identity.as_str()) {
-                        anyhow::bail!(
-                            "Redis changed since this outbox batch was read ({identity} read, {} reconciled); the batch is dropped with the Redis it came from",
-                            fence.as_deref().unwrap_or("none")
-                        );
+                        return Err(FenceMismatch {
+                            read: identity,
+                            fence,
+                        }
+                        .into());
                     }
-                    let mut insert: QueryBuilder<MySql> =
-                        QueryBuilder::new("INSERT INTO user_coupon (user_id, coupon_id, issued_at) ");
+                    let mut insert: QueryBuilder<MySql> = QueryBuilder::new(
+                        "INSERT INTO user_coupon (user_id, coupon_id, issued_at) ",
+                    );
                     insert.push_values(&rows, |mut b, (request, issued_ms)| {
                         let issued_at = DateTime::from_timestamp_millis(*issued_ms as i64)
                             .unwrap_or_default()
@@ -282,4 +284,19 @@ impl Persister {
             };
         }
     }
+}
+
+/// MySQL's `redis_fence` row for the lane does not name the Redis this batch was read from;
+/// nothing was inserted. Usually Redis changed since the read (the reconciler fenced it off);
+/// the lane decides what else it means (`Lane::persist_all`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "Redis changed since this outbox batch was read ({read} read, {} reconciled); the batch is dropped with the Redis it came from",
+    fence.as_deref().unwrap_or("none")
+)]
+pub struct FenceMismatch {
+    /// The identity the batch was read from.
+    pub read: String,
+    /// What the fence row names (`None`: no row).
+    pub fence: Option<String>,
 }

@@ -175,6 +175,9 @@ pub struct LaneReport {
     pub identity: String,
     /// Whether the marker already named this Redis.
     pub was_marked: bool,
+    /// What MySQL's `redis_fence` row named before (`None`: no row; not read when the marker
+    /// already named this Redis on the daemon's way).
+    pub fence: Option<String>,
     pub coupons: Vec<CouponReport>,
 }
 
@@ -182,6 +185,13 @@ impl LaneReport {
     /// The coupons where Redis differed from MySQL.
     pub fn differing(&self) -> impl Iterator<Item = &CouponReport> {
         self.coupons.iter().filter(|c| c.differs())
+    }
+
+    /// Whether MySQL's fence row named another Redis than this one (or was missing) although
+    /// the marker named this one: what a restored MySQL or a second deployment leaves, which
+    /// a plain `reconcile` rewrites.
+    pub fn fence_differs(&self) -> bool {
+        self.was_marked && self.fence.as_deref() != Some(self.identity.as_str())
     }
 }
 
@@ -248,6 +258,47 @@ impl Reconciler {
         self.run(true, dry_run).await
     }
 
+    /// What a persist refused by the fence (`mismatch`) means, and what is done about it:
+    /// - the live Redis is not the reconciled one: it changed since the batch was read;
+    ///   reconcile it ([`Self::ensure`]);
+    /// - the fence names the live, reconciled Redis: it changed and was reconciled already;
+    ///   nothing to do (the caller reads again);
+    /// - the fence row is missing (truncated, MySQL restored from an older backup): nothing
+    ///   about Redis tells, so the whole lane is reconciled again, which writes the row;
+    /// - the fence names another Redis while this one is marked reconciled: MySQL restored or
+    ///   failed over, or two deployments sharing one Redis or MySQL — possibly two live Redis
+    ///   servers. Taking the fence over could let the other one's inserts be refused or its
+    ///   decisions be overwritten, so a person decides: ERROR, `coupon_fence_conflicts`,
+    ///   `reconcile --dry-run` lists it, a plain `reconcile` rewrites the fence. Returns an error.
+    pub async fn after_fence_mismatch(
+        &self,
+        mismatch: &crate::coupon::outbox::FenceMismatch,
+    ) -> anyhow::Result<()> {
+        let scope = &self.keys.outbox;
+        let (live, marker) = self.identity().await?;
+        if marker != live {
+            self.ensure().await?;
+            return Ok(());
+        }
+        match mismatch.fence.as_deref() {
+            Some(fence) if fence == live => Ok(()),
+            None => {
+                tracing::warn!(%scope, identity = %live,
+                    "MySQL has no redis_fence row for this lane (truncated, or MySQL restored from an older backup); reconciling Redis from MySQL again");
+                self.reconcile(false).await?;
+                Ok(())
+            }
+            Some(fence) => {
+                self.metrics.coupon_fence_conflicts.inc();
+                tracing::error!(%scope, identity = %live, fence,
+                    "MySQL's redis_fence names another Redis than the live one, which is marked reconciled (MySQL restored or failed over, or two deployments sharing one Redis or MySQL); nothing is persisted for this lane until a person runs `reconcile` (`reconcile --dry-run` shows it)");
+                anyhow::bail!(
+                    "redis_fence for {scope} names {fence}, not the live reconciled Redis {live}: run `reconcile` once understood"
+                )
+            }
+        }
+    }
+
     async fn run(&self, always: bool, dry_run: bool) -> anyhow::Result<LaneReport> {
         let _one_at_a_time = self.running.lock().await;
         let mut last_error = None;
@@ -274,10 +325,28 @@ impl Reconciler {
             scope: scope.clone(),
             identity: identity.clone(),
             was_marked: marker == identity,
+            fence: None,
             coupons: Vec::new(),
         };
         if report.was_marked && !always {
             return Ok(report);
+        }
+        report.fence = mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
+            let scope = scope.clone();
+            Box::pin(async move {
+                Ok(
+                    sqlx::query_scalar("SELECT identity FROM redis_fence WHERE scope = ?")
+                        .bind(&scope)
+                        .fetch_optional(&mut *conn)
+                        .await?,
+                )
+            })
+        })
+        .await
+        .context("reading the lane's redis_fence")?;
+        if report.fence_differs() {
+            tracing::error!(%scope, %identity, fence = ?report.fence, dry_run,
+                "MySQL's redis_fence does not name the live Redis although it is marked reconciled (MySQL restored or failed over, or two deployments sharing one Redis or MySQL); a reconcile that is not a dry run rewrites it");
         }
         tracing::warn!(%scope, %identity, previous = %marker, dry_run,
             "Redis is not the one last reconciled (restart, restore, failover or a new Redis); reconciling from MySQL before deciding again");
@@ -315,9 +384,18 @@ impl Reconciler {
                     progress = format!("{}/{}", done + 1, coupons.len()), "coupon reconciled");
             }
             if coupon.unexplained > 0 {
-                tracing::error!(coupon = coupon.coupon_id, unexplained = coupon.unexplained,
-                    rows = coupon.rows, stock_after = ?coupon.stock_after,
-                    "user_coupon holds more rows than the stock can explain; holders restored, stock left at 0: a person must look");
+                if coupon.stock_after.is_some() {
+                    tracing::error!(coupon = coupon.coupon_id, unexplained = coupon.unexplained,
+                        rows = coupon.rows, stock_after = ?coupon.stock_after,
+                        "user_coupon holds more rows than the stock can explain; holders restored, stock left at 0: a person must look");
+                } else {
+                    tracing::error!(
+                        coupon = coupon.coupon_id,
+                        unexplained = coupon.unexplained,
+                        rows = coupon.rows,
+                        "user_coupon holds rows for a coupon that has no stock key in Redis; holders restored, no stock key created: re-create it (initial stock minus holders) before traffic resumes and run `reconcile`; a person must look"
+                    );
+                }
                 if !dry_run {
                     self.metrics
                         .coupon_unexplained_rows

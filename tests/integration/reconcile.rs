@@ -746,3 +746,117 @@ async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcom
     env.cleanup().await;
     drop(redis);
 }
+
+/// Waits (up to 30 s) until the pipeline has emptied the queue and the outbox.
+async fn drain_within_30s(pipeline: &crate::common::Pipeline, what: &str) {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        pipeline.drain.drain_to_empty(&CancellationToken::new()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("queue and outbox not emptied within 30 s: {what}"));
+}
+
+async fn fence_rows(env: &TestEnv) -> Vec<String> {
+    sqlx::query_scalar("SELECT identity FROM redis_fence")
+        .fetch_all(&env.mysql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_redis_fence_row_is_reconciled_again_and_persisting_goes_on() {
+    let env = TestEnv::new().await;
+    let coupon = 61;
+    env.set_stock(coupon, "5").await;
+    enqueue(&env, vec![(1.0, member(1, coupon))]).await;
+    let pipeline = env.pipeline();
+    drain_within_30s(&pipeline, "the first request").await;
+    assert_eq!(mysql_holders(&env, coupon).await, vec![1]);
+
+    // MySQL restored from a backup taken before the first reconciliation, or truncated.
+    sqlx::query("DELETE FROM redis_fence")
+        .execute(&env.mysql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    enqueue(&env, vec![(2.0, member(2, coupon))]).await;
+    drain_within_30s(
+        &pipeline,
+        "the request queued after redis_fence was emptied",
+    )
+    .await;
+    assert_eq!(mysql_holders(&env, coupon).await, vec![1, 2]);
+    assert_eq!(fence_rows(&env).await.len(), 1, "the fence row is back");
+    pipeline.finish().await;
+    assert_consistent(&env, coupon, 5).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_fence_naming_another_redis_stops_persisting_until_reconcile_rewrites_it() {
+    let env = TestEnv::new().await;
+    let coupon = 62;
+    env.set_stock(coupon, "5").await;
+    enqueue(&env, vec![(1.0, member(1, coupon))]).await;
+    let pipeline = env.pipeline();
+    drain_within_30s(&pipeline, "the first request").await;
+
+    // A second deployment (or a restored MySQL) names another Redis in the fence.
+    sqlx::query("UPDATE redis_fence SET identity = 'another:redis'")
+        .execute(&env.mysql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    enqueue(&env, vec![(2.0, member(2, coupon))]).await;
+    let stop = CancellationToken::new();
+    let report = pipeline.tick(&stop).await;
+    assert_eq!(report[Outcome::Issued], 1, "{report:?}");
+    let refused = pipeline.drain.persist_all().await;
+    let error = format!("{:#}", refused.expect_err("the fence names another Redis"));
+    assert!(error.contains("another:redis"), "{error}");
+    assert!(
+        pipeline.drain.metrics().coupon_fence_conflicts.get() >= 1,
+        "the conflict is counted"
+    );
+    assert_eq!(mysql_holders(&env, coupon).await, vec![1], "not taken over");
+    assert_eq!(fence_rows(&env).await, vec!["another:redis".to_owned()]);
+
+    let dry = pipeline
+        .drain
+        .reconcile_all(true)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(dry.iter().any(|r| r.fence_differs()), "{dry:?}");
+    let config = env.config_file();
+    let (code, out) = reconcile_command(&config, true);
+    assert_eq!(code, Some(1), "the dry run reports the fence: {out}");
+    assert!(out.contains("another:redis"), "{out}");
+
+    let (code, out) = reconcile_command(&config, false);
+    assert_eq!(code, Some(0), "the operator's reconcile rewrites it: {out}");
+    drain_within_30s(&pipeline, "the request refused by the fence").await;
+    assert_eq!(mysql_holders(&env, coupon).await, vec![1, 2]);
+    let (code, out) = reconcile_command(&config, true);
+    assert_eq!(code, Some(0), "consistent afterwards: {out}");
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_mysql_sessions_drop_hung_clients_and_locks_within_a_minute() {
+    let env = TestEnv::new().await;
+    let pool = commerce_worker::backends::connect_mysql(&env.config.mysql)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (wait, lock_wait): (u64, u64) =
+        sqlx::query_as("SELECT @@SESSION.wait_timeout, @@SESSION.innodb_lock_wait_timeout")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(wait, 60, "wait_timeout: a few times the 10 s deadline");
+    assert!(
+        lock_wait < 10,
+        "a blocked statement errors before the 10 s deadline: {lock_wait}"
+    );
+    pool.close().await;
+    env.cleanup().await;
+}
