@@ -3,6 +3,8 @@
 //! deletes them. Both take the same filter (coupon, text in the reason) and can be dry-run; each
 //! entry they touch is handed to the caller as it goes, so the command prints what it did.
 
+use std::collections::HashMap;
+
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
@@ -140,6 +142,14 @@ pub async fn process_dead(
     let mut report = DeadReport::default();
     for (coupon, lane) in lanes {
         let done_before = report.done;
+        // The walk ends at the stream's last entry as of now: entries dead-lettered while it runs
+        // (a drain deciding what was just requeued, its cause not fixed yet) wait for the next
+        // command instead of being requeued again and again by this one.
+        let newest: Vec<(String, HashMap<String, String>)> =
+            client.xrevrange(&lane.dead, "+", "-", Some(1)).await?;
+        let Some((end, _)) = newest.into_iter().next() else {
+            continue;
+        };
         let mut cursor = "-".to_owned();
         loop {
             let (seen, last, flat): (u64, String, Vec<String>) = script
@@ -152,6 +162,7 @@ pub async fn process_dead(
                         script_action.to_owned(),
                         coupon_arg.clone(),
                         reason.clone(),
+                        end.clone(),
                     ],
                 )
                 .await?;

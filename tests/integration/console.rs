@@ -762,3 +762,70 @@ fn check_config_redacts_every_secret_in_the_urls_and_rejects_schedules_that_cann
         assert!(stderr.contains(why), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn requeue_dead_walks_only_the_entries_there_when_it_started_while_a_drain_dead_letters_more()
+{
+    let env = TestEnv::new().await;
+    let dead = env.keys().dead.clone();
+    let reason = "stock is not a non-negative integer: abc";
+    for user in 1..=3000u64 {
+        dead_letter(&env, &dead, &format!("{user}:9"), "10", reason).await;
+    }
+    // A drain deciding what gets requeued while the stock is still broken dead-letters it again,
+    // appending to the stream during the walk.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (redis, dead, stop) = (env.redis.clone(), dead.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut appended = 0u64;
+            while !stop.is_cancelled() {
+                let member = format!("{}:9", 100_000 + appended);
+                let _: String = redis
+                    .xadd(
+                        &dead,
+                        false,
+                        None,
+                        "*",
+                        vec![
+                            ("member", member.as_str()),
+                            ("score", "10"),
+                            ("reason", reason),
+                        ],
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                appended += 1;
+            }
+            appended
+        })
+    };
+    // Without the bound the walk never ends while entries keep arriving: fail instead of hanging.
+    let every_entry = DeadFilter::default();
+    let walk = process_dead(
+        &env.redis,
+        env.keys(),
+        DeadAction::Requeue,
+        &every_entry,
+        false,
+        |_| {},
+    );
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), walk)
+        .await
+        .unwrap_or_else(|_| panic!("requeue-dead kept walking entries appended after it started"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    stop.cancel();
+    let appended = writer.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(appended > 0, "the concurrent dead-lettering never ran");
+    assert_eq!(
+        (report.looked_at, report.matched, report.done),
+        (3000, 3000, 3000),
+        "the walk must stop at the entry that was last when it started"
+    );
+    let requeued: u64 = env
+        .redis
+        .zcard(&env.keys().queue)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(requeued, 3000);
+}
