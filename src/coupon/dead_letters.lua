@@ -5,7 +5,9 @@
 -- ARGV[1] exclusive start id ('-' for the beginning), ARGV[2] how many entries to look at,
 -- ARGV[3] action: 'requeue', 'purge' or 'list' (a dry run: nothing is written),
 -- ARGV[4] couponId the member must name ('' = any), ARGV[5] text the reason must contain
--- ('' = any).
+-- ('' = any), ARGV[6] the last id to look at, inclusive: the stream's last entry when the command
+-- started, so entries a running drain dead-letters again meanwhile are not walked again (they
+-- would be requeued over and over while their cause is still there).
 -- requeue: an entry whose member or score is missing or not a number is left in the stream (an
 -- operator must look at it); ZADD NX: if the user's request is already queued again, the queued
 -- one keeps its place. purge: every matching entry is deleted.
@@ -18,7 +20,7 @@
 local start = ARGV[1]
 if start ~= '-' then start = '(' .. start end
 local action, coupon, wanted = ARGV[3], ARGV[4], ARGV[5]
-local entries = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', tonumber(ARGV[2]))
+local entries = redis.call('XRANGE', KEYS[1], start, ARGV[6], 'COUNT', tonumber(ARGV[2]))
 local last, matched = ARGV[1], {}
 for _, entry in ipairs(entries) do
   local id, fields = entry[1], entry[2]
