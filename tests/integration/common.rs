@@ -1000,6 +1000,23 @@ impl PrivateSentinelSet {
     pub fn restart_old_primary_as_replica(&mut self) {
         self.primary.resume();
         let port = self.primary.port;
+        // Sentinel reconfigures a returning old primary on its own, but only when its failover
+        // timeout allows (set long in this set so it does not re-point the stale replica), which
+        // made this wait flaky: point it at the promoted replica ourselves, as Sentinel would.
+        let replica_port = self.replica_port.to_string();
+        self.wait_until("the old primary answers", || {
+            Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &port.to_string(),
+                    "REPLICAOF",
+                    "127.0.0.1",
+                    &replica_port,
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("OK"))
+                .unwrap_or(false)
+        });
         self.wait_until("the old primary is the new primary's replica", || {
             self.replica_cli(&["INFO", "replication"])
                 .contains("connected_slaves:1")
