@@ -4,6 +4,7 @@
 #   every release) and against checkov's policies (PyPI; each finding left on purpose is skipped
 #   with its reason in an annotation or comment beside it). Both live in target/ci-venv,
 #   installed on first use.
+# - deploy/k8s/networkpolicy.yaml: every egress rule names its peers (not a port alone).
 # - deploy/prometheus: promtool (Debian package `prometheus`, installed like scripts/services.sh
 #   installs the servers) checks the rule file and runs its unit tests; the PrometheusRule must
 #   hold the same groups as the rule file.
@@ -46,4 +47,16 @@ operator = yaml.safe_load(open("deploy/prometheus/prometheusrule.yaml"))
 if rules["groups"] != operator["spec"]["groups"]:
     sys.exit("deploy/prometheus/prometheusrule.yaml does not hold the same rules as alerts.yaml")
 print("prometheusrule.yaml holds the same rules as alerts.yaml")
+# Egress by port alone would let the pods reach any host on 6379/3306: every egress rule must
+# name its peers (selectors, or an ipBlock narrower than the whole Internet).
+policy = yaml.safe_load(open("deploy/k8s/networkpolicy.yaml"))
+for i, rule in enumerate(policy["spec"]["egress"]):
+    peers = rule.get("to") or []
+    if not peers:
+        sys.exit(f"networkpolicy.yaml: egress rule {i} allows its ports to any peer; add a `to:`")
+    for peer in peers:
+        cidr = (peer.get("ipBlock") or {}).get("cidr", "")
+        if cidr.endswith("/0"):
+            sys.exit(f"networkpolicy.yaml: egress rule {i} allows {cidr}; narrow it")
+print("networkpolicy.yaml: every egress rule names its peers")
 PY

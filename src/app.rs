@@ -28,10 +28,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::backends::{self, Unavailable};
 use crate::config::Config;
-use crate::control::Control;
+use crate::control::{self, Control};
 use crate::coupon::{
     CouponDrain, DEFAULT_LEASE, DeadAction, DeadFilter, DeadReport, DrainReport, FollowOptions,
-    StopReason,
+    Following, StopReason,
 };
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
@@ -59,6 +59,15 @@ pub struct SetupError {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// `drain` found the drain paused by an operator (`pause --drain`) and stopped there, having
+/// decided nothing or only what it decided before the pause: exits 75 (EX_TEMPFAIL: run it
+/// again after `resume --drain`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the drain is paused (`commerce-worker resume --drain` lifts it); the queue was not drained"
+)]
+pub struct DrainPaused;
+
 /// Connected backends.
 #[derive(Clone)]
 pub struct Backends {
@@ -82,6 +91,8 @@ pub struct CouponJob {
     pub drain: CouponDrain,
     persister_stop: CancellationToken,
     persister: tokio::task::JoinHandle<()>,
+    /// The registry sweeper (per-coupon layout), stopped with the persister.
+    sweeper: tokio::task::JoinHandle<()>,
     log: LogPipeline,
 }
 
@@ -121,22 +132,26 @@ impl CouponJob {
         )
         .with_sweep_interval(config.coupon.sweep_interval)
         .with_min_replicas_acked(config.redis.min_replicas_acked)
-        .with_pause_check(
-            config
-                .coupon
-                .follow_interval()
-                .unwrap_or(crate::coupon::PAUSE_CHECK_INTERVAL),
-        );
+        // At most 10 reads of the flags a second, and none while the queue is idle.
+        .with_pause_check(crate::coupon::pause_seen_within(
+            config.coupon.follow_interval(),
+        ));
         let persister_stop = CancellationToken::new();
         let persister = {
             let drain = drain.clone();
             let stop = persister_stop.clone();
             tokio::spawn(async move { drain.run_persister(stop).await })
         };
+        let sweeper = {
+            let drain = drain.clone();
+            let stop = persister_stop.clone();
+            tokio::spawn(async move { drain.run_sweeper(stop).await })
+        };
         Self {
             drain,
             persister_stop,
             persister,
+            sweeper,
             log,
         }
     }
@@ -152,11 +167,17 @@ impl CouponJob {
 
     /// Waits until no log row waits in Redis, or `stop`.
     pub async fn wait_for_log(&self, stop: &CancellationToken) {
-        loop {
+        for look in 0u64.. {
             if let Ok((0, _)) = self.log.backlog().await {
                 return;
             }
-            self.log.waker().notify_one();
+            // The reader looks at the streams it knows to have rows; every 2 s it walks all of
+            // them, for rows other processes left in streams it never heard of.
+            if look % 40 == 0 {
+                self.log.waker().sweep_now();
+            } else {
+                self.log.waker().notify_one();
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 _ = stop.cancelled() => return,
@@ -171,6 +192,13 @@ impl CouponJob {
     pub async fn shutdown(self, deadline: tokio::time::Instant) -> JobShutdown {
         drop(self.drain);
         self.persister_stop.cancel();
+        // The sweeper stops between two chunks of its walk.
+        if tokio::time::timeout_at(deadline, self.sweeper)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the coupon registry sweeper did not stop by the deadline");
+        }
         let outbox_flushed = tokio::time::timeout_at(deadline, self.persister)
             .await
             .is_ok();
@@ -188,10 +216,23 @@ impl CouponJob {
     }
 
     /// Waits until every log row in Redis is written, then stops (benchmarks, demo, tests).
-    pub async fn finish_writing(self) -> WriterReport {
-        self.wait_for_log(&CancellationToken::new()).await;
-        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-        self.shutdown(far).await.log
+    /// Fails when the rows are not written within `limit` (stopping the job all the same), so
+    /// that a stuck writer fails its caller instead of hanging it.
+    pub async fn finish_writing(self, limit: Duration) -> anyhow::Result<WriterReport> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let written =
+            tokio::time::timeout_at(deadline, self.wait_for_log(&CancellationToken::new()))
+                .await
+                .is_ok();
+        let grace = tokio::time::Instant::now() + Duration::from_secs(10);
+        let report = self.shutdown(deadline.max(grace)).await.log;
+        anyhow::ensure!(
+            written,
+            "the ranking-log rows waiting in Redis were not written within {limit:?} ({} written, {} left)",
+            report.rows_written,
+            report.rows_left
+        );
+        Ok(report)
     }
 }
 
@@ -222,7 +263,9 @@ impl GuardedJob {
     }
 
     /// Runs `work` unless a previous run is still going. `work` returns its result label: `ok`,
-    /// or `paused` when an operator's pause kept it from working.
+    /// `paused` when an operator's pause kept it from working, or `skipped` when it had nothing
+    /// to do because another run does its work (a follower drains the queue): counted, not
+    /// recorded in Redis (the follower records its own runs).
     async fn run<F, Fut>(&self, work: F)
     where
         F: FnOnce() -> Fut,
@@ -238,16 +281,24 @@ impl GuardedJob {
         let result = work().await;
         let elapsed = started.elapsed();
         let label = match &result {
+            Ok("skipped") => {
+                self.metrics.record_skip(self.name);
+                return;
+            }
             Ok(label) => *label,
             Err(_) => "error",
         };
-        self.metrics.record_run(self.name, elapsed, label);
-        if let Some(control) = &self.control {
-            let error = result.as_ref().err().map(|e| format!("{e:#}"));
-            control
-                .record_run(self.name, started_at, elapsed, label, error)
-                .await;
-        }
+        let error = result.as_ref().err().map(|e| format!("{e:#}"));
+        control::record_run(
+            &self.metrics,
+            self.control.as_ref(),
+            self.name,
+            started_at,
+            elapsed,
+            label,
+            error,
+        )
+        .await;
         if let Err(e) = result {
             tracing::error!(job = self.name, error = %format!("{e:#}"), "job run failed; will retry at the next tick");
         }
@@ -311,21 +362,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     .recorded_in(&control);
     let heartbeat_stop = CancellationToken::new();
     let heartbeat = tokio::spawn(keep_heartbeat(control.clone(), heartbeat_stop.clone()));
-    let mut scheduler = schedule_jobs(
-        &config, &drain, &keeper, &drain_job, &tasks, &stop, &liveness,
-    )
-    .await?;
-    if let Some(poll_interval) = config.coupon.follow_interval() {
-        tasks.spawn(crate::coupon::follow(
-            drain.clone(),
+    let following = config.coupon.follow_interval().map(|poll_interval| {
+        Following::new(
+            &drain,
             FollowOptions {
                 poll_interval,
                 budget: config.coupon.tick_budget,
                 lease: DEFAULT_LEASE,
             },
+        )
+    });
+    let mut scheduler = schedule_jobs(
+        &config,
+        &drain,
+        following.as_ref(),
+        &keeper,
+        &drain_job,
+        &tasks,
+        &stop,
+        &liveness,
+    )
+    .await?;
+    if let Some(following) = &following {
+        let (following, drain, gate, stop) = (
+            following.clone(),
+            drain.clone(),
             drain_job.running.clone(),
             stop.clone(),
-        ));
+        );
+        tasks.spawn(async move { following.follow(drain, gate, stop).await });
     }
     crate::systemd::ready();
     tracing::info!(%listen, coupon_schedule = config.coupon.schedule.as_str(),
@@ -384,10 +449,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
 /// Starts the scheduler and arms both jobs on it through [`crate::schedule::run_zoned`] (which
 /// follows DST changes in `[ranking] timezone`; tokio-cron-scheduler's own cron jobs would keep
-/// the offset they were created with), plus the ranking's catch-up loop.
+/// the offset they were created with), plus the ranking's catch-up loop. With `following`, a
+/// drain tick gives way to the follower ([`Following::tick`]).
+#[allow(clippy::too_many_arguments)]
 async fn schedule_jobs(
     config: &Config,
     drain: &CouponDrain,
+    following: Option<&Following>,
     keeper: &RankingKeeper,
     drain_job: &GuardedJob,
     tasks: &TaskTracker,
@@ -433,18 +501,32 @@ async fn schedule_jobs(
     let clock: Arc<dyn Clock> = Arc::new(SchedulerClock::new(scheduler.clone()));
     let budget = config.coupon.tick_budget;
     {
-        let (drain, job, stop, clock) = (
+        let (drain, following, job, stop, clock) = (
             drain.clone(),
+            following.cloned(),
             drain_job.clone(),
             stop.clone(),
             clock.clone(),
         );
         tasks.spawn(async move {
             run_zoned(coupon_schedule, clock, stop.clone(), |_tick| {
-                let (drain, job, stop) = (drain.clone(), job.clone(), stop.clone());
+                let (drain, following, job, stop) =
+                    (drain.clone(), following.clone(), job.clone(), stop.clone());
                 async move {
                     job.run(|| async {
-                        let report = drain.tick(budget, &stop).await?;
+                        let report = match &following {
+                            Some(following) => following.tick(&drain, budget, &stop).await?,
+                            None => Some(drain.tick(budget, &stop).await?),
+                        };
+                        let Some(report) = report else {
+                            return Ok("skipped");
+                        };
+                        if let Some(error) = report.lane_error {
+                            anyhow::bail!(
+                                "{} coupon lane(s) failing, the others decided: {error}",
+                                report.failing_lanes
+                            );
+                        }
                         Ok(if report.stopped == StopReason::Paused {
                             "paused"
                         } else {
@@ -588,10 +670,10 @@ pub async fn dead_letters_once(
         } else {
             format!("{left} (no member or numeric score)")
         };
-        println!(
-            "{what}: {} {} member={:?} score={:?} reason={:?}",
+        crate::telemetry::print_stdout(&format!(
+            "{what}: {} {} member={:?} score={:?} reason={:?}\n",
             entry.stream, entry.id, entry.member, entry.score, entry.reason
-        );
+        ));
     })
     .await
 }
@@ -625,7 +707,7 @@ pub struct DifferencesFound(pub usize);
 pub async fn reconcile_once(
     config: &Config,
     dry_run: bool,
-) -> anyhow::Result<Vec<crate::coupon::reconcile::LaneReport>> {
+) -> anyhow::Result<Vec<crate::coupon::LaneReport>> {
     let metrics = Metrics::new();
     let backends = Backends::connect(config).await?;
     backends::check_migrated(&backends.mysql).await?;

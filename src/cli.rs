@@ -117,8 +117,9 @@ pub(crate) struct PauseArgs {
 /// Which dead letters `requeue-dead` and `purge-dead` work on (default: all).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub(crate) struct DeadFilterArgs {
-    /// Only entries for this couponId (in the per-coupon layout: that coupon's stream).
-    #[arg(long, value_name = "ID")]
+    /// Only entries for this couponId (in the per-coupon layout: that coupon's stream), written
+    /// as in Redis: a positive integer without sign or leading zeros.
+    #[arg(long, value_name = "ID", value_parser = commerce_worker::keys::parse_id_argument)]
     pub coupon: Option<i64>,
     /// Only entries whose reason contains this text (case-sensitive), e.g. "stock is not".
     #[arg(long, value_name = "TEXT")]

@@ -10,14 +10,36 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::{self, Config};
-use crate::coupon::reconcile::CouponReport;
-use crate::coupon::{DeadAction, DeadFilter, DeadReport, DrainReport, PAUSE_CHECK_INTERVAL};
+use crate::coupon::{
+    self, CouponReport, DeadAction, DeadFilter, DeadReport, DrainReport, LaneReport, StopReason,
+};
 use crate::exit::{EX_CONFIG, code_for};
 use crate::ranking_log::WriterReport;
 use crate::{app, backends, status, telemetry};
 
 /// Printed (exit 64) when `purge-dead` lacks `--yes`.
 pub const PURGE_NEEDS_YES: &str = "error: purge-dead deletes dead-lettered entries for good: add --yes (try `requeue-dead --dry-run` with the same filter to see them)";
+
+/// Prints a command's output on stdout; a closed pipe (`| head`) ends it quietly instead of
+/// panicking.
+pub fn print(text: impl AsRef<str>) {
+    telemetry::print_stdout(text.as_ref());
+}
+
+/// Prints a report and a newline (see [`print`]).
+pub fn show(report: &dyn fmt::Display) {
+    print(format!("{report}\n"));
+}
+
+/// Prints `report`, then ends the command as `end` judges the report (a drain that was paused
+/// or left lanes failing, a dry run that found differences).
+pub fn show_then<R: fmt::Display>(
+    report: R,
+    end: impl FnOnce(R) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    show(&report);
+    end(report)
+}
 
 /// Loads the configuration; on failure prints why and returns exit code 78.
 pub fn load_config(path: &Path) -> Result<Config, ExitCode> {
@@ -30,7 +52,7 @@ pub fn load_config(path: &Path) -> Result<Config, ExitCode> {
 /// `check-config`: the warnings on stderr, the configuration with secrets redacted on stdout.
 pub fn check_config(config: &Config) -> ExitCode {
     config.warning_lines().iter().for_each(|w| eprintln!("{w}"));
-    print!("{}", config.to_redacted_toml());
+    print(config.to_redacted_toml());
     ExitCode::SUCCESS
 }
 
@@ -91,8 +113,46 @@ pub struct Drained {
     pub log: WriterReport,
 }
 
+impl Drained {
+    /// Whether an operator's pause stopped the drain (before it started, or part-way).
+    pub fn paused(&self) -> bool {
+        self.drain.stopped == StopReason::Paused
+    }
+
+    /// A paused drain fails with [`app::DrainPaused`] (exit 75): it did not drain the queue.
+    /// Per coupon, lanes left failing (a key of the wrong type) fail it too (exit 1): their
+    /// requests are still in their queues.
+    pub fn into_result(self) -> anyhow::Result<()> {
+        if self.paused() {
+            return Err(app::DrainPaused.into());
+        }
+        if self.drain.failing_lanes > 0 {
+            anyhow::bail!(
+                "{} coupon lane(s) failing, their requests left in their queues{}",
+                self.drain.failing_lanes,
+                self.drain
+                    .lane_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Drained {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.paused() {
+            return write!(
+                f,
+                "not drained: the drain is paused; decided before the pause: {} ({}); ranking-log rows written: {}, handed back to Redis: {}",
+                self.drain.decided(),
+                self.drain.outcomes,
+                self.log.rows_written,
+                self.log.rows_left,
+            );
+        }
         write!(
             f,
             "drained: {}; ranking-log rows written: {}, handed back to Redis: {}",
@@ -167,10 +227,8 @@ pub async fn pause(
     Ok(Paused {
         pausing,
         paused,
-        followed_within: config
-            .coupon
-            .follow_interval()
-            .unwrap_or(PAUSE_CHECK_INTERVAL),
+        // The interval the daemon reads the flags at (`app` sets the drain up with it).
+        followed_within: coupon::pause_seen_within(config.coupon.follow_interval()),
     })
 }
 
@@ -206,9 +264,9 @@ impl fmt::Display for Paused {
 pub async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let report = status::gather(config).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        print(format!("{}\n", serde_json::to_string_pretty(&report)?));
     } else {
-        print!("{}", report.to_table());
+        print(report.to_table());
     }
     if !report.healthy() {
         return Err(status::NeedsAPerson.into());
@@ -236,7 +294,7 @@ pub struct Reconciled {
     pub dry_run: bool,
     pub coupons: Vec<CouponReport>,
     /// Lanes whose `redis_fence` row named another Redis than the live, reconciled one.
-    pub fences: Vec<crate::coupon::reconcile::LaneReport>,
+    pub fences: Vec<LaneReport>,
 }
 
 impl Reconciled {

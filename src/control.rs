@@ -156,6 +156,26 @@ pub async fn live_replicas(client: &Client, keys: &KeyTemplates) -> anyhow::Resu
     Ok(out)
 }
 
+/// Records one run of `job`: its duration and result (and, when `ok`, the time) in the metrics,
+/// and with a `control` its run record in Redis, which `status` reads from any replica. What
+/// every job does after each run.
+pub async fn record_run(
+    metrics: &Metrics,
+    control: Option<&Control>,
+    job: &'static str,
+    started_at: DateTime<Utc>,
+    elapsed: Duration,
+    result: &'static str,
+    error: Option<String>,
+) {
+    metrics.record_run(job, elapsed, result);
+    if let Some(control) = control {
+        control
+            .record_run(job, started_at, elapsed, result, error)
+            .await;
+    }
+}
+
 /// One replica's view of the control state; cheap to clone.
 #[derive(Clone)]
 pub struct Control {

@@ -27,6 +27,18 @@ pub(crate) fn parse_id(text: &str) -> Option<i64> {
     text.parse::<i64>().ok()
 }
 
+/// A couponId given on the command line (`--coupon`), by the same grammar as in Redis
+/// ([`parse_id`]): `007`, `+10`, `0` or `-3` are refused (a usage error, exit 64) rather than
+/// read as another coupon.
+pub fn parse_id_argument(text: &str) -> Result<i64, String> {
+    parse_id(text).ok_or_else(|| {
+        format!(
+            "`{text}` is not a couponId: a positive decimal integer without sign or leading zeros, at most {}",
+            i64::MAX
+        )
+    })
+}
+
 /// The `[keys]` section (every key optional: the defaults are [`KeyTemplates::default`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -255,6 +267,17 @@ impl KeyTemplates {
         template.replace(COUPON_ID, &coupon_id.to_string())
     }
 
+    /// `coupon_id`'s queue in the per-coupon layout: what [`Self::for_coupon`] resolves, without
+    /// resolving the other templates (a sweep asks it for every registered coupon).
+    pub fn queue_of(&self, coupon_id: i64) -> String {
+        Self::coupon_key(&self.queue, coupon_id)
+    }
+
+    /// `coupon_id`'s ranking-log stream in the per-coupon layout (see [`Self::queue_of`]).
+    pub fn log_of(&self, coupon_id: i64) -> String {
+        Self::coupon_key(&self.log, coupon_id)
+    }
+
     pub fn stock(&self, coupon_id: i64) -> String {
         Self::coupon_key(&self.stock, coupon_id)
     }
@@ -280,8 +303,7 @@ impl KeyTemplates {
     /// A SCAN `MATCH` pattern that finds every daily ranking key (and possibly other keys, which
     /// [`Self::ranking_day_of`] then rejects).
     pub fn ranking_daily_pattern(&self) -> String {
-        let (before, after) = self.daily_parts();
-        format!("{}*{}", glob_escape(before), glob_escape(after))
+        scan_pattern(&self.ranking_daily, DATE)
     }
 
     /// The day a key found by [`Self::ranking_daily_pattern`] belongs to, or `None` when the key
@@ -316,32 +338,23 @@ impl KeyTemplates {
     /// A SCAN `MATCH` pattern finding every coupon's outbox in the per-coupon layout (and
     /// possibly other keys, which [`Self::coupon_of_outbox`] rejects).
     pub fn outbox_pattern(&self) -> String {
-        let (before, after) = self
-            .outbox
-            .split_once(COUPON_ID)
-            .unwrap_or((&self.outbox, ""));
-        format!("{}*{}", glob_escape(before), glob_escape(after))
+        scan_pattern(&self.outbox, COUPON_ID)
     }
 
     /// The coupon whose outbox `key` is, in the per-coupon layout.
     pub fn coupon_of_outbox(&self, key: &str) -> Option<i64> {
-        let (before, after) = self.outbox.split_once(COUPON_ID)?;
-        let id = key.strip_prefix(before)?.strip_suffix(after)?;
-        parse_id(id)
+        coupon_in(&self.outbox, key)
     }
 
     /// A SCAN `MATCH` pattern finding every coupon's ranking-log stream in the per-coupon layout
     /// (and possibly other keys, which [`Self::coupon_of_log`] rejects).
     pub fn log_pattern(&self) -> String {
-        let (before, after) = self.log.split_once(COUPON_ID).unwrap_or((&self.log, ""));
-        format!("{}*{}", glob_escape(before), glob_escape(after))
+        scan_pattern(&self.log, COUPON_ID)
     }
 
     /// The coupon whose ranking-log stream `key` is, in the per-coupon layout.
     pub fn coupon_of_log(&self, key: &str) -> Option<i64> {
-        let (before, after) = self.log.split_once(COUPON_ID)?;
-        let id = key.strip_prefix(before)?.strip_suffix(after)?;
-        parse_id(id)
+        coupon_in(&self.log, key)
     }
 
     /// The reconciliation marker of a lane (these templates resolved by [`Self::for_coupon`]):
@@ -472,6 +485,19 @@ pub fn hash_tag(key: &str) -> &str {
         return &key[open + 1..open + 1 + len];
     }
     key
+}
+
+/// A SCAN `MATCH` pattern for every key of `template`: its `placeholder` as `*`, the rest
+/// escaped (a template without the placeholder gives the template followed by `*`).
+fn scan_pattern(template: &str, placeholder: &str) -> String {
+    let (before, after) = template.split_once(placeholder).unwrap_or((template, ""));
+    format!("{}*{}", glob_escape(before), glob_escape(after))
+}
+
+/// The coupon a key of the per-coupon `template` names (`None`: not such a key).
+fn coupon_in(template: &str, key: &str) -> Option<i64> {
+    let (before, after) = template.split_once(COUPON_ID)?;
+    parse_id(key.strip_prefix(before)?.strip_suffix(after)?)
 }
 
 /// Escapes the characters Redis glob patterns treat specially.

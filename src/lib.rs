@@ -17,8 +17,8 @@
 //! (clients, migrations), `mysql` (a deadline on every MySQL call), [`app`] (the daemon, its
 //! scheduler and shutdown order), [`control`] (pause flags, job run records and replica
 //! heartbeats in Redis, shared by every replica and the operator's commands), `http`
-//! (`/healthz`, `/readyz`, `/metrics`), [`metrics`], [`telemetry`], `retry`, `systemd`
-//! (readiness and watchdog notifications), [`status`] (the `status` command), `schedule` (cron
+//! (`/healthz`, `/readyz`, `/metrics`), [`metrics`], `telemetry`, `retry`, `systemd`
+//! (readiness and watchdog notifications), `status` (the `status` command), `schedule` (cron
 //! schedules that follow the timezone across DST changes, for every job), [`exit`] (exit codes),
 //! [`commands`] (what each one-shot command prints, and the binary's start-up steps).
 //!
@@ -47,8 +47,8 @@ pub mod ranking;
 pub mod ranking_log;
 mod retry;
 pub mod schedule;
-pub mod status;
+mod status;
 mod systemd;
-pub mod telemetry;
+mod telemetry;
 #[cfg(feature = "tools")]
 pub mod tools;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use commerce_worker::app;
-use commerce_worker::commands::{self, PURGE_NEEDS_YES};
+use commerce_worker::commands::{self, PURGE_NEEDS_YES, show_then};
 use commerce_worker::config::Config;
 use commerce_worker::coupon::DeadAction;
 use commerce_worker::exit::EX_USAGE;
@@ -44,12 +44,12 @@ fn main() -> ExitCode {
 }
 
 async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
-    let show = |report: &dyn std::fmt::Display| println!("{report}");
+    let show = commands::show;
     match command {
         Command::CheckConfig => {}
         Command::Run => app::run(config, app::shutdown_signal()).await?,
         Command::Migrate => show(&commands::migrate(&config).await?),
-        Command::Drain => show(&commands::drain(&config).await?),
+        Command::Drain => show_then(commands::drain(&config).await?, |d| d.into_result())?,
         Command::RebuildRanking { date } => show(&app::rebuild_once(&config, date).await?),
         #[cfg(feature = "tools")]
         Command::Tools(command) => commerce_worker::tools::run(command, &config).await?,
@@ -68,8 +68,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Status { json } => commands::status(&config, json).await?,
         Command::Reconcile { dry_run } => {
             let reconciled = commands::reconcile(&config, dry_run).await?;
-            show(&reconciled);
-            reconciled.into_result()?
+            show_then(reconciled, |r| r.into_result())?
         }
         Command::RequeueLogDead => show(&commands::requeue_log_dead(&config).await?),
     }

@@ -63,6 +63,9 @@ pub struct Metrics {
     pub coupon_oldest_waiting_age: Gauge<f64, AtomicU64>,
     pub coupon_decision_latency: Histogram,
     pub coupon_follow_polls: Counter,
+    pub coupon_taken_by_others: Counter,
+    pub coupon_lane_failures: Counter,
+    pub coupon_lanes_failing: Gauge,
     pub coupon_rows_persisted: Counter,
     pub coupon_reconciliations: Counter,
     pub coupon_rows_restored: Counter,
@@ -80,6 +83,10 @@ pub struct Metrics {
     pub ranking_log_backlog_rows: Gauge,
     pub ranking_log_backlog_oldest_age: Gauge<f64, AtomicU64>,
     pub ranking_log_rows_given_up: Counter,
+    /// Entries in the log dead-letter streams (`<log>:dead`), each one batch's rows.
+    pub ranking_log_dead_letters: Gauge,
+    /// Entries this process had read that another reader took over while it was stalled.
+    pub ranking_log_entries_taken_over: Counter,
     pub ranking_log_batch_duration: Histogram,
     pub job_runs: Family<JobResultLabel, Counter>,
     pub job_duration: HistogramFamily<JobLabel>,
@@ -153,6 +160,24 @@ impl Metrics {
             "coupon_follow_polls",
             "Looks at the queue between ticks by this replica while it follows the queue",
             coupon_follow_polls.clone(),
+        );
+        let coupon_taken_by_others = Counter::default();
+        registry.register(
+            "coupon_taken_by_others",
+            "Queue entries this replica read and sent to the decide script that another drainer (a replica, a tick) had decided first: Redis work done twice",
+            coupon_taken_by_others.clone(),
+        );
+        let coupon_lane_failures = Counter::default();
+        registry.register(
+            "coupon_lane_failures",
+            "Per-coupon layout: failures of one coupon's lane (a key of the wrong type) that left the other lanes deciding",
+            coupon_lane_failures.clone(),
+        );
+        let coupon_lanes_failing = Gauge::default();
+        registry.register(
+            "coupon_lanes_failing",
+            "Per-coupon layout: coupon lanes left alone after a failure of their own, retried after 1 s doubling to 30 s",
+            coupon_lanes_failing.clone(),
         );
         let coupon_rows_persisted = Counter::default();
         registry.register(
@@ -244,6 +269,18 @@ impl Metrics {
             "Ranking-log rows MySQL kept rejecting, moved to the log dead-letter stream in Redis",
             ranking_log_rows_given_up.clone(),
         );
+        let ranking_log_dead_letters = Gauge::default();
+        registry.register(
+            "ranking_log_dead_letters",
+            "Entries (one decided batch's rows each) in the ranking-log dead-letter stream(s) in Redis, waiting for an operator (`requeue-log-dead`)",
+            ranking_log_dead_letters.clone(),
+        );
+        let ranking_log_entries_taken_over = Counter::default();
+        registry.register(
+            "ranking_log_entries_taken_over",
+            "Ranking-log entries this replica had read that were no longer pending to it when it came to write them (another replica took them over while this one was stalled, or Redis restarted from an older file); dropped here unwritten",
+            ranking_log_entries_taken_over.clone(),
+        );
         let ranking_log_batch_duration = duration_histogram();
         registry.register(
             "ranking_log_batch_duration_seconds",
@@ -317,6 +354,9 @@ impl Metrics {
             coupon_oldest_waiting_age,
             coupon_decision_latency,
             coupon_follow_polls,
+            coupon_taken_by_others,
+            coupon_lane_failures,
+            coupon_lanes_failing,
             coupon_rows_persisted,
             coupon_reconciliations,
             coupon_rows_restored,
@@ -332,6 +372,8 @@ impl Metrics {
             ranking_log_backlog_rows,
             ranking_log_backlog_oldest_age,
             ranking_log_rows_given_up,
+            ranking_log_dead_letters,
+            ranking_log_entries_taken_over,
             ranking_log_batch_duration,
             job_runs,
             job_duration,

@@ -173,7 +173,7 @@ mod tests {
     }
 
     fn fires(expression: &str, timezone: Tz, from: &str, count: usize) -> Vec<String> {
-        let schedule = ZonedSchedule::new(expression, timezone).unwrap_or_else(|e| panic!("{e}"));
+        let schedule = ZonedSchedule::new(expression, timezone).unwrap();
         let mut after = at(from);
         (0..count)
             .map(|_| {

@@ -19,23 +19,23 @@ use crate::config::Config;
 use crate::control::{self, Heartbeat, JobRun};
 use crate::keys::KeyTemplates;
 
-pub use crate::metrics::JOBS;
+pub(crate) use crate::metrics::JOBS;
 
 /// Entries per key read for the per-coupon breakdown of a shared queue, outbox or dead-letter
 /// stream.
-pub const BREAKDOWN_LIMIT: i64 = 100_000;
+pub(crate) const BREAKDOWN_LIMIT: i64 = 100_000;
 
 /// `status` found something that needs a person: the process exits 1.
 #[derive(Debug, thiserror::Error)]
 #[error("something needs a person (see above)")]
-pub struct NeedsAPerson;
+pub(crate) struct NeedsAPerson;
 
 /// When `status` says a person is needed: `[status]` in worker.toml.
-pub use crate::config::StatusConfig as Thresholds;
+pub(crate) use crate::config::StatusConfig as Thresholds;
 
 /// The figures of one coupon, or of all of them (`coupon: None`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Depths {
+pub(crate) struct Depths {
     pub coupon: Option<i64>,
     pub queue_depth: u64,
     pub queue_oldest_age_secs: Option<f64>,
@@ -46,6 +46,11 @@ pub struct Depths {
     pub dead_by_reason: BTreeMap<String, u64>,
     /// Ranking-log rows waiting for MySQL; `None` where the backlog is not kept per coupon.
     pub log_backlog: Option<u64>,
+    /// Entries in the ranking-log dead-letter stream (`<log>:dead`: rows MySQL rejected for
+    /// good, each entry one decided batch's rows); `None` where it is not kept per coupon.
+    pub log_dead_letters: Option<u64>,
+    /// The rows those entries hold (counted over the first [`BREAKDOWN_LIMIT`] entries).
+    pub log_dead_rows: Option<u64>,
 }
 
 impl Depths {
@@ -53,10 +58,9 @@ impl Depths {
         self.queue_depth += other.queue_depth;
         self.outbox_depth += other.outbox_depth;
         self.dead_letters += other.dead_letters;
-        self.log_backlog = match (self.log_backlog, other.log_backlog) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
+        self.log_backlog = add_known(self.log_backlog, other.log_backlog);
+        self.log_dead_letters = add_known(self.log_dead_letters, other.log_dead_letters);
+        self.log_dead_rows = add_known(self.log_dead_rows, other.log_dead_rows);
         self.queue_oldest_age_secs =
             max_age(self.queue_oldest_age_secs, other.queue_oldest_age_secs);
         self.outbox_oldest_age_secs =
@@ -64,6 +68,13 @@ impl Depths {
         for (reason, n) in &other.dead_by_reason {
             *self.dead_by_reason.entry(reason.clone()).or_default() += n;
         }
+    }
+}
+
+fn add_known(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
     }
 }
 
@@ -75,21 +86,21 @@ fn max_age(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct JobStatus {
+pub(crate) struct JobStatus {
     pub job: &'static str,
     pub last_run: Option<JobRun>,
     pub last_ok: Option<JobRun>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RankingStatus {
+pub(crate) struct RankingStatus {
     pub built_for: Option<NaiveDate>,
     /// Since the live ranking was swapped in (its live record's `built_at`).
     pub age_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PauseStatus {
+pub(crate) struct PauseStatus {
     pub part: String,
     pub since: Option<DateTime<Utc>>,
     pub by: Option<String>,
@@ -97,7 +108,7 @@ pub struct PauseStatus {
 
 /// Everything `status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StatusReport {
+pub(crate) struct StatusReport {
     pub at: DateTime<Utc>,
     pub layout: &'static str,
     pub total: Depths,
@@ -114,12 +125,12 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
-    pub fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         self.problems.is_empty()
     }
 
     /// The human-readable form.
-    pub fn to_table(&self) -> String {
+    pub(crate) fn to_table(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
         let age = |a: Option<f64>| a.map(format_age).unwrap_or_else(|| "-".into());
@@ -131,8 +142,8 @@ impl StatusReport {
         );
         let _ = writeln!(
             out,
-            "{:<12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12}",
-            "coupon", "queue", "oldest", "outbox", "oldest", "dead", "log backlog"
+            "{:<12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14}",
+            "coupon", "queue", "oldest", "outbox", "oldest", "dead", "log backlog", "log dead rows"
         );
         let rows = self.coupons.iter().chain(std::iter::once(&self.total));
         for d in rows {
@@ -140,26 +151,31 @@ impl StatusReport {
                 .coupon
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "total".into());
-            let backlog = d
-                .log_backlog
-                .map(|b| b.to_string())
-                .unwrap_or_else(|| "-".into());
+            let known = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 out,
-                "{:<12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12}",
+                "{:<12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12} {:>14}",
                 name,
                 d.queue_depth,
                 age(d.queue_oldest_age_secs),
                 d.outbox_depth,
                 age(d.outbox_oldest_age_secs),
                 d.dead_letters,
-                backlog
+                known(d.log_backlog),
+                known(d.log_dead_rows)
             );
         }
         if self.breakdown_partial {
             let _ = writeln!(
                 out,
                 "(per coupon: the oldest {BREAKDOWN_LIMIT} entries of each key; totals are exact)"
+            );
+        }
+        if let Some(entries @ 1..) = self.total.log_dead_letters {
+            let _ = writeln!(
+                out,
+                "\nranking-log rows MySQL rejected for good: {} in {entries} entries (`XRANGE <log>:dead - +` shows each error; `requeue-log-dead` writes them again)",
+                self.total.log_dead_rows.unwrap_or(0)
             );
         }
         if !self.total.dead_by_reason.is_empty() {
@@ -247,7 +263,7 @@ fn secs_since(now: DateTime<Utc>, then: DateTime<Utc>) -> f64 {
 }
 
 /// `42s`, `3m 5s`, `2h 10m`, `3d 4h`.
-pub fn format_age(secs: f64) -> String {
+pub(crate) fn format_age(secs: f64) -> String {
     let s = secs.max(0.0);
     if s < 60.0 {
         return format!("{s:.1}s");
@@ -271,18 +287,28 @@ fn coupon_of(member: &str) -> Option<i64> {
         .and_then(|(_, c)| crate::coupon::member::parse_id(c))
 }
 
+/// The figures of `member`'s coupon in `per`, added on first sight (`None`: the member names no
+/// coupon).
+fn depths_of<'a>(per: &'a mut BTreeMap<i64, Depths>, member: &str) -> Option<&'a mut Depths> {
+    let coupon = coupon_of(member)?;
+    Some(per.entry(coupon).or_insert_with(|| Depths {
+        coupon: Some(coupon),
+        ..Depths::default()
+    }))
+}
+
 fn age_of_score_ms(now_ms: f64, score: f64) -> f64 {
     ((now_ms - score) / 1000.0).max(0.0)
 }
 
 /// Reads everything `status` shows.
-pub async fn gather(config: &Config) -> anyhow::Result<StatusReport> {
+pub(crate) async fn gather(config: &Config) -> anyhow::Result<StatusReport> {
     let client = crate::backends::connect_redis(&config.redis).await?;
     gather_from(&client, config, config.status.clone()).await
 }
 
 /// [`gather`] with a connected client and the thresholds to judge by (`[status]`).
-pub async fn gather_from(
+pub(crate) async fn gather_from(
     client: &Client,
     config: &Config,
     thresholds: Thresholds,
@@ -291,7 +317,16 @@ pub async fn gather_from(
     let at = Utc::now();
     let now_ms = at.timestamp_millis() as f64;
     let (coupons, total, breakdown_partial) = if keys.per_coupon() {
-        let ids = crate::coupon::registered_coupons(client, keys).await?;
+        let mut ids = crate::coupon::registered_coupons(client, keys).await?;
+        // Coupons removed from the registry whose log rows (or log dead letters) are still in
+        // Redis: they count too.
+        for key in crate::backends::scan_keys(client, &keys.log_pattern()).await? {
+            if let Some(id) = keys.coupon_of_log(&key) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
         let mut coupons = Vec::with_capacity(ids.len());
         for id in ids {
             let mut d = lane_depths(client, &keys.for_coupon(id), now_ms).await?;
@@ -374,19 +409,43 @@ async fn lane_depths(client: &Client, lane: &KeyTemplates, now_ms: f64) -> anyho
         outbox_depth: client.zcard(&lane.outbox).await?,
         outbox_oldest_age_secs: oldest(lane.outbox.clone()).await?,
         dead_letters: client.xlen(&lane.dead).await?,
-        log_backlog: Some(
+        // An empty log stream holds no rows, whatever its counter says (entries deleted by
+        // hand leave it behind).
+        log_backlog: Some(if client.xlen::<u64, _>(&lane.log).await? == 0 {
+            0
+        } else {
             client
                 .get::<Option<i64>, _>(lane.log_rows())
                 .await?
                 .unwrap_or(0)
-                .max(0) as u64,
-        ),
+                .max(0) as u64
+        }),
         ..Depths::default()
     };
+    let (log_dead, log_dead_rows) = log_dead_letters(client, &lane.log_dead()).await?;
+    d.log_dead_letters = Some(log_dead);
+    d.log_dead_rows = Some(log_dead_rows);
     for (_, reason) in dead_entries(client, &lane.dead).await? {
         *d.dead_by_reason.entry(reason_class(&reason)).or_default() += 1;
     }
     Ok(d)
+}
+
+/// Entries and rows in one ranking-log dead-letter stream (rows counted over its first
+/// [`BREAKDOWN_LIMIT`] entries: each entry's `o` field holds one outcome letter per row).
+async fn log_dead_letters(client: &Client, stream: &str) -> anyhow::Result<(u64, u64)> {
+    let entries: u64 = client.xlen(stream).await?;
+    if entries == 0 {
+        return Ok((0, 0));
+    }
+    let read: Vec<(String, std::collections::HashMap<String, String>)> = client
+        .xrange(stream, "-", "+", Some(BREAKDOWN_LIMIT as u64))
+        .await?;
+    let rows = read
+        .iter()
+        .map(|(_, fields)| fields.get("o").map_or(0, |o| o.len() as u64))
+        .sum();
+    Ok((entries, rows))
 }
 
 /// (member, reason) of the first [`BREAKDOWN_LIMIT`] dead letters.
@@ -426,13 +485,9 @@ async fn shared_depths(
             )
             .await?;
         for (member, score) in head {
-            let Some(coupon) = coupon_of(&member) else {
+            let Some(d) = depths_of(&mut per, &member) else {
                 continue;
             };
-            let d = per.entry(coupon).or_insert_with(|| Depths {
-                coupon: Some(coupon),
-                ..Depths::default()
-            });
             let age = Some(age_of_score_ms(now_ms, score));
             if is_queue {
                 d.queue_depth += 1;
@@ -444,13 +499,9 @@ async fn shared_depths(
         }
     }
     for (member, reason) in dead_entries(client, &keys.dead).await? {
-        let Some(coupon) = coupon_of(&member) else {
+        let Some(d) = depths_of(&mut per, &member) else {
             continue;
         };
-        let d = per.entry(coupon).or_insert_with(|| Depths {
-            coupon: Some(coupon),
-            ..Depths::default()
-        });
         d.dead_letters += 1;
         *d.dead_by_reason.entry(reason_class(&reason)).or_default() += 1;
     }
@@ -460,25 +511,25 @@ async fn shared_depths(
     Ok((per.into_values().collect(), total, partial))
 }
 
+/// `age`, as [`format_age`] says it, when it is over `threshold_secs`.
+fn over(age: Option<f64>, threshold_secs: u64) -> Option<String> {
+    age.filter(|&age| age > threshold_secs as f64)
+        .map(format_age)
+}
+
 /// What needs a person, judged against the thresholds.
 fn judge(report: &StatusReport) -> Vec<String> {
     let t = &report.thresholds;
     let mut problems = Vec::new();
-    if let Some(age) = report.total.queue_oldest_age_secs
-        && age > t.oldest_waiting_secs as f64
-    {
+    if let Some(age) = over(report.total.queue_oldest_age_secs, t.oldest_waiting_secs) {
         problems.push(format!(
-            "the oldest queued request has waited {} (threshold {}s)",
-            format_age(age),
+            "the oldest queued request has waited {age} (threshold {}s)",
             t.oldest_waiting_secs
         ));
     }
-    if let Some(age) = report.total.outbox_oldest_age_secs
-        && age > t.outbox_oldest_secs as f64
-    {
+    if let Some(age) = over(report.total.outbox_oldest_age_secs, t.outbox_oldest_secs) {
         problems.push(format!(
-            "an issued coupon has waited {} for MySQL (threshold {}s)",
-            format_age(age),
+            "an issued coupon has waited {age} for MySQL (threshold {}s)",
             t.outbox_oldest_secs
         ));
     }
@@ -496,15 +547,23 @@ fn judge(report: &StatusReport) -> Vec<String> {
             t.log_backlog
         ));
     }
+    if let Some(entries) = report.total.log_dead_letters
+        && entries > t.log_dead_letters
+    {
+        problems.push(format!(
+            "{} ranking-log rows MySQL rejected for good, in {entries} entries of the log dead-letter stream(s) (threshold {}): fix the cause (`XRANGE <log>:dead - +` shows each error), then `requeue-log-dead`",
+            report.total.log_dead_rows.unwrap_or(0),
+            t.log_dead_letters
+        ));
+    }
     if let Some(drain) = report.jobs.iter().find(|j| j.job == "coupon_drain") {
         match &drain.last_run {
             None => problems.push("no coupon drain run recorded by any replica".into()),
             Some(run) => {
                 let silent = secs_since(report.at, run.finished_at());
-                if silent > t.drain_silent_secs as f64 {
+                if let Some(silent) = over(Some(silent), t.drain_silent_secs) {
                     problems.push(format!(
-                        "no coupon drain run for {} (threshold {}s)",
-                        format_age(silent),
+                        "no coupon drain run for {silent} (threshold {}s)",
                         t.drain_silent_secs
                     ));
                 } else if run.result == "error" {

@@ -213,8 +213,7 @@ mod tests {
 
     #[test]
     fn the_retired_spill_dir_is_accepted_with_a_warning() {
-        let config =
-            load("[ranking_log]\nspill_dir = \"var/spill\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let config = load("[ranking_log]\nspill_dir = \"var/spill\"\n").unwrap();
         let lines = config.warning_lines();
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(lines[0].contains("ranking_log.spill_dir"), "{lines:?}");
@@ -225,15 +224,15 @@ mod tests {
     fn the_log_stream_defaults_to_beside_the_queue_in_its_hash_slot() {
         assert_eq!(load("").map(|c| c.keys.log).ok(), Some("coupon:log".into()));
         let per_coupon = load("[keys]\nqueue = \"{coupon:{couponId}}:queue\"\nstock = \"{coupon:{couponId}}:stock\"\nissued = \"{coupon:{couponId}}:issued\"\nseq = \"{coupon:{couponId}}:seq\"\nresult = \"{coupon:{couponId}}:result\"\ndead = \"{coupon:{couponId}}:dead\"\noutbox = \"{coupon:{couponId}}:outbox\"\n")
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert_eq!(per_coupon.keys.log, "{coupon:{couponId}}:log");
-        let set = load("[keys]\nlog = \"my:log\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let set = load("[keys]\nlog = \"my:log\"\n").unwrap();
         assert_eq!(set.keys.log, "my:log");
     }
 
     #[test]
     fn an_empty_file_gives_the_documented_defaults() {
-        let config = load("").unwrap_or_else(|e| panic!("{e}"));
+        let config = load("").unwrap();
         assert_eq!(config.coupon.batch_size.get(), 1000);
         assert_eq!(config.ranking.window_days, 3);
         assert_eq!(config.ranking.timezone, chrono_tz::Asia::Seoul);
@@ -247,8 +246,8 @@ mod tests {
 
     #[test]
     fn the_committed_worker_toml_states_the_defaults() {
-        let empty = load("").unwrap_or_else(|e| panic!("{e}"));
-        let committed = load(include_str!("../../worker.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let empty = load("").unwrap();
+        let committed = load(include_str!("../../worker.toml")).unwrap();
         assert_eq!(committed.to_redacted_toml(), empty.to_redacted_toml());
     }
 
@@ -283,9 +282,7 @@ mod tests {
             note: "no longer needed; remove it",
         }];
         let mut reader = Reader::new(
-            "[coupon]\nold_knob = 3\nbatch_size = 7\n"
-                .parse()
-                .unwrap_or_else(|e| panic!("{e}")),
+            "[coupon]\nold_knob = 3\nbatch_size = 7\n".parse().unwrap(),
             RETIRED,
         );
         let coupon = reader.section::<CouponConfig>("coupon");
@@ -324,7 +321,7 @@ mod tests {
             outbox = "{coupon}:outbox"
             "#,
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert!(config.redis.is_cluster());
     }
 
@@ -380,7 +377,7 @@ mod tests {
                 _ => None,
             },
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(config.redis.url.expose(), "redis://env:6380");
         assert_eq!(config.mysql.url.expose(), "mysql://u:pw@env:3307/shop");
     }
@@ -392,7 +389,7 @@ mod tests {
             Path::new("worker.toml"),
             |name| (name == "DATABASE_URL").then(|| "mysql://app:s3cret@db/shop".to_owned()),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let shown = format!("{}\n{:?}", config.to_redacted_toml(), config);
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("s3cret"), "{shown}");
@@ -401,9 +398,9 @@ mod tests {
 
     #[test]
     fn redacted_output_loads_back_to_the_same_values() {
-        let config = load("[ranking]\nweights = [1.0, 0.5, 0.25]\n[log]\nformat = \"text\"\n")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let again = load(&config.to_redacted_toml()).unwrap_or_else(|e| panic!("{e}"));
+        let config =
+            load("[ranking]\nweights = [1.0, 0.5, 0.25]\n[log]\nformat = \"text\"\n").unwrap();
+        let again = load(&config.to_redacted_toml()).unwrap();
         assert_eq!(again.to_redacted_toml(), config.to_redacted_toml());
     }
 }

@@ -19,6 +19,10 @@ pub struct StatusConfig {
     /// More ranking-log rows waiting for MySQL than this.
     #[serde(default = "default_log_backlog")]
     pub log_backlog: u64,
+    /// More entries in the ranking-log dead-letter streams (`<log>:dead`, rows MySQL rejected
+    /// for good) than this (0: any).
+    #[serde(default)]
+    pub log_dead_letters: u64,
     /// No drain run recorded by any replica for this many seconds.
     #[serde(default = "default_drain_silent_secs")]
     pub drain_silent_secs: u64,
@@ -40,6 +44,7 @@ impl Default for StatusConfig {
             outbox_oldest_secs: default_outbox_oldest_secs(),
             dead_letters: 0,
             log_backlog: default_log_backlog(),
+            log_dead_letters: 0,
             drain_silent_secs: default_drain_silent_secs(),
             ranking_max_age_hours: default_ranking_max_age_hours(),
             paused_max_secs: default_paused_max_secs(),

@@ -13,10 +13,12 @@
 -- longer in the queue, another replica decided it first) — then one rank per entry (1-based
 -- arrival order among the coupon's decided requests; 0 unless decided).
 --
--- All-or-nothing: a failing redis.call does not undo the writes before it, so every call that
--- could fail (a key of the wrong type, stock and seq values) runs before the first write. Key
--- names arrive in KEYS, never built here, so the script works on Redis Cluster when they share a
--- hash slot. userIds stay strings: Lua numbers are doubles and cannot hold every i64.
+-- All-or-nothing, per coupon: a failing redis.call does not undo the writes before it, so every
+-- call that could fail is either a read made before the coupon's first write, or a redis.pcall
+-- whose failure writes nothing and undoes the coupon's earlier writes (SREM of the user just
+-- added, the seq raised put back) before its requests are dead-lettered. Key names arrive in KEYS,
+-- never built here, so the script works on Redis Cluster when they share a hash slot. userIds
+-- stay strings: Lua numbers are doubles and cannot hold every i64.
 --
 -- The batch's ranking-log rows (one per decided request) go into the log stream as ONE entry,
 -- written with the decisions, so a decision and its row exist together or not at all. Fields:
@@ -26,16 +28,19 @@
 -- metric. Nothing is logged for a batch with no decided request. (Two table appends per entry
 -- and one XADD per batch: table.concat builds the fields in C.)
 --
--- Speed: Redis commands are issued in bulk (ZRANGE or ZMSCORE, one MGET for every coupon's stock
--- and seq, SMISMEMBER, then one removal, SADD, HSET, ZADD per key) rather than per entry; inside
--- one script nothing can interleave, so reading the whole batch first and writing it after is the
--- same as deciding entry by entry. A member is unique in the queue, so a batch holds at most one
--- request per (user, coupon). A batch can span a thousand coupons, so the calls per coupon are
--- few: the type of a coupon's keys is learned from the reads the decision needs anyway (MGET
--- answers nil for a missing or non-string key, and only then is TYPE asked; SMISMEMBER fails on
--- a non-set, caught with pcall), and only coupons with an entry still queued are looked at.
--- The result hash is the one key the decision never reads: HLEN, the cheapest read there is,
--- checks its type.
+-- Speed: a batch can span a thousand coupons, so the cost per distinct coupon is what counts
+-- (issue 19): every call from Lua costs about a microsecond whatever it does. Per coupon the
+-- script makes only the calls whose writes the decision needs anyway, and learns the keys' types
+-- from their errors (redis.pcall) instead of asking TYPE: stock comes from one MGET for every
+-- coupon; INCRBY raises seq by the coupon's requests and answers the value before (the first
+-- rank); SADD of a lone request's user answers whether they already held it (when stock is left;
+-- otherwise SISMEMBER, or one SMISMEMBER for several requests); one HSET writes the results;
+-- DECRBY takes what was issued. So a coupon with one request costs 3 calls (4 when it issues).
+-- Inside one script nothing can interleave, so deciding coupon after coupon is the same as
+-- deciding entry by entry; the queue removal, outbox, dead letters and log entry are written in
+-- bulk at the end, in queue order. A member is unique in the queue, so a batch holds at most one
+-- request per (user, coupon). Per coupon, TYPE is asked only when MGET finds no stock string, and
+-- to word a dead letter's reason.
 
 local queue, dead, outbox, log, log_rows = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local FIRST_COUPON_KEY = 5
@@ -129,136 +134,223 @@ else
   scores = bulk('ZMSCORE', queue, nil, members, 1)
 end
 
--- The coupons with an entry still queued, in first-seen order, and their entries.
-local coupons, live = {}, {}
+-- The coupons with an entry still queued, in first-seen order (`live`), and each one's entries
+-- chained in queue order (`first[c]`, then `nxt[i]`), without a table per coupon.
+local live, first, last, count, nxt = {}, {}, {}, {}, {}
 for i = 1, nentries do
   local c = cidx[i]
   if c > 0 and scores[i] then
-    local info = coupons[c]
-    if info == nil then
-      local base = FIRST_COUPON_KEY + (c - 1) * 4
-      info = {
-        stock_key = KEYS[base + 1], issued_key = KEYS[base + 2],
-        seq_key = KEYS[base + 3], result_key = KEYS[base + 4],
-        taken = 0, decided = 0, entries = {}, users = {}, new_holders = {}, results = {},
-      }
-      coupons[c] = info
-      live[#live + 1] = info
+    if first[c] == nil then
+      live[#live + 1] = c
+      first[c], count[c] = i, 1
+    else
+      nxt[last[c]] = i
+      count[c] = count[c] + 1
     end
-    info.entries[#info.entries + 1] = i
-    info.users[#info.users + 1] = user_or_reason[i]
+    last[c] = i
   end
 end
 
--- Validate every live coupon's keys before any write, reading what the decision needs.
-local string_keys = {}
-for k, info in ipairs(live) do
-  string_keys[2 * k - 1], string_keys[2 * k] = info.stock_key, info.seq_key
+local function failed(reply)
+  return type(reply) == 'table' and reply['err'] ~= nil
 end
-local values = bulk('MGET', nil, nil, string_keys, 2)
 local function wrong_type(key)
   return 'wrong type: ' .. key .. ' is a ' .. key_type(key)
 end
-local holds = {}
-for k, info in ipairs(live) do
-  local stock, seq = values[2 * k - 1], values[2 * k]
-  if seq == false and key_type(info.seq_key) ~= 'none' then
-    info.dead = wrong_type(info.seq_key)
-  elseif seq and not is_count(seq) then
-    info.dead = 'seq is not an integer: ' .. shorten(seq)
-  elseif stock == false then
-    if key_type(info.stock_key) == 'none' then
-      info.unknown = true
-    else
-      info.dead = wrong_type(info.stock_key)
-    end
-  elseif not is_count(stock) then
-    info.dead = 'stock is not a non-negative integer: ' .. shorten(stock)
-  else
-    info.stock = tonumber(stock)
+
+-- Raises a coupon's seq by its `n` requests. Returns the value before, or nil and why the coupon
+-- cannot be decided (then seq is as it was).
+local function raise_seq(seq_key, n)
+  local after = redis.pcall('INCRBY', seq_key, n)
+  if failed(after) then
+    if string.find(after['err'], 'WRONGTYPE', 1, true) then return nil, wrong_type(seq_key) end
+    return nil, 'seq is not an integer: ' .. shorten(redis.call('GET', seq_key))
   end
-  info.seq = tonumber(seq or '0')
-  if info.dead == nil then
-    local ok, held = pcall(bulk, 'SMISMEMBER', info.issued_key, nil, info.users, 1)
-    if not ok then
-      info.dead = wrong_type(info.issued_key)
-    else
-      for n, i in ipairs(info.entries) do holds[i] = held[n] == 1 end
-    end
+  local before = after - n
+  if before < 0 or before >= 1e18 then
+    redis.call('DECRBY', seq_key, n)
+    return nil, 'seq is not an integer: ' .. shorten(redis.call('GET', seq_key))
   end
-  if info.dead == nil and type(redis.pcall('HLEN', info.result_key)) == 'table' then
-    info.dead = wrong_type(info.result_key)
-  end
+  return before
+end
+-- Puts back a seq raised by `n` to `after` (a key that did not exist goes again).
+local function restore_seq(seq_key, n, after)
+  if after == n then redis.call('DEL', seq_key) else redis.call('DECRBY', seq_key, n) end
 end
 
--- Decide, in queue order.
-local codes, ranks, claimed, outbox_adds = {}, {}, {}, {}
+-- Every live coupon's stock in one read.
+local stock_keys = {}
+for k, c in ipairs(live) do stock_keys[k] = KEYS[FIRST_COUPON_KEY + (c - 1) * 4 + 1] end
+local stocks = bulk('MGET', nil, nil, stock_keys, 1)
+
+-- Decide and write coupon by coupon. codes[i] and ranks[i] are set for each decided entry; a
+-- coupon that cannot be decided gets its reason in undecidable[c] and nothing written.
+local codes, ranks, undecidable = {}, {}, {}
+for k, c in ipairs(live) do
+  local base = FIRST_COUPON_KEY + (c - 1) * 4
+  local stock_key, issued_key, seq_key, result_key = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4]
+  local stock, n, i, reason, unknown = stocks[k], count[c], first[c], nil, false
+  if stock == false then
+    -- MGET answers nil for a missing key and for a key that is not a string.
+    local t = key_type(stock_key)
+    if t == 'none' then
+      unknown = true
+    else
+      reason = 'wrong type: ' .. stock_key .. ' is a ' .. t
+    end
+  elseif not is_count(stock) then
+    reason = 'stock is not a non-negative integer: ' .. shorten(stock)
+  else
+    stock = tonumber(stock)
+  end
+
+  if reason == nil and n == 1 and not unknown and stock > 0 then
+    -- One request and stock left: SADD answers whether the user already held the coupon.
+    local user = user_or_reason[i]
+    local added = redis.pcall('SADD', issued_key, user)
+    if failed(added) then
+      reason = wrong_type(issued_key)
+    else
+      local before
+      before, reason = raise_seq(seq_key, 1)
+      if reason == nil then
+        -- A holder's result is ISSUED (written with the SADD that made them one) and ISSUED is
+        -- never overwritten; HSETNX covers holders added by other means, who have none.
+        local written
+        if added == 1 then
+          written = redis.pcall('HSET', result_key, user, 'ISSUED')
+        else
+          written = redis.pcall('HSETNX', result_key, user, 'DUPLICATE')
+        end
+        if failed(written) then
+          reason = wrong_type(result_key)
+          restore_seq(seq_key, 1, before + 1)
+        else
+          ranks[i] = before + 1
+          if added == 1 then
+            codes[i] = 'I'
+            redis.call('DECRBY', stock_key, 1)
+          else
+            codes[i] = 'D'
+          end
+        end
+      end
+      if reason ~= nil and added == 1 then redis.call('SREM', issued_key, user) end
+    end
+  elseif reason == nil then
+    -- Several requests, none left to issue, or an unknown coupon: who holds it already.
+    local users, m, j = {}, 0, i
+    while j do
+      m = m + 1
+      users[m] = user_or_reason[j]
+      j = nxt[j]
+    end
+    local held
+    if m == 1 then
+      local reply = redis.pcall('SISMEMBER', issued_key, users[1])
+      if not failed(reply) then held = { reply } end
+    else
+      local ok, reply = pcall(bulk, 'SMISMEMBER', issued_key, nil, users, 1)
+      if ok then held = reply end
+    end
+    local before
+    if held == nil then
+      reason = wrong_type(issued_key)
+    else
+      before, reason = raise_seq(seq_key, m)
+    end
+    if reason == nil then
+      local taken, results, holders, new_holders = 0, {}, {}, {}
+      local d = 0
+      j = i
+      while j do
+        d = d + 1
+        local user, code, outcome = users[d], nil, nil
+        if unknown then
+          code, outcome = 'U', 'UNKNOWN_COUPON'
+        elseif held[d] == 1 then
+          code, outcome = 'D', 'DUPLICATE'
+        elseif stock - taken <= 0 then
+          code, outcome = 'S', 'SOLD_OUT'
+        else
+          code, outcome = 'I', 'ISSUED'
+          taken = taken + 1
+          new_holders[#new_holders + 1] = user
+        end
+        codes[j], ranks[j] = code, before + d
+        local into = results
+        if held[d] == 1 then into = holders end
+        into[#into + 1] = user
+        into[#into + 1] = outcome
+        j = nxt[j]
+      end
+      -- The first write to the result hash checks its type: on failure nothing was written to it.
+      local ok = true
+      if #results > 0 then ok = pcall(bulk, 'HSET', result_key, nil, results, 2) end
+      for h = 1, #holders, 2 do
+        if not ok then break end
+        ok = not failed(redis.pcall('HSETNX', result_key, holders[h], holders[h + 1]))
+      end
+      if ok then
+        bulk('SADD', issued_key, nil, new_holders, 1)
+        if taken > 0 then redis.call('DECRBY', stock_key, taken) end
+      else
+        reason = wrong_type(result_key)
+        restore_seq(seq_key, m, before + m)
+        j = i
+        while j do
+          codes[j], ranks[j] = nil, nil
+          j = nxt[j]
+        end
+      end
+    end
+  end
+  undecidable[c] = reason
+end
+
+-- In queue order: the claimed entries, dead letters, outbox and log rows.
+local out_codes, claimed, outbox_adds = {}, {}, {}
 local log_members, log_ranks, log_codes = {}, {}, {}
 for i = 1, nentries do
-  local member, user, info = members[i], user_or_reason[i], coupons[cidx[i]]
-  local code, rank = 'G', 0
+  local member, code = members[i], 'G'
   if scores[i] then
     claimed[#claimed + 1] = member
-    if info == nil or info.dead ~= nil then
-      local reason = user
-      if info ~= nil then reason = info.dead end
+    code = codes[i]
+    if code == nil then
+      local reason = user_or_reason[i]
+      if cidx[i] > 0 then reason = undecidable[cidx[i]] end
       local score = scores[i]
       if score == true then score = redis.call('ZSCORE', queue, member) end
       redis.call('XADD', dead, '*', 'member', member, 'score', score, 'reason', reason)
       code = 'X'
     else
-      info.decided = info.decided + 1
-      rank = info.seq + info.decided
-      local outcome
-      if info.unknown then
-        code, outcome = 'U', 'UNKNOWN_COUPON'
-      elseif holds[i] then
-        code, outcome = 'D', 'DUPLICATE'
-      elseif info.stock - info.taken <= 0 then
-        code, outcome = 'S', 'SOLD_OUT'
-      else
-        code, outcome = 'I', 'ISSUED'
-        info.taken = info.taken + 1
-        info.new_holders[#info.new_holders + 1] = user
+      local n = #log_members + 1
+      log_members[n], log_ranks[n], log_codes[n] = member, ranks[i], code
+      if code == 'I' then
         outbox_adds[#outbox_adds + 1] = issued_at_ms
         outbox_adds[#outbox_adds + 1] = member
       end
-      local n = #log_members + 1
-      log_members[n], log_ranks[n], log_codes[n] = member, rank, code
-      if holds[i] then
-        -- A holder's result is ISSUED (written with the SADD that made them one) and ISSUED is
-        -- never overwritten; HSETNX covers holders added by other means, who have none.
-        redis.call('HSETNX', info.result_key, user, outcome)
-      else
-        local results = info.results
-        results[#results + 1] = user
-        results[#results + 1] = outcome
-      end
     end
   end
-  codes[i] = code
-  ranks[i] = rank
+  out_codes[i] = code
 end
 
--- Write.
 if whole_head then
   redis.call('ZREMRANGEBYRANK', queue, 0, nentries - 1)
 else
   bulk('ZREM', queue, nil, claimed, 1)
 end
 bulk('ZADD', outbox, 'NX', outbox_adds, 2)
-for _, info in ipairs(live) do
-  bulk('SADD', info.issued_key, nil, info.new_holders, 1)
-  bulk('HSET', info.result_key, nil, info.results, 2)
-  if info.taken > 0 then redis.call('DECRBY', info.stock_key, info.taken) end
-  if info.decided > 0 then redis.call('INCRBY', info.seq_key, info.decided) end
-end
 if #log_members > 0 then
   redis.call('XADD', log, '*', 'm', table.concat(log_members, ' '), 'r', table.concat(log_ranks, ' '),
     'o', table.concat(log_codes))
   redis.call('INCRBY', log_rows, #log_members)
 end
 
-local out = { table.concat(codes) }
-for i = 1, nentries do out[i + 1] = ranks[i] end
+local out = { table.concat(out_codes) }
+for i = 1, nentries do
+  local rank = 0
+  if out_codes[i] ~= 'G' and out_codes[i] ~= 'X' then rank = ranks[i] end
+  out[i + 1] = rank
+end
 return out

@@ -23,41 +23,23 @@
 --   as reconcile.lua does) and the member goes back in the outbox, scored with the decision
 --   time, for the persister to write to user_coupon.
 --
--- Refuses with REDIS_CHANGED (and writes nothing) when this is not the Redis being reconciled.
--- Writes nothing either, returning why, when seq is no longer ARGV[3]: another replica finished
+-- Runs behind reconcile_prelude.lua (the identity check, read_stock, take_stock), which refuses
+-- with REDIS_CHANGED (and writes nothing) when this is not the Redis being reconciled. Writes
+-- nothing either, returning why, when seq is no longer ARGV[3]: another replica finished
 -- this reconciliation (it raises seq last) and requests may have been decided since. Every check
 -- runs before the first write. Running it twice is harmless: the second run finds the entries
 -- gone from the queue, the holders in the set and the results in place.
 --
 -- Returns { rows, queue entries removed, results restored, ISSUED rows honoured, taken from
 -- stock, unexplained, stock after (-1: no stock key), why the chunk was skipped ('' if not) }.
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
-local identity = (run_id or '?') .. ':' .. (replid or '?')
-if identity ~= ARGV[1] then
-  return redis.error_reply('REDIS_CHANGED Redis is now ' .. identity .. ', reconciling ' .. ARGV[1])
-end
-local stock_key, issued_key, result_key, seq_key = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local queue_key, outbox_key = KEYS[6], KEYS[7]
-local dry = ARGV[2] == '1'
 
-local function is_count(s)
-  return s == '0' or (string.match(s, '^[1-9]%d*$') ~= nil and #s <= 18)
-end
 local function skipped(why)
   return { 0, 0, 0, 0, 0, 0, -1, why }
 end
-for _, spec in ipairs({ { stock_key, 'string' }, { issued_key, 'set' }, { result_key, 'hash' },
-    { seq_key, 'string' }, { queue_key, 'zset' }, { outbox_key, 'zset' } }) do
-  local t = redis.call('TYPE', spec[1])['ok']
-  if t ~= 'none' and t ~= spec[2] then
-    return skipped(spec[1] .. ' is a ' .. t .. ', expected a ' .. spec[2])
-  end
-end
-local stock_raw = redis.call('GET', stock_key)
-if stock_raw and not is_count(stock_raw) then
-  return skipped('stock is not a non-negative integer')
-end
+local stock_raw, unusable = read_stock({ { stock_key, 'string' }, { issued_key, 'set' },
+  { result_key, 'hash' }, { seq_key, 'string' }, { queue_key, 'zset' }, { outbox_key, 'zset' } })
+if unusable then return skipped(unusable) end
 if (redis.call('GET', seq_key) or '0') ~= ARGV[3] then
   return skipped('seq moved: reconciled by another replica meanwhile')
 end
@@ -105,14 +87,7 @@ for i = 1, n do
   end
 end
 
-local stock = -1
-local taken, unexplained = 0, #new_holders
-if stock_raw then
-  stock = math.max(0, tonumber(stock_raw) - tonumber(ARGV[4]))
-  taken = math.min(#new_holders, stock)
-  unexplained = #new_holders - taken
-  stock = stock - taken
-end
+local stock, taken, unexplained = take_stock(stock_raw, #new_holders)
 
 if not dry then
   if #removed_list > 0 then redis.call('ZREM', queue_key, unpack(removed_list)) end

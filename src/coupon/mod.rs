@@ -23,12 +23,14 @@ mod decide;
 mod follow;
 pub(crate) mod member;
 mod outbox;
-pub mod reconcile;
+mod reconcile;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use chrono::Utc;
 use fred::prelude::*;
 use sqlx::MySqlPool;
@@ -40,9 +42,9 @@ pub use dead::{
     DeadAction, DeadEntry, DeadFilter, DeadReport, RequeueReport, process_dead, requeue_dead,
 };
 pub use decide::{Decider, Decision};
-pub use follow::{DEFAULT_LEASE, FollowLease, FollowOptions, follow};
+pub use follow::{DEFAULT_LEASE, FollowLease, FollowOptions, Following, follow};
 pub use outbox::{Persister, ReplicaWait};
-pub use reconcile::Reconciler;
+pub use reconcile::{CouponReport, LaneReport, Reconciler};
 
 use crate::control::Control;
 use crate::keys::KeyTemplates;
@@ -59,6 +61,9 @@ pub enum StopReason {
     ShutdownRequested,
     /// An operator paused the drain (`commerce-worker pause --drain`).
     Paused,
+    /// A scheduled tick that started while nobody followed the queue stopped because a
+    /// follower appeared (see [`Following::tick`]).
+    HandedOver,
 }
 
 /// What one tick (or one `drain` command) did.
@@ -74,6 +79,11 @@ pub struct DrainReport {
     /// Queue length after the tick.
     pub queue_depth: u64,
     pub elapsed: Duration,
+    /// Per-coupon layout: lanes that failed in this tick or are waiting out a failure (see
+    /// [`CouponDrain::step`]); the other lanes went on.
+    pub failing_lanes: u64,
+    /// The first lane failure of this tick, with its coupon.
+    pub lane_error: Option<String>,
 }
 
 impl DrainReport {
@@ -97,15 +107,21 @@ impl DrainReport {
             lanes = self.lanes,
             stopped = ?self.stopped,
             elapsed_ms = self.elapsed.as_millis() as u64,
+            failing_lanes = self.failing_lanes,
             "{message}"
         );
     }
 
-    /// Adds a later tick's counts to these (depth and stop reason: the later tick's).
+    /// Adds a later tick's counts to these (depth, stop reason and lanes: the later tick's).
     pub fn absorb(&mut self, other: &DrainReport) {
         self.add_counts(other);
         self.queue_depth = other.queue_depth;
         self.stopped = other.stopped;
+        self.lanes = other.lanes;
+        self.failing_lanes = other.failing_lanes;
+        if other.lane_error.is_some() {
+            self.lane_error.clone_from(&other.lane_error);
+        }
     }
 }
 
@@ -127,7 +143,14 @@ impl std::fmt::Display for DrainReport {
             self.elapsed.as_secs_f64(),
             self.outcomes,
             self.queue_depth
-        )
+        )?;
+        if self.failing_lanes > 0 {
+            write!(f, "; {} coupon lane(s) failing", self.failing_lanes)?;
+            if let Some(error) = &self.lane_error {
+                write!(f, " ({error})")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -140,9 +163,23 @@ fn now_ms() -> f64 {
 /// the pool (`[mysql] max_connections`, 8 by default) shared with the log writer.
 const PARALLEL_PERSISTS: usize = 4;
 
-/// How stale this replica's copy of the pause flags may be when it does not follow the queue: a
-/// `pause` takes effect within this long (one Redis read per interval, however many lanes ask).
+/// How stale this replica's copy of the pause flags may be: a `pause` takes effect within this
+/// long (at most one Redis read per interval, however many lanes or polls ask; a follower asks
+/// only when a poll finds work, so an idle queue costs no pause reads).
 pub const PAUSE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How soon every replica sees a pause flag: the pause-check interval, or the poll interval when
+/// following polls less often. The daemon reads the flags this often and `pause` promises it.
+pub fn pause_seen_within(follow_interval: Option<Duration>) -> Duration {
+    follow_interval
+        .unwrap_or_default()
+        .max(PAUSE_CHECK_INTERVAL)
+}
+
+/// Per-coupon layout: how long a lane that failed with a fault of its own (a key of the wrong
+/// type) is left alone before the next try, doubling from the first to the last failure.
+const LANE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const LANE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// One queue with its decider and persister: the whole drain in the single-queue layout, one
 /// coupon's share in the per-coupon layout.
@@ -187,26 +224,127 @@ enum Layout {
     /// One queue for every coupon (`coupon:queue`).
     Single(Box<Lane>),
     /// One queue per coupon: lanes with work are found in the active set, and every
-    /// `sweep_interval` in the whole registry (for queues whose coupon the API did not mark).
+    /// `sweep_interval` in the whole registry by [`CouponDrain::run_sweeper`] (for queues whose
+    /// coupon the API did not mark).
     PerCoupon(Arc<PerCoupon>),
 }
 
 /// The per-coupon layout's state, shared by the drain's clones.
-#[derive(Default)]
 struct PerCoupon {
     /// Lanes made on first sight, by coupon.
     lanes: std::sync::Mutex<BTreeMap<i64, Lane>>,
-    /// When the registry's queues were last swept.
-    queues_swept: std::sync::Mutex<Option<Instant>>,
+    /// Whether the next look sweeps the registry itself (the first look, and
+    /// [`CouponDrain::sweep_at_next_look`]); otherwise the sweeper task does, off the step.
+    sweep_requested: AtomicBool,
+    /// Coupons a sweep found with queue entries and no mark in the active set, until a step
+    /// empties their queue.
+    found: std::sync::Mutex<BTreeSet<i64>>,
     /// When the registry's outboxes were last swept.
     outboxes_swept: std::sync::Mutex<Option<Instant>>,
     /// Coupons whose outbox had entries when last seen (issued here, or found by a sweep):
     /// the persister's work list between sweeps.
     outboxes: std::sync::Mutex<BTreeSet<i64>>,
+    /// Lanes that failed with a fault of their own, left alone until their retry time.
+    failing: std::sync::Mutex<BTreeMap<i64, LaneFailure>>,
+}
+
+/// A lane left alone after a failure of its own.
+struct LaneFailure {
+    retry_at: Instant,
+    /// The wait after the next failure.
+    next_wait: Duration,
+}
+
+/// Whether a lane's failure is its own (a key of the wrong type, a reply that does not parse)
+/// rather than the backend's (a lost connection, a timeout, Redis loading or out of memory),
+/// which every lane would meet.
+fn is_lane_fault(error: &anyhow::Error) -> bool {
+    use fred::error::ErrorKind;
+    if error.chain().any(|e| e.to_string().contains("WRONGTYPE")) {
+        return true;
+    }
+    match error.downcast_ref::<fred::error::Error>() {
+        Some(e) => matches!(
+            e.kind(),
+            ErrorKind::InvalidArgument | ErrorKind::Parse | ErrorKind::NotFound
+        ),
+        // Our own checks of what Redis answered (the decide script's reply).
+        None => error.to_string().contains("decide script returned"),
+    }
+}
+
+impl Default for PerCoupon {
+    fn default() -> Self {
+        Self {
+            lanes: Default::default(),
+            sweep_requested: AtomicBool::new(true),
+            found: Default::default(),
+            outboxes_swept: Default::default(),
+            outboxes: Default::default(),
+            failing: Default::default(),
+        }
+    }
+}
+
+/// What the drain tells this process's ranking-log reader: the lanes whose log stream a decided
+/// batch just appended to (the decide script wrote the rows), with a wake-up, so the reader looks
+/// only at streams with work instead of walking the registry. In-process only: streams written by
+/// other processes or commands are found by the reader's slower sweep of every stream.
+#[derive(Default)]
+pub struct LogReady {
+    wake: Notify,
+    /// Coupons (per-coupon layout) whose log stream got rows; `None` is the single queue's.
+    lanes: std::sync::Mutex<BTreeSet<Option<i64>>>,
+    sweep: AtomicBool,
+}
+
+impl LogReady {
+    /// A batch of `coupon`'s lane (`None`: the single queue) wrote log rows.
+    pub fn wrote(&self, coupon: Option<i64>) {
+        if let Ok(mut lanes) = self.lanes.lock() {
+            lanes.insert(coupon);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Wakes the reader without naming a lane.
+    pub fn notify_one(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Asks the reader to look at every log stream at its next look (rows another process left).
+    pub fn sweep_now(&self) {
+        self.sweep.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// The lanes named since the last call.
+    pub fn take_lanes(&self) -> Vec<Option<i64>> {
+        self.lanes
+            .lock()
+            .map(|mut lanes| std::mem::take(&mut *lanes).into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether a sweep was asked for since the last call.
+    pub fn take_sweep(&self) -> bool {
+        self.sweep.swap(false, Ordering::Relaxed)
+    }
+
+    /// Until the next wake-up.
+    pub async fn notified(&self) {
+        self.wake.notified().await;
+    }
 }
 
 /// Keys looked at concurrently in one go by a sweep (fred pipelines them on its connections).
 const SWEEP_CHUNK: usize = 1000;
+
+/// The persister looks for outbox keys with SCAN every this many `sweep_interval`s (60 s by
+/// default): SCAN walks the whole keyspace (~0.1 s of Redis for 100 000 keys), the safety net
+/// for outboxes of crashed replicas and retired coupons; the drain's own issues are on the
+/// persister's work list at once.
+const OUTBOX_SCAN_EVERY_SWEEPS: u32 = 6;
 
 /// A lane the tick works on, and whether its coupon was in the active set (then the tick clears
 /// the mark once the queue is empty).
@@ -246,8 +384,8 @@ pub struct CouponDrain {
     /// Per-coupon layout: how often the whole registry is swept for queues and outboxes with
     /// entries that the active set does not show.
     sweep_interval: Duration,
-    /// Wakes the ranking-log reader when a batch wrote log rows.
-    log_ready: Arc<Notify>,
+    /// Tells the ranking-log reader which lanes' batches wrote log rows.
+    log_ready: Arc<LogReady>,
     metrics: Metrics,
     /// The pause flags every replica honours.
     control: Control,
@@ -269,7 +407,7 @@ impl CouponDrain {
         pool: MySqlPool,
         keys: &KeyTemplates,
         batch_size: usize,
-        log_ready: Arc<Notify>,
+        log_ready: Arc<LogReady>,
         metrics: Metrics,
     ) -> Self {
         let control = Control::new(client.clone(), keys, metrics.clone());
@@ -312,7 +450,7 @@ impl CouponDrain {
     /// interval had passed: how tests step the sweep without waiting for it.
     pub fn sweep_at_next_look(&self) {
         if let Layout::PerCoupon(state) = &self.layout {
-            Self::undo_sweep(&state.queues_swept);
+            state.sweep_requested.store(true, Ordering::Relaxed);
             Self::undo_sweep(&state.outboxes_swept);
         }
     }
@@ -351,9 +489,7 @@ impl CouponDrain {
             persister: Persister::new(
                 self.client.clone(),
                 self.pool.clone(),
-                keys.outbox.clone(),
-                keys.reconciled_marker(),
-                outbox::ROWS_PER_INSERT,
+                &keys,
                 self.metrics.clone(),
                 Arc::clone(&self.replicas),
             ),
@@ -402,7 +538,8 @@ impl CouponDrain {
         let Ok(mut last) = last.lock() else {
             return true;
         };
-        let due = last.is_none_or(|at| at.elapsed() >= self.sweep_interval);
+        let every = self.sweep_interval.saturating_mul(OUTBOX_SCAN_EVERY_SWEEPS);
+        let due = last.is_none_or(|at| at.elapsed() >= every);
         if due {
             *last = Some(Instant::now());
         }
@@ -415,28 +552,126 @@ impl CouponDrain {
         }
     }
 
-    /// Of `keys`, the indexes of those whose ZCARD is not 0, asked [`SWEEP_CHUNK`] at a time.
-    async fn non_empty(&self, keys: Vec<String>) -> anyhow::Result<Vec<usize>> {
+    /// Of `keys`, the indexes of those whose ZCARD is not 0, asked [`SWEEP_CHUNK`] at a time;
+    /// `None` when `stop` fired between two chunks.
+    async fn non_empty(
+        &self,
+        keys: &[String],
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Option<Vec<usize>>> {
         let mut found = Vec::new();
         for (chunk_index, chunk) in keys.chunks(SWEEP_CHUNK).enumerate() {
-            let sizes = futures_util::future::try_join_all(
+            if stop.is_cancelled() {
+                return Ok(None);
+            }
+            let sizes = futures_util::future::join_all(
                 chunk.iter().map(|key| self.client.zcard::<u64, _>(key)),
             )
-            .await?;
-            found.extend(
-                sizes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, n)| **n > 0)
-                    .map(|(i, _)| chunk_index * SWEEP_CHUNK + i),
-            );
+            .await;
+            for (i, size) in sizes.into_iter().enumerate() {
+                let has_work = match size.map_err(anyhow::Error::from) {
+                    Ok(n) => n > 0,
+                    // A key of the wrong type is that lane's fault, not the sweep's: the lane is
+                    // handed to the next step, which reports it and leaves it alone.
+                    Err(e) if is_lane_fault(&e) => true,
+                    Err(e) => return Err(e),
+                };
+                if has_work {
+                    found.push(chunk_index * SWEEP_CHUNK + i);
+                }
+            }
         }
-        Ok(found)
+        Ok(Some(found))
+    }
+
+    /// Per-coupon layout: the coupons the active set marks as having work. An active set that
+    /// is not a set (a key of the wrong type) counts as empty, so one damaged key slows every
+    /// lane to the registry sweep's pace instead of stopping them all; the sweep (`warn`) says
+    /// so, naming the key. Any other error (Redis unreachable) is the caller's.
+    async fn active_coupons(&self, warn: bool) -> anyhow::Result<Vec<i64>> {
+        match self
+            .client
+            .smembers::<Vec<String>, _>(&self.keys.coupon_active)
+            .await
+        {
+            Ok(members) => Ok(members.iter().filter_map(|m| member::parse_id(m)).collect()),
+            Err(e) if e.details().contains("WRONGTYPE") => {
+                if warn {
+                    tracing::warn!(
+                        key = %self.keys.coupon_active,
+                        error = %e,
+                        "the active-coupon set is not a set: lanes with work are found by the \
+                         registry sweep alone until it is repaired (DEL it; the API re-marks lanes)"
+                    );
+                }
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Per-coupon layout: looks at the queue of every registered coupon, [`SWEEP_CHUNK`] at a
+    /// time, and remembers those with entries that the active set does not show, for the next
+    /// steps. Returns how many it found (0 in the single-queue layout, or when `stop` fired
+    /// before the end).
+    pub async fn sweep_queues(&self, stop: &CancellationToken) -> anyhow::Result<usize> {
+        let Layout::PerCoupon(state) = &self.layout else {
+            return Ok(0);
+        };
+        let swept = async {
+            let active: BTreeSet<i64> = self.active_coupons(true).await?.into_iter().collect();
+            let registered: Vec<i64> = registered_coupons(&self.client, &self.keys)
+                .await?
+                .into_iter()
+                .filter(|id| !active.contains(id))
+                .collect();
+            let queues: Vec<String> = registered
+                .iter()
+                .map(|&id| self.keys.queue_of(id))
+                .collect();
+            let with_entries = self.non_empty(&queues, stop).await?;
+            anyhow::Ok(with_entries.map(|found| {
+                found
+                    .into_iter()
+                    .map(|i| registered[i])
+                    .collect::<Vec<i64>>()
+            }))
+        };
+        let found = swept
+            .await
+            .context("sweeping the coupon registry for queues with entries")?
+            .unwrap_or_default();
+        if !found.is_empty() {
+            tracing::info!(coupons = ?found, "sweep found queues with entries that were not marked active");
+            if let Ok(mut known) = state.found.lock() {
+                known.extend(found.iter().copied());
+            }
+        }
+        Ok(found.len())
+    }
+
+    /// The sweeper task (per-coupon layout): every `sweep_interval` a [`sweep_queues`](Self::sweep_queues),
+    /// off the steps that follow the queue, so a step never waits for a walk of the registry.
+    /// Returns at once in the single-queue layout; stops between two chunks when `stop` fires.
+    pub async fn run_sweeper(&self, stop: CancellationToken) {
+        if !self.keys.per_coupon() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.sweep_interval) => {}
+                _ = stop.cancelled() => return,
+            }
+            if let Err(e) = self.sweep_queues(&stop).await {
+                tracing::warn!(error = %format!("{e:#}"), "sweeping the coupon registry failed; retrying at the next interval");
+            }
+        }
     }
 
     /// The lanes to work on now. Single queue: the queue. Per coupon: the coupons in the active
-    /// set, plus, when a sweep is due, every registered coupon whose queue has entries.
-    async fn lanes_with_work(&self) -> anyhow::Result<Vec<LaneWork>> {
+    /// set and those a sweep found (the first look, or one asked for with
+    /// [`sweep_at_next_look`](Self::sweep_at_next_look), sweeps here first).
+    async fn lanes_with_work(&self, stop: &CancellationToken) -> anyhow::Result<Vec<LaneWork>> {
         let state = match &self.layout {
             Layout::Single(lane) => {
                 return Ok(vec![LaneWork {
@@ -447,35 +682,22 @@ impl CouponDrain {
             }
             Layout::PerCoupon(state) => state,
         };
-        let members: Vec<String> = self.client.smembers(&self.keys.coupon_active).await?;
-        let mut active: Vec<i64> = members.iter().filter_map(|m| member::parse_id(m)).collect();
-        active.sort_unstable();
-        let mut found = Vec::new();
-        if self.sweep_due(&state.queues_swept) {
-            let swept = async {
-                let registered: Vec<i64> = registered_coupons(&self.client, &self.keys)
-                    .await?
-                    .into_iter()
-                    .filter(|id| active.binary_search(id).is_err())
-                    .collect();
-                let queues = registered
-                    .iter()
-                    .map(|&id| self.keys.for_coupon(id).queue)
-                    .collect();
-                let with_entries = self.non_empty(queues).await?;
-                anyhow::Ok(with_entries.into_iter().map(|i| registered[i]).collect())
-            };
-            match swept.await {
-                Ok(ids) => found = ids,
-                Err(e) => {
-                    Self::undo_sweep(&state.queues_swept);
-                    return Err(e.context("sweeping the coupon registry for queues with entries"));
-                }
-            }
-            if !found.is_empty() {
-                tracing::info!(coupons = ?found, "sweep found queues with entries that were not marked active");
-            }
+        if state.sweep_requested.swap(false, Ordering::Relaxed)
+            && let Err(e) = self.sweep_queues(stop).await
+        {
+            state.sweep_requested.store(true, Ordering::Relaxed);
+            return Err(e);
         }
+        let mut active = self.active_coupons(false).await?;
+        active.sort_unstable();
+        let found: Vec<i64> = state
+            .found
+            .lock()
+            .map_err(|_| anyhow::anyhow!("swept coupons poisoned"))?
+            .iter()
+            .copied()
+            .filter(|id| active.binary_search(id).is_err())
+            .collect();
         let active_lanes = self.lanes_of(state, &active)?;
         let found_lanes = self.lanes_of(state, &found)?;
         Ok(active
@@ -497,6 +719,20 @@ impl CouponDrain {
                     }),
             )
             .collect())
+    }
+
+    /// A lane a step emptied: out of the swept coupons, and its mark cleared if it had one.
+    async fn lane_emptied(&self, work: &LaneWork) -> anyhow::Result<()> {
+        let (Layout::PerCoupon(state), Some(coupon)) = (&self.layout, work.coupon) else {
+            return Ok(());
+        };
+        if let Ok(mut found) = state.found.lock() {
+            found.remove(&coupon);
+        }
+        if work.marked {
+            self.clear_mark(coupon, &work.lane.queue_key).await?;
+        }
+        Ok(())
     }
 
     /// Clears a drained lane's mark in the active set without losing a wake-up: the mark goes
@@ -573,28 +809,42 @@ impl CouponDrain {
     }
 
     /// Refreshes the gauges of what waits in Redis across every lane: the outbox's depth and
-    /// oldest issued coupon's age, and the dead letters. Three reads per lane.
-    pub async fn observe_depths(&self) -> anyhow::Result<()> {
+    /// oldest issued coupon's age, and the dead letters. Three reads per lane. Returns the
+    /// outbox depth.
+    pub async fn observe_depths(&self) -> anyhow::Result<u64> {
         let now_ms = Utc::now().timestamp_millis() as f64;
         let (mut outbox, mut oldest_ms, mut dead) = (0u64, None::<f64>, 0u64);
-        // Every outbox, also of coupons that left the registry.
-        for (_, lane) in self.outbox_lanes().await? {
-            outbox += self.client.zcard::<u64, _>(&lane.outbox_key).await?;
-            let head: Vec<(String, f64)> = self
-                .client
-                .zrange(&lane.outbox_key, 0, 0, None, false, None, true)
-                .await?;
-            if let Some((_, score)) = head.first() {
-                oldest_ms = Some(oldest_ms.map_or(*score, |o: f64| o.min(*score)));
+        // Every outbox, also of coupons that left the registry; not those of failing lanes.
+        for (coupon, lane) in self.outbox_lanes().await? {
+            if self.lane_resting(coupon) {
+                continue;
             }
-            dead += self.client.xlen::<u64, _>(&lane.dead_key).await?;
+            let looked = async {
+                let depth = self.client.zcard::<u64, _>(&lane.outbox_key).await?;
+                let head: Vec<(String, f64)> = self
+                    .client
+                    .zrange(&lane.outbox_key, 0, 0, None, false, None, true)
+                    .await?;
+                let dead = self.client.xlen::<u64, _>(&lane.dead_key).await?;
+                anyhow::Ok((depth, head.first().map(|(_, score)| *score), dead))
+            };
+            match looked.await {
+                Ok((depth, head, lane_dead)) => {
+                    outbox += depth;
+                    if let Some(score) = head {
+                        oldest_ms = Some(oldest_ms.map_or(score, |o: f64| o.min(score)));
+                    }
+                    dead += lane_dead;
+                }
+                Err(e) => self.lane_fault_or(coupon, e, "looking at")?,
+            }
         }
         self.metrics.coupon_outbox_depth.set(outbox as i64);
         self.metrics
             .coupon_outbox_oldest_age
             .set(oldest_ms.map_or(0.0, |o| ((now_ms - o) / 1000.0).max(0.0)));
         self.metrics.coupon_dead_letters.set(dead as i64);
-        Ok(())
+        Ok(outbox)
     }
 
     /// Compares every lane's Redis with `user_coupon` and, unless `dry_run`, repairs Redis and
@@ -628,16 +878,25 @@ impl CouponDrain {
         if self.control.paused(self.pause_check).await?.persist {
             return Ok(0);
         }
-        futures_util::stream::iter(self.outbox_lanes().await?)
+        let mut lanes = self.outbox_lanes().await?;
+        lanes.retain(|(coupon, _)| !self.lane_resting(*coupon));
+        futures_util::stream::iter(lanes)
             .map(|(coupon, lane)| async move {
-                let n = lane.persist_all().await?;
-                if let (Layout::PerCoupon(state), Some(id)) = (&self.layout, coupon)
-                    && lane.persister.depth().await? == 0
-                    && let Ok(mut outboxes) = state.outboxes.lock()
-                {
-                    outboxes.remove(&id);
+                let persisted = async {
+                    let n = lane.persist_all().await?;
+                    if let (Layout::PerCoupon(state), Some(id)) = (&self.layout, coupon)
+                        && lane.persister.depth().await? == 0
+                        && let Ok(mut outboxes) = state.outboxes.lock()
+                    {
+                        outboxes.remove(&id);
+                    }
+                    anyhow::Ok(n)
+                };
+                match persisted.await {
+                    Ok(n) => Ok(n),
+                    // One coupon's broken outbox does not keep the others out of MySQL.
+                    Err(e) => self.lane_fault_or(coupon, e, "persisting").map(|()| 0),
                 }
-                anyhow::Ok(n)
             })
             .buffer_unordered(PARALLEL_PERSISTS)
             .try_fold(0, |total, n| async move { Ok(total + n) })
@@ -646,44 +905,57 @@ impl CouponDrain {
 
     /// One tick: every lane with work (concurrently: per-coupon queues live on different shards
     /// of a cluster) decides batches until its queue is empty, `budget` is spent, or `stop`
-    /// fires. Following the queue between ticks is this same step, run every poll interval.
+    /// fires. A paused drain is reported before anything is read. Following the queue between
+    /// ticks runs [`Self::step`].
     #[tracing::instrument(name = "coupon_drain", skip_all)]
     pub async fn tick(
         &self,
         budget: Duration,
         stop: &CancellationToken,
     ) -> anyhow::Result<DrainReport> {
-        let report = self.step(budget, stop).await?;
-        if report.decided() > 0 || report[Outcome::Gone] > 0 {
-            report.log("coupon drain tick");
-        }
-        Ok(report)
-    }
-
-    /// A tick without its log line: what following runs every poll interval.
-    pub async fn step(
-        &self,
-        budget: Duration,
-        stop: &CancellationToken,
-    ) -> anyhow::Result<DrainReport> {
         let started = Instant::now();
-        if self.control.paused(self.pause_check).await?.drain {
+        if self.drain_paused().await? {
             return Ok(DrainReport {
                 stopped: StopReason::Paused,
                 elapsed: started.elapsed(),
                 ..DrainReport::default()
             });
         }
-        let lanes = self.lanes_with_work().await?;
+        let report = self.step(budget, stop).await?;
+        if report.decided() > 0 || report[Outcome::Gone] > 0 || report.lane_error.is_some() {
+            report.log("coupon drain tick");
+        }
+        Ok(report)
+    }
+
+    /// Whether an operator paused the drain, as this replica last read the flags (at most
+    /// [`PAUSE_CHECK_INTERVAL`] ago, or the interval set by [`Self::with_pause_check`]).
+    pub async fn drain_paused(&self) -> anyhow::Result<bool> {
+        Ok(self.control.paused(self.pause_check).await?.drain)
+    }
+
+    /// A tick without its log line, and without reading the pause flags before it knows there is
+    /// something to decide: what following runs at every poll, so an idle queue costs one look.
+    ///
+    /// Per coupon, a lane that fails with a fault of its own (a key of the wrong type) does not
+    /// fail the others: it is logged (WARN, with its coupon), counted
+    /// (`coupon_lane_failures_total`) and left alone for 1 s, doubling up to 30 s
+    /// (`coupon_lanes_failing`); the step reports it in [`DrainReport::lane_error`]. A failure
+    /// every lane would meet (Redis unreachable) fails the step.
+    pub async fn step(
+        &self,
+        budget: Duration,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<DrainReport> {
+        let started = Instant::now();
+        let mut lanes = self.lanes_with_work(stop).await?;
+        let failing_before = self.skip_failing_lanes(&mut lanes);
         let results = futures_util::future::join_all(lanes.iter().map(|work| async {
             let (report, oldest) = self
                 .tick_lane(&work.lane, work.coupon, started, budget, stop)
                 .await?;
-            if work.marked
-                && report.stopped == StopReason::QueueEmpty
-                && let Some(coupon) = work.coupon
-            {
-                self.clear_mark(coupon, &work.lane.queue_key).await?;
+            if report.stopped == StopReason::QueueEmpty {
+                self.lane_emptied(work).await?;
             }
             anyhow::Ok((report, oldest))
         }))
@@ -692,9 +964,10 @@ impl CouponDrain {
         let mut depth = 0;
         let mut oldest_ms: Option<f64> = None;
         let mut first_error = None;
-        for result in results {
+        for (work, result) in lanes.iter().zip(results) {
             match result {
                 Ok((lane_report, lane_oldest)) => {
+                    self.lane_recovered(work.coupon);
                     report.add_counts(&lane_report);
                     depth += lane_report.queue_depth;
                     oldest_ms = match (oldest_ms, lane_oldest) {
@@ -706,14 +979,26 @@ impl CouponDrain {
                         report.stopped = lane_report.stopped;
                     }
                 }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+                Err(e) => match work.coupon {
+                    Some(coupon) if is_lane_fault(&e) => {
+                        let wait = self.lane_failed(coupon);
+                        tracing::warn!(coupon, retry_in_ms = wait.as_millis() as u64,
+                            error = %format!("{e:#}"),
+                            "coupon lane failed; the other lanes go on, this one is retried later");
+                        report
+                            .lane_error
+                            .get_or_insert_with(|| format!("coupon {coupon}: {e:#}"));
+                    }
+                    _ => {
+                        first_error.get_or_insert(e);
+                    }
+                },
             }
         }
         self.metrics
             .coupon_oldest_waiting_age
             .set(oldest_ms.map_or(0.0, |ms| (now_ms() - ms).max(0.0) / 1000.0));
+        report.failing_lanes = self.failing_lanes().max(failing_before);
         if let Some(e) = first_error {
             return Err(e);
         }
@@ -722,6 +1007,99 @@ impl CouponDrain {
         self.metrics.coupon_queue_depth.set(depth as i64);
         report.lanes = lanes.len() as u64;
         Ok(report)
+    }
+
+    /// Drops from `lanes` those waiting out a failure of their own; returns how many lanes are
+    /// failing.
+    fn skip_failing_lanes(&self, lanes: &mut Vec<LaneWork>) -> u64 {
+        let Layout::PerCoupon(state) = &self.layout else {
+            return 0;
+        };
+        let Ok(failing) = state.failing.lock() else {
+            return 0;
+        };
+        if failing.is_empty() {
+            return 0;
+        }
+        let now = Instant::now();
+        lanes.retain(|work| {
+            work.coupon
+                .and_then(|c| failing.get(&c))
+                .is_none_or(|f| f.retry_at <= now)
+        });
+        failing.len() as u64
+    }
+
+    /// Records a lane's failure of its own; returns how long it is left alone.
+    fn lane_failed(&self, coupon: i64) -> Duration {
+        self.metrics.coupon_lane_failures.inc();
+        let Layout::PerCoupon(state) = &self.layout else {
+            return Duration::ZERO;
+        };
+        let Ok(mut failing) = state.failing.lock() else {
+            return Duration::ZERO;
+        };
+        let entry = failing.entry(coupon).or_insert(LaneFailure {
+            retry_at: Instant::now(),
+            next_wait: LANE_RETRY_FIRST,
+        });
+        let wait = entry.next_wait;
+        entry.retry_at = Instant::now() + wait;
+        entry.next_wait = (wait * 2).min(LANE_RETRY_MAX);
+        self.metrics.coupon_lanes_failing.set(failing.len() as i64);
+        wait
+    }
+
+    /// Whether a lane is left alone now after a failure of its own.
+    fn lane_resting(&self, coupon: Option<i64>) -> bool {
+        let (Layout::PerCoupon(state), Some(coupon)) = (&self.layout, coupon) else {
+            return false;
+        };
+        state
+            .failing
+            .lock()
+            .ok()
+            .and_then(|failing| failing.get(&coupon).map(|f| Instant::now() < f.retry_at))
+            .unwrap_or(false)
+    }
+
+    /// A lane's failure while `doing` its outbox: a fault of its own is logged and the lane
+    /// left alone (`Ok`, the other lanes go on); any other failure is returned.
+    fn lane_fault_or(
+        &self,
+        coupon: Option<i64>,
+        error: anyhow::Error,
+        doing: &'static str,
+    ) -> anyhow::Result<()> {
+        match coupon {
+            Some(coupon) if is_lane_fault(&error) => {
+                let wait = self.lane_failed(coupon);
+                tracing::warn!(coupon, retry_in_ms = wait.as_millis() as u64,
+                    error = %format!("{error:#}"),
+                    "{doing} a coupon's outbox failed; the other outboxes go on, this one is retried later");
+                Ok(())
+            }
+            _ => Err(error),
+        }
+    }
+
+    /// A lane that worked is no longer failing.
+    fn lane_recovered(&self, coupon: Option<i64>) {
+        if let (Layout::PerCoupon(state), Some(coupon)) = (&self.layout, coupon)
+            && let Ok(mut failing) = state.failing.lock()
+            && failing.remove(&coupon).is_some()
+        {
+            tracing::info!(coupon, "coupon lane works again");
+            self.metrics.coupon_lanes_failing.set(failing.len() as i64);
+        }
+    }
+
+    /// Lanes waiting out a failure of their own.
+    fn failing_lanes(&self) -> u64 {
+        match &self.layout {
+            Layout::PerCoupon(state) => state.failing.lock().map_or(0, |f| f.len() as u64),
+            Layout::Single(_) => 0,
+        }
     }
 
     /// One lane's share of a tick, with the score of the oldest entry it left waiting (none when
@@ -750,15 +1128,6 @@ impl CouponDrain {
                 report.stopped = StopReason::BudgetSpent;
                 break Ok(());
             }
-            // Cached: asks Redis at most once per `pause_check` for all lanes.
-            match self.control.paused(self.pause_check).await {
-                Ok(paused) if paused.drain => {
-                    report.stopped = StopReason::Paused;
-                    break Ok(());
-                }
-                Ok(_) => {}
-                Err(e) => break Err(e),
-            }
             let batch_started = Instant::now();
             let head = match next_head.take() {
                 Some(head) => head,
@@ -767,6 +1136,21 @@ impl CouponDrain {
                     Err(e) => break Err(e),
                 },
             };
+            if head.is_empty() {
+                report.stopped = StopReason::QueueEmpty;
+                break Ok(());
+            }
+            // Only now that there is something to decide. Cached: asks Redis at most once per
+            // `pause_check` for all lanes.
+            match self.drain_paused().await {
+                Ok(true) => {
+                    report.stopped = StopReason::Paused;
+                    next_head = Some(head);
+                    break Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => break Err(e),
+            }
             let previous = std::mem::take(&mut pending);
             // `join!` polls the script first: its request is on the wire before the previous
             // batch's bookkeeping (log rows, metrics) takes the CPU.
@@ -839,6 +1223,11 @@ impl CouponDrain {
                 self.metrics.outcome(outcome.label()).inc_by(count);
             }
         }
+        if batch[Outcome::Gone] > 0 {
+            self.metrics
+                .coupon_taken_by_others
+                .inc_by(batch[Outcome::Gone]);
+        }
         if batch[Outcome::Issued] > 0 {
             self.outbox_has_entries(coupon);
             self.outbox_ready.notify_one();
@@ -849,7 +1238,7 @@ impl CouponDrain {
             .iter()
             .any(|(outcome, n)| n > 0 && outcome.row_name().is_some())
         {
-            self.log_ready.notify_one();
+            self.log_ready.wrote(coupon);
         }
         report.add_counts(&batch);
     }
@@ -877,11 +1266,22 @@ impl CouponDrain {
             match persisted {
                 None => return,
                 Some(0) => {
+                    // Idle: wait for a decision that issued, looking at the outbox(es) every
+                    // second meanwhile (entries of another process, or found by a sweep) with
+                    // the gauges' three reads; the persist script runs only for entries.
                     let _ = self.observe_depths().await;
-                    tokio::select! {
-                        _ = self.outbox_ready.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stop.cancelled() => break,
+                    loop {
+                        tokio::select! {
+                            _ = self.outbox_ready.notified() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stop.cancelled() => break,
+                        }
+                        if !matches!(self.observe_depths().await, Ok(0)) {
+                            break;
+                        }
+                    }
+                    if stop.is_cancelled() {
+                        break;
                     }
                 }
                 Some(_) => {
@@ -905,6 +1305,8 @@ impl CouponDrain {
     /// be running (`app::CouponJob` runs it).
     pub async fn drain_to_empty(&self, stop: &CancellationToken) -> DrainReport {
         let started = Instant::now();
+        // Every queue, also those whose coupon is not marked active.
+        self.sweep_at_next_look();
         let mut total = DrainReport::default();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         while let Some(report) =

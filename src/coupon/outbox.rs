@@ -24,10 +24,15 @@ use fred::types::scripts::Script;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
 use super::member::parse_member;
+use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 use crate::mysql::{self, MYSQL_DEADLINE};
 
-const OUTBOX_READ_LUA: &str = include_str!("outbox_read.lua");
+/// Behind `identity.lua`, which computes the live identity as the reconciliation does.
+const OUTBOX_READ_LUA: &str = concat!(
+    include_str!("identity.lua"),
+    include_str!("outbox_read.lua")
+);
 
 /// How long one `WAIT` for replicas may block the dedicated connection.
 const WAIT_TIMEOUT_MS: i64 = 1000;
@@ -99,7 +104,7 @@ impl ReplicaWait {
 
 /// Outbox entries per `INSERT`: a flash sale issues tens of thousands of coupons in seconds, and
 /// fewer, larger statements keep up with it (3 placeholders a row, well under MySQL's 65 535).
-pub(crate) const ROWS_PER_INSERT: usize = 5000;
+const ROWS_PER_INSERT: usize = 5000;
 
 /// Outbox entries `(member, issue time in ms)`, oldest first, and the identity of the Redis they
 /// were read from.
@@ -116,42 +121,39 @@ pub struct Persister {
     outbox_key: String,
     /// The lane's reconciliation marker (`KeyTemplates::reconciled_marker`).
     marker_key: String,
-    batch_size: usize,
     metrics: Metrics,
     read_script: Script,
     replicas: std::sync::Arc<ReplicaWait>,
 }
 
 impl Persister {
+    /// The persister of the lane whose keys (outbox and reconciliation marker) are `lane`.
     pub fn new(
         client: Client,
         pool: MySqlPool,
-        outbox_key: String,
-        marker_key: String,
-        batch_size: usize,
+        lane: &KeyTemplates,
         metrics: Metrics,
         replicas: std::sync::Arc<ReplicaWait>,
     ) -> Self {
         Self {
             client,
             pool,
-            outbox_key,
-            marker_key,
-            batch_size,
+            outbox_key: lane.outbox.clone(),
+            marker_key: lane.reconciled_marker(),
             metrics,
             read_script: Script::from_lua(OUTBOX_READ_LUA),
             replicas,
         }
     }
 
-    /// Persists and acknowledges up to `batch_size` of the oldest outbox entries. Returns how
+    /// Persists and acknowledges up to [`ROWS_PER_INSERT`] of the oldest outbox entries. Returns how
     /// many; 0 means the outbox was empty.
     pub async fn persist_batch(&self) -> anyhow::Result<usize> {
         let entries = self.read_batch().await?;
         Ok(self.persist_entries(entries, false).await?.0)
     }
 
-    /// Up to `batch_size` of the oldest outbox entries. Fails with `UNRECONCILED` when Redis
+    /// Up to [`ROWS_PER_INSERT`] of the oldest outbox entries. Fails with `UNRECONCILED` when Redis
     /// has not been reconciled since it (re)started.
     pub async fn read_batch(&self) -> anyhow::Result<OutboxEntries> {
         let reply: Vec<Value> = self
@@ -159,7 +161,7 @@ impl Persister {
             .evalsha_with_reload(
                 &self.client,
                 vec![self.outbox_key.clone(), self.marker_key.clone()],
-                vec![self.batch_size.to_string()],
+                vec![ROWS_PER_INSERT.to_string()],
             )
             .await?;
         let mut items = reply.into_iter();

@@ -4,10 +4,7 @@
 -- Returns { identity, member, score, member, score, ... }, or UNRECONCILED (as decide.lua does)
 -- when this Redis has not been reconciled from MySQL yet. The persister inserts the entries only
 -- if MySQL's fence still names this identity (see outbox.rs), so a batch read from a Redis that
--- was since replaced never lands behind the back of the reconciliation.
-local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
-local identity = (run_id or '?') .. ':' .. (replid or '?')
+-- was since replaced never lands behind the back of the reconciliation. Runs behind identity.lua.
 if redis.call('GET', KEYS[2]) ~= identity then
   return redis.error_reply('UNRECONCILED Redis ' .. identity .. ' has not been reconciled from MySQL')
 end

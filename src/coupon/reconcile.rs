@@ -61,22 +61,33 @@ use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 use crate::mysql::{self, MYSQL_DEADLINE};
 
-const MARKER_LUA: &str = include_str!("marker.lua");
-const RECONCILE_LUA: &str = include_str!("reconcile.lua");
-const FORGOTTEN_LUA: &str = include_str!("forgotten.lua");
+/// Every script that compares identities runs behind `identity.lua`, which computes the live
+/// one; `reconcile.lua` and `forgotten.lua` also behind `reconcile_prelude.lua`: the identity
+/// check, the key checks and the stock arithmetic they share.
+const MARKER_LUA: &str = concat!(include_str!("identity.lua"), include_str!("marker.lua"));
+const RECONCILE_LUA: &str = concat!(
+    include_str!("identity.lua"),
+    include_str!("reconcile_prelude.lua"),
+    include_str!("reconcile.lua")
+);
+const FORGOTTEN_LUA: &str = concat!(
+    include_str!("identity.lua"),
+    include_str!("reconcile_prelude.lua"),
+    include_str!("forgotten.lua")
+);
 
 /// Users per `reconcile.lua` call and per MySQL read.
-pub const CHUNK: usize = 2000;
+pub(super) const CHUNK: usize = 2000;
 
 /// Attempts when Redis changes again in the middle of a reconciliation.
 const ATTEMPTS: usize = 5;
 
 /// The error a script returns when the Redis it runs on has not been reconciled.
-pub const UNRECONCILED: &str = "UNRECONCILED";
+pub(super) const UNRECONCILED: &str = "UNRECONCILED";
 const REDIS_CHANGED: &str = "REDIS_CHANGED";
 
 /// Whether `error` (anywhere in its chain) is a script's `UNRECONCILED` refusal.
-pub fn is_unreconciled(error: &anyhow::Error) -> bool {
+pub(super) fn is_unreconciled(error: &anyhow::Error) -> bool {
     error
         .chain()
         .any(|cause| cause.to_string().contains(UNRECONCILED))
@@ -650,7 +661,7 @@ impl Reconciler {
 }
 
 /// Every coupon with a row in `user_coupon` or `ranking_logs`.
-pub async fn coupons_in_mysql(pool: &MySqlPool) -> anyhow::Result<Vec<i64>> {
+pub(super) async fn coupons_in_mysql(pool: &MySqlPool) -> anyhow::Result<Vec<i64>> {
     let (mut issued, logged) = mysql::with_deadline(pool, MYSQL_DEADLINE, |conn| {
         Box::pin(async move {
             let issued: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT coupon_id FROM user_coupon")

@@ -20,8 +20,8 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{LiveRanking, RankingRebuild, WhenLocked, day_at};
-use crate::control::Control;
+use super::{LiveRanking, RankingRebuild, WhenLocked, day_at, latest_plausible_day};
+use crate::control::{self, Control};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::schedule::Clock;
@@ -41,9 +41,11 @@ struct Due {
 }
 
 impl Due {
-    fn met_by(&self, live: Option<&LiveRanking>) -> bool {
+    /// Whether `live` is the ranking due. One dated after `latest` (the latest day that may be
+    /// live now) is from the future — a clock that ran ahead, a mistyped date — and is not.
+    fn met_by(&self, live: Option<&LiveRanking>, latest: NaiveDate) -> bool {
         live.is_some_and(|live| {
-            live.day > self.day
+            (live.day > self.day && live.day <= latest)
                 || (live.day == self.day
                     // built_at has whole seconds; the tick's second counts.
                     && self.not_before.is_none_or(|t| live.built_at.timestamp() >= t.timestamp()))
@@ -69,7 +71,7 @@ pub struct RankingKeeper {
 impl RankingKeeper {
     pub fn new(rebuild: RankingRebuild, clock: Arc<dyn Clock>, metrics: Metrics) -> Self {
         Self {
-            rebuild,
+            rebuild: rebuild.with_clock(clock.clone()),
             clock,
             metrics,
             control: None,
@@ -124,8 +126,16 @@ impl RankingKeeper {
             match self.rebuild.live().await {
                 Ok(live) => {
                     self.show(live.as_ref());
-                    if due.met_by(live.as_ref()) {
+                    let latest = latest_plausible_day(self.clock.now(), self.rebuild.timezone());
+                    if due.met_by(live.as_ref(), latest) {
                         return;
+                    }
+                    if let Some(live) = live.as_ref().filter(|live| live.day > latest) {
+                        tracing::warn!(
+                            live_day = %live.day,
+                            today = %self.today(),
+                            "the live ranking is dated after today (a clock that ran ahead, or a mistyped date); treating it as stale and rebuilding"
+                        );
                     }
                 }
                 Err(e) => {
@@ -168,13 +178,17 @@ impl RankingKeeper {
             Ok(_) => ("ok", Attempt::Built),
             Err(_) => ("error", Attempt::NotBuilt),
         };
-        self.metrics.record_run(JOB, elapsed, label);
-        if let Some(control) = &self.control {
-            let error = result.as_ref().err().map(|e| format!("{e:#}"));
-            control
-                .record_run(JOB, started_at, elapsed, label, error)
-                .await;
-        }
+        let error = result.as_ref().err().map(|e| format!("{e:#}"));
+        control::record_run(
+            &self.metrics,
+            self.control.as_ref(),
+            JOB,
+            started_at,
+            elapsed,
+            label,
+            error,
+        )
+        .await;
         match result {
             Ok(_) => {
                 if let Ok(live) = self.rebuild.live().await {

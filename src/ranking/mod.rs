@@ -6,24 +6,28 @@
 //! 1. Take the rebuild lease (a lock with a 10 s TTL, renewed while the rebuild runs, released
 //!    only by its holder) so replicas firing at the same midnight do not all do the work. The
 //!    result is idempotent anyway: the lease saves work, not correctness.
-//! 2. Build the sum into a fresh temporary key, either with one `ZUNIONSTORE` (small windows) or,
-//!    above `chunked_threshold` members, inside Redis a chunk per call (`chunk_add.lua`,
-//!    `chunk_copy.lua`), so no call blocks Redis for long (a ZUNIONSTORE of 3 × 1 000 000
-//!    members blocks it for seconds) and the worker never holds more than one chunk.
+//! 2. Build the sum into a fresh temporary key (its TTL set in the same atomic step), either with
+//!    one `ZUNIONSTORE` (small windows) or, above `chunked_threshold` members, inside Redis a
+//!    chunk per call (`chunk_add.lua`: each member summed once, written straight into the
+//!    temporary key), so no call blocks Redis for long (a ZUNIONSTORE of 3 × 1 000 000 members
+//!    blocks it for seconds) and the worker never holds more than one chunk.
 //! 3. Swap the temporary key in with one Lua call (`swap.lua`), which also records the day,
 //!    token and time of the live ranking. Readers see the old ranking or the new one, never a
-//!    missing or half-built one.
+//!    missing or half-built one: the swap refuses a temporary key that does not hold as many
+//!    members as the build added (Redis lost some meanwhile), and the rebuild builds again.
 //! 4. Prune: `SCAN` for every daily key and `UNLINK` those older than the window — including days
 //!    missed while the worker was down, never a day inside or after the window. Window keys get
 //!    an `EXPIREAT` as a safety net.
 //!
 //! Every call is safe to send twice (fred resends a command whose connection dropped before its
-//! reply came): the swap and each chunk carry a token or step number Redis remembers, and
-//! everything else overwrites.
+//! reply came): the swap carries a token and each chunk a step number Redis remembers (the
+//! build's ledger), and everything else overwrites.
 //!
 //! Days are calendar days in `[ranking] timezone`; the API must name daily keys the same way.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -42,6 +46,7 @@ pub use keeper::RankingKeeper;
 use crate::config::RankingConfig;
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
+use crate::schedule::{Clock, SystemClock};
 
 const SWAP_LUA: &str = include_str!("swap.lua");
 
@@ -61,17 +66,41 @@ return 0
 "#;
 
 const CHUNK_ADD_LUA: &str = include_str!("chunk_add.lua");
-const CHUNK_COPY_LUA: &str = include_str!("chunk_copy.lua");
 
-/// Members read or written per call by the chunked strategy (a call blocks Redis ~5 ms here):
-/// larger chunks mean fewer round trips, smaller ones shorter stalls for other clients. At most
-/// 2000: `chunk_add.lua` spreads a chunk's members onto Lua's stack.
+/// ZUNIONSTORE of the window's daily keys (KEYS[2..], weights ARGV[2..]) into the temporary key
+/// KEYS[1], which gets its TTL (ARGV[1] seconds) in the same atomic step: a worker killed right
+/// after never leaves it behind for good. Safe to run twice (it overwrites). Returns the number of
+/// members stored.
+const UNION_LUA: &str = r#"#!lua
+local args = { KEYS[1], #KEYS - 1 }
+for i = 2, #KEYS do args[#args + 1] = KEYS[i] end
+args[#args + 1] = 'WEIGHTS'
+for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
+local n = redis.call('ZUNIONSTORE', unpack(args))
+if n > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"#;
+
+/// The Redis time a chunk call aims at: chunks grow or shrink towards it (Redis reports each
+/// call's time), so a call blocks other clients this long whatever the machine. With
+/// [`IN_FLIGHT`] calls queued, another client waits for two at most.
+const CALL_BUDGET: Duration = Duration::from_millis(8);
+/// The first chunk's size, before any call was timed.
+const FIRST_CHUNK: u64 = 1000;
+const MIN_CHUNK: u64 = 100;
+const MAX_CHUNK: u64 = 50_000;
+/// Entries per chunk when the worker reads a daily key in another cluster slot itself.
 const CHUNK: usize = 2000;
 /// Chunk calls of a settled source sent before the first reply comes back. Redis runs them one
 /// after the other, so another client may wait for this many calls at most.
 const IN_FLIGHT: usize = 2;
+/// Builds of one rebuild: a build whose result lost members before the swap is built again.
+const BUILD_ATTEMPTS: u32 = 3;
+/// A live ranking dated after the day of now + this is from the future (see
+/// [`latest_plausible_day`]).
+const FUTURE_TOLERANCE: chrono::Duration = chrono::Duration::minutes(10);
 /// A daily key may still be written this long after its day ended (a sale at 23:59:59 reaching
-/// the API a moment later); until then the chunked strategy snapshots it before summing.
+/// the API a moment later); until then the chunked strategy walks it with ZSCAN, not by rank.
 const SETTLE_GRACE: chrono::Duration = chrono::Duration::hours(1);
 /// The rebuild lock is a lease: it expires this long after its last renewal, so a replica that
 /// died mid-rebuild holds it for seconds, not minutes.
@@ -153,11 +182,18 @@ pub struct RankingRebuild {
     metrics: Metrics,
     /// Overrides the size-based choice (benchmarks and tests compare both).
     forced_strategy: Option<Strategy>,
+    /// Tells which live rankings are dated in the future (the keeper's clock, for tests).
+    clock: Arc<dyn Clock>,
 }
 
 /// The SHA1 the swap script is called by (EVALSHA), for tests that lose its reply on purpose.
 pub fn swap_script_sha() -> String {
     Script::from_lua(SWAP_LUA).sha1().to_string()
+}
+
+/// The SHA1 of the ZUNIONSTORE strategy's script, for tests that lose its reply on purpose.
+pub fn union_script_sha() -> String {
+    Script::from_lua(UNION_LUA).sha1().to_string()
 }
 
 /// The SHA1 of the chunked strategy's adding script, for tests that lose its reply on purpose.
@@ -202,12 +238,19 @@ impl RankingRebuild {
             config,
             metrics,
             forced_strategy: None,
+            clock: Arc::new(SystemClock),
         }
     }
 
     /// The zone whose calendar days the daily keys are named after.
     pub fn timezone(&self) -> Tz {
         self.config.timezone
+    }
+
+    /// Reads "now" from `clock` when telling a live ranking dated in the future.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn with_strategy(mut self, strategy: Strategy) -> Self {
@@ -261,8 +304,11 @@ impl RankingRebuild {
         };
         lease.release(&self.client).await;
         if result.is_err() {
-            // Best effort: the temporary key also expires by itself.
-            let _: Result<u64, _> = self.client.unlink(self.keys.ranking_temp(&token)).await;
+            // Best effort: the temporary keys also expire by themselves.
+            let temps: Vec<String> = (1..=BUILD_ATTEMPTS)
+                .map(|attempt| self.keys.ranking_temp(&build_id(&token, attempt)))
+                .collect();
+            let _ = crate::backends::unlink_keys(&self.client, &temps).await;
         }
         result?;
         report.elapsed = started.elapsed();
@@ -334,8 +380,7 @@ impl RankingRebuild {
             .map(|(d, w)| (self.keys.ranking_day(*d), *w))
             .collect();
         for (key, _) in &day_keys {
-            let size: u64 = self.client.zcard(key).await?;
-            report.source_members += size;
+            report.source_members += self.daily_size(key).await?;
         }
         // On Redis Cluster, ZUNIONSTORE needs the daily keys in the temporary key's slot.
         let one_slot = !self.client.is_clustered() || self.keys.ranking_in_one_slot();
@@ -347,56 +392,120 @@ impl RankingRebuild {
             },
         );
         report.strategy = Some(strategy);
-        let temp = self.keys.ranking_temp(token);
-        match strategy {
-            Strategy::Zunionstore => {
-                let keys: Vec<String> = day_keys.iter().map(|(k, _)| k.clone()).collect();
-                let weights: Vec<f64> = day_keys.iter().map(|(_, w)| *w).collect();
-                // An empty result deletes `temp` instead of creating it: the swap handles that.
-                let _: i64 = self
-                    .client
-                    .zunionstore(&temp, keys, weights, None)
-                    .await
-                    .context("ZUNIONSTORE")?;
-                let _: bool = self.client.expire(&temp, TEMP_KEY_TTL_SECS, None).await?;
-            }
-            Strategy::Chunked => self.build_chunked(window, &temp, token).await?,
-        }
-        // Whether the temporary key must exist is decided by the window, not by looking at the
-        // key: a key lost meanwhile (a failover to a replica that had not received it, a restart
-        // from an older snapshot) would otherwise pass for an empty window, and the swap would
-        // delete the ranking and record the day as built. The swap then refuses, and the
-        // rebuild fails and is retried.
-        let swap = self
-            .swap(
-                token,
-                day,
-                &temp,
-                report.source_members > 0,
-                when_locked == WhenLocked::Skip,
-            )
-            .await?;
-        match swap {
-            Swap::Live { products } => report.products = products,
-            Swap::LaterDayLive { day: live_day } => {
-                report.superseded_by = Some(live_day);
-                return Ok(());
+        self.expire_abandoned_builds().await;
+        // A scheduled run never replaces a ranking built for a later day, unless that day is
+        // after today: a record from the future (a clock that ran ahead, a typo before dates
+        // were checked) would otherwise block every rebuild until its day came.
+        let refuse_until = (when_locked == WhenLocked::Skip).then(|| self.latest_plausible_day());
+        for attempt in 1..=BUILD_ATTEMPTS {
+            let temp = self.keys.ranking_temp(&build_id(token, attempt));
+            // How many members the temporary key must hold: counted by the build itself, so a
+            // key (or part of one) lost meanwhile — a failover to a replica that had not
+            // received it, a restart from an older snapshot, an eviction — is never swapped in
+            // as if it were the whole window. The swap checks it in the same atomic step.
+            let expected = match strategy {
+                Strategy::Zunionstore => self.build_union(&day_keys, &temp).await?,
+                Strategy::Chunked => {
+                    self.build_chunked(window, &temp, &build_id(token, attempt))
+                        .await?
+                }
+            };
+            match self.swap(token, day, &temp, expected, refuse_until).await? {
+                Swap::Live { products, replaced } => {
+                    report.products = products;
+                    if let Some(replaced) = replaced.filter(|d| *d > self.latest_plausible_day()) {
+                        tracing::warn!(
+                            %replaced,
+                            "replaced a live ranking dated after today (a clock that ran ahead, or a mistyped date)"
+                        );
+                    }
+                    break;
+                }
+                Swap::LaterDayLive { day: live_day } => {
+                    report.superseded_by = Some(live_day);
+                    return Ok(());
+                }
+                Swap::Incomplete { found } => {
+                    let _: Result<u64, _> = self.client.unlink(&temp).await;
+                    tracing::warn!(
+                        expected,
+                        found,
+                        attempt,
+                        "the built ranking lost members before the swap (Redis restarted, failed over or evicted it); the live ranking was left in place"
+                    );
+                    if attempt == BUILD_ATTEMPTS {
+                        anyhow::bail!(
+                            "swap refused {BUILD_ATTEMPTS} times: the built ranking held {found} of its {expected} members (Redis lost part of it); the live ranking was left in place"
+                        );
+                    }
+                }
             }
         }
         report.pruned = self.prune(day, window).await?;
         Ok(())
     }
 
-    /// Swaps `temp` in (see `swap.lua`). A reply lost on the way is harmless whether or not the
-    /// client resends the call: a resent call finds its own token live, and a call that failed
-    /// is checked against the live record before it counts as failed.
+    /// `ZCARD` of a daily key, naming the key when it fails (a key of another type).
+    async fn daily_size(&self, key: &str) -> anyhow::Result<u64> {
+        self.client
+            .zcard(key)
+            .await
+            .with_context(|| format!("reading the daily ranking key {key}"))
+    }
+
+    /// The latest day a live ranking may be for: later than that, its record is from the future.
+    fn latest_plausible_day(&self) -> NaiveDate {
+        latest_plausible_day(self.clock.now(), self.config.timezone)
+    }
+
+    /// Gives a TTL to temporary keys left without one (by a version that set it in a separate
+    /// step, killed in between). Runs under the lease, so no other build is writing them.
+    async fn expire_abandoned_builds(&self) {
+        let temps = match crate::backends::scan_keys(&self.client, &self.keys.ranking_temp("*"))
+            .await
+        {
+            Ok(temps) => temps,
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "could not look for abandoned temporary keys");
+                return;
+            }
+        };
+        for temp in temps {
+            if self.client.ttl::<i64, _>(&temp).await.ok() == Some(-1) {
+                tracing::info!(key = %temp, "an abandoned rebuild's temporary key had no expiry; it expires in {TEMP_KEY_TTL_SECS} s");
+                let _: Result<bool, _> = self.client.expire(&temp, TEMP_KEY_TTL_SECS, None).await;
+            }
+        }
+    }
+
+    /// One `ZUNIONSTORE` into `temp`, which gets its TTL in the same atomic step (`UNION_LUA`).
+    /// Returns the members stored.
+    async fn build_union(&self, day_keys: &[(String, f64)], temp: &str) -> anyhow::Result<u64> {
+        let mut keys = vec![temp.to_owned()];
+        keys.extend(day_keys.iter().map(|(k, _)| k.clone()));
+        let mut args = vec![TEMP_KEY_TTL_SECS.to_string()];
+        args.extend(day_keys.iter().map(|(_, w)| w.to_string()));
+        // Safe to run twice: it overwrites `temp`.
+        let script = Script::from_lua(UNION_LUA);
+        resend_on_error(|| script.evalsha_with_reload(&self.client, keys.clone(), args.clone()))
+            .await
+            .with_context(|| {
+                let names: Vec<&str> = day_keys.iter().map(|(k, _)| k.as_str()).collect();
+                format!("ZUNIONSTORE of the daily ranking keys {names:?}")
+            })
+    }
+
+    /// Swaps `temp` in (see `swap.lua`) if it holds `expected` members. A reply lost on the way
+    /// is harmless whether or not the client resends the call: a resent call finds its own token
+    /// live, and a call that failed is checked against the live record before it counts as
+    /// failed.
     async fn swap(
         &self,
         token: &str,
         day: NaiveDate,
         temp: &str,
-        has_temp: bool,
-        refuse_later_day: bool,
+        expected: u64,
+        refuse_until: Option<NaiveDate>,
     ) -> anyhow::Result<Swap> {
         let keys = vec![
             temp.to_owned(),
@@ -407,13 +516,13 @@ impl RankingRebuild {
         let args = vec![
             token.to_owned(),
             day.to_string(),
-            if has_temp { "1" } else { "0" }.to_owned(),
-            if refuse_later_day { "1" } else { "0" }.to_owned(),
+            expected.to_string(),
+            refuse_until.map(|d| d.to_string()).unwrap_or_default(),
         ];
-        let called: Result<(String, u64, String), _> = Script::from_lua(SWAP_LUA)
+        let called: Result<(String, u64, String, String), _> = Script::from_lua(SWAP_LUA)
             .evalsha_with_reload(&self.client, keys, args)
             .await;
-        let (status, products, live_day) = match called {
+        let (status, products, live_day, detail) = match called {
             Ok(reply) => reply,
             Err(e) => {
                 // The script may have run and only its reply been lost.
@@ -423,44 +532,55 @@ impl RankingRebuild {
                     .context("checking the swap after an error")?;
                 if live.as_ref().is_some_and(|l| l.token == token) {
                     let products: u64 = self.client.zcard(&self.keys.ranking_window).await?;
-                    return Ok(Swap::Live { products });
+                    return Ok(Swap::Live {
+                        products,
+                        replaced: None,
+                    });
                 }
                 return Err(anyhow::Error::new(e).context("swapping the new ranking in"));
             }
         };
         match status.as_str() {
-            "swapped" | "already" => Ok(Swap::Live { products }),
+            "swapped" | "already" => Ok(Swap::Live {
+                products,
+                replaced: detail.parse().ok(),
+            }),
             "later_day_live" => Ok(Swap::LaterDayLive {
                 day: live_day.parse().context("the live record's day")?,
             }),
-            other => anyhow::bail!(
-                "swap refused ({other}): this rebuild's temporary key is gone; the live ranking was left in place"
-            ),
+            "incomplete" => Ok(Swap::Incomplete {
+                found: detail.parse().unwrap_or(0),
+            }),
+            other => anyhow::bail!("unexpected reply from the swap script: {other}"),
         }
     }
 
-    /// Sums the window inside Redis, one chunk per call (see `chunk_add.lua`), so that no call
-    /// blocks Redis for long and the worker holds at most one chunk.
+    /// Sums the window inside Redis into `temp`, one chunk per call (see `chunk_add.lua`), so
+    /// that no call blocks Redis for long and the worker holds at most one chunk. Returns the
+    /// members added (the members `temp` must hold).
     ///
-    /// A daily key that may still be written (today's, or one whose day ended less than
-    /// [`SETTLE_GRACE`] ago) cannot be read by rank: a score that changes moves members between
-    /// chunks, and a member read twice would be counted twice. Such a key is read with ZSCAN and
-    /// written with ZADD, where a member seen twice is harmless: the first of them (the largest)
-    /// straight into the empty temporary key, any other into a snapshot that is then summed like
-    /// a settled day. Settled days are summed by rank; from the daily key itself when it shares
-    /// the temporary key's slot, else read by the worker a chunk at a time (Redis Cluster).
+    /// The daily keys are walked smallest first (the first one walked needs a lookup per member
+    /// in each of the others, the last one none). Settled days are walked by rank, several calls
+    /// in flight. A daily key that may still be written (today's, or one whose day ended less
+    /// than [`SETTLE_GRACE`] ago) cannot be walked by fixed ranks: a member whose sales rise
+    /// moves the others down, and one could slip behind the walk. It is walked one call at a
+    /// time, each going on after the last member the previous one read (sales only raise scores,
+    /// so a member not read yet stays ahead of it; one read twice is left alone the second time).
+    /// (ZSCAN, which needs no such assumption, costs ~4× as much Redis time per member here.) When
+    /// a daily key is not in the temporary key's cluster slot, the worker reads (ZSCAN for a day
+    /// still written) and looks up each chunk itself, and only the adding runs in Redis.
     async fn build_chunked(
         &self,
         window: &[(NaiveDate, f64)],
         temp: &str,
-        token: &str,
-    ) -> anyhow::Result<()> {
-        let progress = self.keys.ranking_temp(&format!("{token}:progress"));
-        let mut owned = vec![progress.clone()];
-        let result = self
-            .sum_chunks(window, temp, token, &progress, &mut owned)
-            .await;
-        let _ = crate::backends::unlink_keys(&self.client, &owned).await;
+        build: &str,
+    ) -> anyhow::Result<u64> {
+        let ledger = self.keys.ranking_temp(&format!("{build}:ledger"));
+        let result = self.sum_chunks(window, temp, &ledger).await;
+        let _ = crate::backends::unlink_keys(&self.client, std::slice::from_ref(&ledger)).await;
+        if result.is_err() {
+            let _: Result<u64, _> = self.client.unlink(temp).await;
+        }
         result
     }
 
@@ -468,16 +588,17 @@ impl RankingRebuild {
         &self,
         window: &[(NaiveDate, f64)],
         temp: &str,
-        token: &str,
-        progress: &str,
-        owned: &mut Vec<String>,
-    ) -> anyhow::Result<()> {
+        ledger: &str,
+    ) -> anyhow::Result<u64> {
         let now = Utc::now();
         let mut sources = Vec::with_capacity(window.len());
         for (day, weight) in window {
             let key = self.keys.ranking_day(*day);
-            let size: u64 = self.client.zcard(&key).await?;
+            let size = self.daily_size(&key).await?;
             let ends = start_of_day(*day + Days::new(1), self.config.timezone);
+            if size == 0 {
+                continue;
+            }
             sources.push(Source {
                 same_slot: !self.client.is_clustered()
                     || crate::keys::hash_tag(&key) == crate::keys::hash_tag(temp),
@@ -487,211 +608,223 @@ impl RankingRebuild {
                 size,
             });
         }
-        // The running sum, a HASH in the temporary key's slot.
-        let sum = self.keys.ranking_temp(&format!("{token}:sum"));
-        owned.push(sum.clone());
-        // The first source goes into the empty running sum by SCAN (either way is right for
-        // it); the largest of those that may still change saves the most snapshotting.
-        let first = sources
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.size > 0)
-            .max_by_key(|(_, s)| (!s.settled, s.size))
-            .map(|(i, _)| i);
-        let Some(first) = first else {
-            return Ok(()); // an empty window: no temporary key, an empty ranking
+        sources.sort_by_key(|s| (s.size, !s.settled));
+        let mut walk = Walk {
+            temp,
+            ledger,
+            step: 0,
+            added: 0,
+            chunk: FIRST_CHUNK,
         };
-        self.copy_scanned(&sources[first], &sum, Copy::ZsetToHash)
-            .await?;
-        let mut steps = 0_u64;
         for (i, source) in sources.iter().enumerate() {
-            if source.size == 0 || i == first {
-                continue;
-            }
-            if source.settled {
-                self.add_ranked(source, &sum, progress, &mut steps).await?;
-                continue;
-            }
-            let snapshot = self.keys.ranking_temp(&format!("{token}:snapshot:{i}"));
-            owned.push(snapshot.clone());
-            let raw = Source {
-                weight: 1.0,
-                ..source.clone()
+            let later = &sources[i + 1..];
+            // The first key walked finds the result empty, and the last one's ZADD NX leaves
+            // alone what the result holds: only the keys in between drop members first.
+            let filter = i > 0 && !later.is_empty();
+            let result = if source.same_slot && later.iter().all(|s| s.same_slot) {
+                if source.settled {
+                    self.walk_ranks(&mut walk, source, later, filter).await
+                } else {
+                    self.walk_after(&mut walk, source, later, filter).await
+                }
+            } else {
+                self.walk_in_worker(&mut walk, source, later, filter).await
             };
-            self.copy_scanned(&raw, &snapshot, Copy::ZsetToZset).await?;
-            let snapshot = Source {
-                key: snapshot,
-                same_slot: true,
-                settled: true,
-                ..source.clone()
-            };
-            self.add_ranked(&snapshot, &sum, progress, &mut steps)
-                .await?;
+            result.with_context(|| format!("summing the daily ranking key {}", source.key))?;
         }
-        let finished = Source {
-            key: sum,
-            weight: 1.0,
-            size: 0,
-            same_slot: true,
-            settled: true,
-        };
-        self.copy_scanned(&finished, temp, Copy::HashToZset).await
+        Ok(walk.added)
     }
 
-    /// SCANs `source` and writes each page, times its weight, into `dest` (see
-    /// `chunk_copy.lua`): in one script when they share a slot, else through the worker a page
-    /// at a time.
-    async fn copy_scanned(&self, source: &Source, dest: &str, copy: Copy) -> anyhow::Result<()> {
-        if source.same_slot {
-            let script = Script::from_lua(CHUNK_COPY_LUA);
-            let mut cursor = "0".to_owned();
-            loop {
-                let args = vec![
-                    cursor,
-                    CHUNK.to_string(),
-                    source.weight.to_string(),
-                    TEMP_KEY_TTL_SECS.to_string(),
-                    copy.mode().to_owned(),
-                ];
-                cursor = resend_on_error(|| {
-                    script.evalsha_with_reload(
-                        &self.client,
-                        vec![dest.to_owned(), source.key.clone()],
-                        args.clone(),
+    /// The `chunk_add.lua` call for one chunk of `source` read in Redis: `mode` and its own
+    /// arguments.
+    fn chunk_call(
+        &self,
+        walk: &mut Walk<'_>,
+        source: &Source,
+        later: &[Source],
+        filter: bool,
+        mode: (&'static str, Vec<Value>),
+    ) -> impl Future<Output = anyhow::Result<ChunkReply>> + Send + 'static {
+        walk.step += 1;
+        let mut keys = vec![
+            walk.temp.to_owned(),
+            walk.ledger.to_owned(),
+            source.key.clone(),
+        ];
+        keys.extend(later.iter().map(|s| s.key.clone()));
+        let mut args: Vec<Value> = walk
+            .head(mode.0, filter, source.weight, later)
+            .into_iter()
+            .map(Value::from)
+            .collect();
+        args.extend(mode.1);
+        let client = self.client.clone();
+        async move {
+            let script = Script::from_lua(CHUNK_ADD_LUA);
+            let reply: (u64, u64, u64, Value, String) =
+                resend_on_error(|| script.evalsha_with_reload(&client, keys.clone(), args.clone()))
+                    .await?;
+            Ok(ChunkReply {
+                added: reply.0,
+                read: reply.1,
+                micros: reply.2,
+                last_member: reply.3,
+                last_score: reply.4,
+            })
+        }
+    }
+
+    /// Walks a settled `source` by rank: its chunks are known up front, so [`IN_FLIGHT`] calls
+    /// travel at once and Redis never waits for the worker.
+    async fn walk_ranks(
+        &self,
+        walk: &mut Walk<'_>,
+        source: &Source,
+        later: &[Source],
+        filter: bool,
+    ) -> anyhow::Result<()> {
+        let mut pending = futures_util::stream::FuturesOrdered::new();
+        let mut start = 0_u64;
+        loop {
+            while pending.len() < IN_FLIGHT && start < source.size {
+                let stop = start + walk.chunk - 1;
+                pending.push_back(self.chunk_call(
+                    walk,
+                    source,
+                    later,
+                    filter,
+                    (
+                        "rank",
+                        vec![start.to_string().into(), stop.to_string().into()],
+                    ),
+                ));
+                start = stop + 1;
+            }
+            let Some(reply) = pending.next().await else {
+                return Ok(());
+            };
+            walk.record(&reply?);
+        }
+    }
+
+    /// Walks `source`, which may still be written, by rank from the last member read (see
+    /// `chunk_add.lua`, mode `after`): one call at a time, each continuing after the previous
+    /// one's last member, until a call reads less than a chunk.
+    async fn walk_after(
+        &self,
+        walk: &mut Walk<'_>,
+        source: &Source,
+        later: &[Source],
+        filter: bool,
+    ) -> anyhow::Result<()> {
+        let mut anchor = (Value::from(""), String::new());
+        loop {
+            let count = walk.chunk;
+            let mode = (
+                "after",
+                vec![anchor.0, anchor.1.into(), count.to_string().into()],
+            );
+            let reply = self.chunk_call(walk, source, later, filter, mode).await?;
+            walk.record(&reply);
+            if reply.read < count {
+                return Ok(());
+            }
+            anchor = (reply.last_member, reply.last_score);
+        }
+    }
+
+    /// Walks `source` when it, or a key walked after it, lives in another cluster slot than the
+    /// temporary key: the worker reads each chunk, looks it up in the later keys and sums it;
+    /// `chunk_add.lua` only adds the sums. Slower (several round trips per chunk), and only ever
+    /// holds one chunk.
+    async fn walk_in_worker(
+        &self,
+        walk: &mut Walk<'_>,
+        source: &Source,
+        later: &[Source],
+        filter: bool,
+    ) -> anyhow::Result<()> {
+        if source.settled {
+            let mut start = 0_i64;
+            while (start as u64) < source.size {
+                let chunk: Vec<(Value, f64)> = self
+                    .client
+                    .zrange(
+                        source.key.as_str(),
+                        start,
+                        start + CHUNK as i64 - 1,
+                        None,
+                        false,
+                        None,
+                        true,
                     )
-                })
-                .await
-                .context("copying a SCAN page")?;
-                if cursor == "0" {
+                    .await?;
+                if chunk.is_empty() {
                     return Ok(());
                 }
+                self.add_in_worker(walk, source, later, filter, chunk)
+                    .await?;
+                start += CHUNK as i64;
             }
+            return Ok(());
         }
-        // Only daily keys live in other slots: they are sorted sets.
         let pages = self
             .client
             .zscan(source.key.as_str(), "*", Some(CHUNK as u32));
         futures_util::pin_mut!(pages);
         while let Some(mut page) = pages.try_next().await? {
             let entries = page.take_results().unwrap_or_default();
-            if entries.is_empty() {
-                continue;
+            if !entries.is_empty() {
+                self.add_in_worker(walk, source, later, filter, entries)
+                    .await?;
             }
-            match copy {
-                Copy::ZsetToHash => {
-                    let fields: Vec<(Value, Value)> = entries
-                        .into_iter()
-                        .map(|(member, score)| {
-                            (member, Value::from((score * source.weight).to_string()))
-                        })
-                        .collect();
-                    let _: i64 = self.client.hset(dest, fields).await?;
-                }
-                Copy::ZsetToZset | Copy::HashToZset => {
-                    let weighted: Vec<(f64, Value)> = entries
-                        .into_iter()
-                        .map(|(member, score)| (score * source.weight, member))
-                        .collect();
-                    let _: i64 = self
-                        .client
-                        .zadd(dest, None, None, false, false, weighted)
-                        .await?;
-                }
-            }
-            let _: bool = self.client.expire(dest, TEMP_KEY_TTL_SECS, None).await?;
         }
         Ok(())
     }
 
-    /// Adds `source`, times its weight, into the running sum by rank chunks; `source` must not
-    /// change meanwhile.
-    async fn add_ranked(
+    async fn add_in_worker(
         &self,
+        walk: &mut Walk<'_>,
         source: &Source,
-        sum: &str,
-        progress: &str,
-        steps: &mut u64,
+        later: &[Source],
+        filter: bool,
+        mut entries: Vec<(Value, f64)>,
     ) -> anyhow::Result<()> {
+        if filter {
+            let members: Vec<Value> = entries.iter().map(|(m, _)| m.clone()).collect();
+            let present: Vec<Option<f64>> = self.client.zmscore(walk.temp, members).await?;
+            let mut present = present.into_iter();
+            entries.retain(|_| present.next().flatten().is_none());
+            if entries.is_empty() {
+                return Ok(());
+            }
+        }
+        let mut sums: Vec<f64> = entries.iter().map(|(_, s)| s * source.weight).collect();
+        for other in later {
+            let members: Vec<Value> = entries.iter().map(|(m, _)| m.clone()).collect();
+            let found: Vec<Option<f64>> = self.client.zmscore(other.key.as_str(), members).await?;
+            for (sum, score) in sums.iter_mut().zip(found) {
+                *sum += score.unwrap_or(0.0) * other.weight;
+            }
+        }
+        walk.step += 1;
+        let mut args: Vec<Value> = walk
+            .head("given", false, 1.0, &[])
+            .into_iter()
+            .map(Value::from)
+            .collect();
+        for ((member, _), sum) in entries.into_iter().zip(sums) {
+            args.push(Value::from(sum.to_string()));
+            args.push(member);
+        }
+        let keys = vec![walk.temp.to_owned(), walk.ledger.to_owned()];
         let script = Script::from_lua(CHUNK_ADD_LUA);
-        let head = |step: u64| {
-            vec![
-                step.to_string(),
-                source.weight.to_string(),
-                TEMP_KEY_TTL_SECS.to_string(),
-            ]
-        };
-        if source.same_slot {
-            // Nothing writes the source, so its chunks are known up front, and each remembers its
-            // own step: [`IN_FLIGHT`] calls travel at once to hide the round trips.
-            let size: u64 = self.client.zcard(&source.key).await?;
-            let chunks = size.div_ceil(CHUNK as u64);
-            let first_step = *steps + 1;
-            *steps += chunks;
-            let calls = (0..chunks).map(|i| {
-                let mut args = head(first_step + i);
-                let start = i * CHUNK as u64;
-                args.push(start.to_string());
-                args.push((start + CHUNK as u64 - 1).to_string());
-                let (script, keys) = (
-                    &script,
-                    vec![sum.to_owned(), progress.to_owned(), source.key.clone()],
-                );
-                async move {
-                    resend_on_error(|| {
-                        script.evalsha_with_reload::<u64, _, _>(
-                            &self.client,
-                            keys.clone(),
-                            args.clone(),
-                        )
-                    })
-                    .await
-                }
-            });
-            let mut results = futures_util::stream::iter(calls).buffered(IN_FLIGHT);
-            while let Some(result) = results.next().await {
-                result.context("adding a chunk")?;
-            }
-            return Ok(());
-        }
-        let mut start = 0_i64;
-        loop {
-            *steps += 1;
-            let chunk: Vec<(Value, f64)> = self
-                .client
-                .zrange(
-                    source.key.as_str(),
-                    start,
-                    start + CHUNK as i64 - 1,
-                    None,
-                    false,
-                    None,
-                    true,
-                )
-                .await?;
-            if chunk.is_empty() {
-                return Ok(());
-            }
-            let read = chunk.len();
-            let mut args: Vec<Value> = head(*steps).into_iter().map(Value::from).collect();
-            args.reserve(chunk.len() * 2);
-            for (member, score) in chunk {
-                args.push(member);
-                args.push(Value::from(score.to_string()));
-            }
-            let _: u64 = resend_on_error(|| {
-                script.evalsha_with_reload(
-                    &self.client,
-                    vec![sum.to_owned(), progress.to_owned()],
-                    args.clone(),
-                )
-            })
-            .await
-            .context("adding a chunk")?;
-            if read < CHUNK {
-                return Ok(());
-            }
-            start += CHUNK as i64;
-        }
+        let reply: (u64, u64, u64, Value, String) = resend_on_error(|| {
+            script.evalsha_with_reload(&self.client, keys.clone(), args.clone())
+        })
+        .await?;
+        walk.added += reply.0;
+        Ok(())
     }
 
     /// Deletes daily keys older than the window and sets the safety-net expiry on the rest.
@@ -784,25 +917,7 @@ where
     }
 }
 
-/// What `chunk_copy.lua` copies (its ARGV[5]).
-#[derive(Clone, Copy)]
-enum Copy {
-    ZsetToHash,
-    ZsetToZset,
-    HashToZset,
-}
-
-impl Copy {
-    fn mode(self) -> &'static str {
-        match self {
-            Copy::ZsetToHash => "zset_to_hash",
-            Copy::ZsetToZset => "zset_to_zset",
-            Copy::HashToZset => "hash_to_zset",
-        }
-    }
-}
-
-/// A daily key as the chunked strategy reads it.
+/// A daily key as the chunked strategy walks it.
 #[derive(Clone)]
 struct Source {
     key: String,
@@ -814,9 +929,81 @@ struct Source {
     settled: bool,
 }
 
+/// One chunked build's progress: its keys, the next step number, the members added so far and
+/// the chunk size, adapted so that a call takes about [`CALL_BUDGET`] of Redis' time.
+struct Walk<'a> {
+    temp: &'a str,
+    ledger: &'a str,
+    step: u64,
+    added: u64,
+    chunk: u64,
+}
+
+impl Walk<'_> {
+    /// `chunk_add.lua`'s ARGV up to its mode's own arguments (ARGV[1 .. 6+n]).
+    fn head(&self, mode: &str, filter: bool, weight: f64, later: &[Source]) -> Vec<String> {
+        let mut args = vec![
+            self.step.to_string(),
+            TEMP_KEY_TTL_SECS.to_string(),
+            mode.to_owned(),
+            if filter { "1" } else { "0" }.to_owned(),
+            weight.to_string(),
+            later.len().to_string(),
+        ];
+        args.extend(later.iter().map(|s| s.weight.to_string()));
+        args
+    }
+
+    /// Counts a call's added members and sizes the next chunks after its time: towards
+    /// [`CALL_BUDGET`], at most doubling at a time, within [`MIN_CHUNK`] ..= [`MAX_CHUNK`].
+    fn record(&mut self, reply: &ChunkReply) {
+        self.added += reply.added;
+        if reply.micros == 0 || reply.read == 0 {
+            return; // a replayed step, or an empty page: no measure
+        }
+        let budget = CALL_BUDGET.as_micros() as u64;
+        let fitting = reply.read.saturating_mul(budget) / reply.micros;
+        self.chunk = fitting.clamp(MIN_CHUNK, MAX_CHUNK).min(self.chunk * 2);
+    }
+}
+
+/// `chunk_add.lua`'s reply.
+struct ChunkReply {
+    added: u64,
+    /// Entries of the daily key read by the call.
+    read: u64,
+    /// Redis' time spent in the call (0 when the step was replayed from the ledger).
+    micros: u64,
+    /// The last member read and its score as read: where the next call of mode `after` goes on.
+    last_member: Value,
+    last_score: String,
+}
+
+/// The temporary key's name part for one build of a rebuild (a rebuild builds again when the
+/// swap finds its result incomplete).
+fn build_id(token: &str, attempt: u32) -> String {
+    format!("{token}-{attempt}")
+}
+
+/// The latest day a live ranking may have been built for at `now`: a later one's record is from
+/// the future. [`FUTURE_TOLERANCE`] absorbs clocks a little apart around midnight.
+pub(crate) fn latest_plausible_day(now: DateTime<Utc>, timezone: Tz) -> NaiveDate {
+    day_at(now + FUTURE_TOLERANCE, timezone)
+}
+
 enum Swap {
-    Live { products: u64 },
-    LaterDayLive { day: NaiveDate },
+    /// Swapped in (or already live). `replaced`: the day of the ranking it replaced.
+    Live {
+        products: u64,
+        replaced: Option<NaiveDate>,
+    },
+    LaterDayLive {
+        day: NaiveDate,
+    },
+    /// The temporary key held `found` members, not the number the build added.
+    Incomplete {
+        found: u64,
+    },
 }
 
 /// The rebuild lock while this process holds it: a background task renews it every

@@ -18,6 +18,14 @@ pub struct RawFields {
     pub outcomes: String,
 }
 
+impl RawFields {
+    /// The stream entry's fields as `decide.lua` writes them (for tests and the benchmark, which
+    /// `XADD` entries without deciding).
+    pub fn into_fields(self) -> Vec<(&'static str, String)> {
+        vec![("m", self.members), ("r", self.ranks), ("o", self.outcomes)]
+    }
+}
+
 /// A decoded entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogEntry {
@@ -64,7 +72,13 @@ impl LogEntry {
         let mut rows = Vec::with_capacity(members.len());
         for ((member, rank), code) in members.iter().zip(&ranks).zip(codes) {
             let request = parse_member(member).map_err(|e| format!("{member:?}: {e}"))?;
-            let rank: i64 = rank.parse().map_err(|_| format!("rank {rank:?}"))?;
+            // `ranking_logs.rank` is an INT and ranks start at 1: anything else would be written
+            // wrong (clamped or negative), so the entry is dead-lettered instead.
+            let rank: i64 = rank
+                .parse()
+                .ok()
+                .filter(|r| (1..=i64::from(i32::MAX)).contains(r))
+                .ok_or_else(|| format!("rank {rank:?}"))?;
             let outcome = Outcome::from_code(*code)
                 .filter(|o| o.row_name().is_some())
                 .ok_or_else(|| format!("outcome {:?}", char::from(*code)))?;
@@ -114,8 +128,7 @@ mod tests {
             ranks: "1 2 40".into(),
             outcomes: "ISU".into(),
         };
-        let entry = LogEntry::decode("log", "1700000000123-4", raw.clone())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let entry = LogEntry::decode("log", "1700000000123-4", raw.clone()).unwrap();
         assert_eq!(entry.rows.len(), 3);
         assert_eq!(entry.rows[2].user_id, 5);
         assert_eq!(entry.rows[2].coupon_id, 9);
@@ -140,5 +153,13 @@ mod tests {
         assert!(LogEntry::decode("log", "1-0", raw("1:x", "1", "I")).is_err());
         assert!(LogEntry::decode("log", "1-0", raw("1:2", "1", "Q")).is_err());
         assert!(LogEntry::decode("log", "bad", raw("1:2", "1", "I")).is_err());
+        // Ranks start at 1 and fit the table's INT: never written clamped or negative.
+        for rank in ["0", "-5", "2147483648", "99999999999"] {
+            assert!(
+                LogEntry::decode("log", "1-0", raw("1:2", rank, "S")).is_err(),
+                "rank {rank}"
+            );
+        }
+        assert!(LogEntry::decode("log", "1-0", raw("1:2", "2147483647", "S")).is_ok());
     }
 }

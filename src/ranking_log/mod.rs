@@ -1,5 +1,5 @@
 //! The ranking log: one `ranking_logs` row per decided coupon request, exactly once, whatever
-//! crashes, lost replies or pod replacements happen on the way (CONTRACT.md §4).
+//! crashes, lost replies or pod replacements happen on the way (docs/contract.md §4).
 //!
 //! ```text
 //! decide.lua ──XADD (same atomic step as the decisions)──▶ log STREAM (one entry per batch)
@@ -16,6 +16,11 @@
 //!   `XAUTOCLAIM` once it has been idle for [`stream::CLAIM_IDLE`]. A live reader keeps its own
 //!   entries fresh (`XCLAIM … JUSTID`) while MySQL is slow, and at shutdown hands what it could
 //!   not write back at once (marks it idle), so a replacement takes over without waiting.
+//! - **One owner at a time:** a reader that was stalled past the idle time (paused, SIGSTOPped,
+//!   cut off) and finds on waking that another took its entries over leaves them to it: its
+//!   refresh, hand-back, acknowledgement and dead-lettering act only on entries still pending to
+//!   it, and the writer drops lost entries unwritten (it checks before each attempt; metric
+//!   `ranking_log_entries_taken_over_total`). See [`stream`]'s docs.
 //! - **Exactly once:** each entry's rows are inserted in one transaction together with a marker
 //!   row in `ranking_log_batches` whose id is the stream key, entry id and first row (see
 //!   [`LogEntry::batch_id`]). A redelivery after a lost COMMIT reply, a crash between COMMIT and
@@ -40,10 +45,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use fred::prelude::Client;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RankingLogConfig;
+use crate::coupon::LogReady;
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
@@ -78,7 +84,7 @@ pub struct WriterReport {
 pub struct LogPipeline {
     stop: CancellationToken,
     abort: CancellationToken,
-    wake: Arc<Notify>,
+    wake: Arc<LogReady>,
     reader: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<WriterReport>,
     stream: LogStream,
@@ -102,7 +108,7 @@ impl LogPipeline {
         let (tx, rx) = mpsc::channel(capacity);
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::new(LogReady::default());
         let in_hand = stream::InHand::default();
         let reader = LogReader {
             stream: stream.clone(),
@@ -114,6 +120,7 @@ impl LogPipeline {
             wake: wake.clone(),
             poll: config.flush_interval.max(Duration::from_millis(20)) * 4,
             metrics: metrics.clone(),
+            work: Default::default(),
         };
         let writer = LogWriter::new(config, rx, pool, stream.clone(), in_hand.clone(), metrics);
         let reader = tokio::spawn(reader.run(stop.clone(), abort.clone()));
@@ -130,8 +137,13 @@ impl LogPipeline {
         }
     }
 
-    /// Wakes the reader: the drain decided a batch, so there are rows to read.
-    pub fn waker(&self) -> Arc<Notify> {
+    /// This pipeline's consumer name in the log streams' group.
+    pub fn consumer(&self) -> &str {
+        self.stream.consumer()
+    }
+
+    /// How the drain tells the reader which log streams have rows (and wakes it).
+    pub fn waker(&self) -> Arc<LogReady> {
         self.wake.clone()
     }
 

@@ -6,17 +6,31 @@
 //! deliver at most a duplicate that the batch marker makes harmless, the acknowledge and
 //! dead-letter scripts act only on entries still in the stream, and group creation ignores
 //! `BUSYGROUP`.
+//!
+//! **Ownership.** An entry belongs to the consumer whose pending list holds it. A consumer that
+//! was stalled (paused, SIGSTOPped, cut off) past [`CLAIM_IDLE`] may find on waking that another
+//! reader took its entries over with `XAUTOCLAIM`. Every command a consumer runs on entries it
+//! read — refreshing them, handing them back, acknowledging them, dead-lettering them — therefore
+//! first checks, in the same script, that they are still pending *to it* (`XPENDING … consumer`)
+//! and leaves the others alone, returning them as lost; the writer checks the same before each
+//! write attempt and drops lost entries unwritten. So a stale consumer neither takes an entry
+//! back (`XCLAIM` would move it whatever its owner) nor acknowledges one its new owner is writing.
+//! What it cannot prevent is a stall *between* that check and the COMMIT: then both write, and
+//! the batch marker makes the second write nothing. (An entry also stops being pending to its
+//! reader when Redis restarts from a file older than the read: it is then delivered again, to
+//! whichever reader asks first, and the reader that had it drops its copy the same way.)
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::entry::{LogEntry, RawFields};
+use crate::coupon::LogReady;
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 
@@ -35,14 +49,54 @@ pub const MAINTENANCE_EVERY: Duration = Duration::from_secs(2);
 /// Entries read per stream and command.
 const READ_COUNT: u64 = 32;
 
-/// Acknowledges entries whose rows are committed: XACK, XDEL, and the row counter down by the
-/// rows of each entry this call actually deleted (so running it twice subtracts once).
-/// KEYS[1] log stream, KEYS[2] row counter; ARGV[1] group, then pairs (entry id, rows).
+/// `owned(id)`: whether entry `id` of KEYS[1] is pending to consumer ARGV[2] of group ARGV[1].
+/// Shared by the scripts below.
+const OWNED_LUA: &str = r#"
+local function owned(id)
+  return #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) == 1
+end
+"#;
+
+/// `expect_types({{key, type}, …})`: fails the script with `WRONGTYPE`, before it writes
+/// anything, when a key exists with another type.
+const TYPES_LUA: &str = r#"
+local function expect_types(specs)
+  for _, spec in ipairs(specs) do
+    local t = redis.call('TYPE', spec[1])['ok']
+    if t ~= 'none' and t ~= spec[2] then
+      error({ err = 'WRONGTYPE ' .. spec[1] .. ' is a ' .. t .. ', expected a ' .. spec[2] })
+    end
+  end
+end
+"#;
+
+/// Refreshes (ARGV[3] = 0) or hands back (ARGV[3] = a long idle time) the entries ARGV[4..]
+/// still pending to this consumer; leaves the others to whoever holds them now. KEYS[1] log
+/// stream; ARGV: group, consumer, idle ms, ids. Returns the ids this consumer no longer holds.
+const HOLD_LUA: &str = r#"
+local lost = {}
+for i = 4, #ARGV do
+  if owned(ARGV[i]) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"#;
+
+/// Acknowledges entries whose rows are committed and that are still pending to this consumer:
+/// XACK, XDEL, and the row counter down by the rows of each entry this call actually deleted
+/// (so running it twice subtracts once). An entry another consumer took over is left to it (it
+/// finds the marker and acknowledges it). KEYS[1] log stream, KEYS[2] row counter; ARGV[1]
+/// group, ARGV[2] consumer, then pairs (entry id, rows). Returns the rows removed.
 const ACK_LUA: &str = r#"
 local removed = 0
-for i = 2, #ARGV, 2 do
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then removed = removed + tonumber(ARGV[i + 1]) end
+for i = 3, #ARGV, 2 do
+  if owned(ARGV[i]) then
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then removed = removed + tonumber(ARGV[i + 1]) end
+  end
 end
 if removed > 0 and redis.call('TYPE', KEYS[2])['ok'] ~= 'none' then
   if redis.call('DECRBY', KEYS[2], removed) < 0 then redis.call('SET', KEYS[2], '0') end
@@ -50,23 +104,29 @@ end
 return removed
 "#;
 
-/// Moves an entry MySQL rejected for good to the dead-letter stream with the error, once.
-/// KEYS[1] log stream, KEYS[2] row counter, KEYS[3] dead-letter stream; ARGV: group, entry id,
-/// rows, m, r, o, error.
+/// Moves an entry MySQL rejected for good to the dead-letter stream with the error, once, if it
+/// is still pending to this consumer (returns 0 otherwise). KEYS[1] log stream, KEYS[2] row
+/// counter, KEYS[3] dead-letter stream; ARGV: group, consumer, entry id, rows, m, r, o, error.
+/// The key types are checked before anything is written: a script's error does not undo the
+/// writes before it, and an XDEL followed by a failing XADD would lose the entry's rows.
 const DEAD_LUA: &str = r#"
-if redis.call('XDEL', KEYS[1], ARGV[2]) == 1 then
-  redis.call('XADD', KEYS[3], '*', 'stream', KEYS[1], 'id', ARGV[2], 'm', ARGV[4], 'r', ARGV[5],
-    'o', ARGV[6], 'error', ARGV[7])
-  if redis.call('TYPE', KEYS[2])['ok'] ~= 'none' then redis.call('DECRBY', KEYS[2], ARGV[3]) end
+if not owned(ARGV[3]) then return 0 end
+expect_types({ { KEYS[3], 'stream' }, { KEYS[2], 'string' } })
+if redis.call('XDEL', KEYS[1], ARGV[3]) == 1 then
+  redis.call('XADD', KEYS[3], '*', 'stream', KEYS[1], 'id', ARGV[3], 'm', ARGV[5], 'r', ARGV[6],
+    'o', ARGV[7], 'error', ARGV[8])
+  if redis.call('TYPE', KEYS[2])['ok'] ~= 'none' then redis.call('DECRBY', KEYS[2], ARGV[4]) end
 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return 1
 "#;
 
 /// Moves up to ARGV[1] dead-lettered entries back into the log stream as new entries.
 /// KEYS[1] dead-letter stream, KEYS[2] log stream, KEYS[3] row counter. Returns the entries
-/// moved.
+/// moved. The key types are checked first: an XADD followed by a failing INCRBY would leave the
+/// entry in both streams, and every run again would add one more copy (rows written twice).
 const REQUEUE_LUA: &str = r#"
+expect_types({ { KEYS[1], 'stream' }, { KEYS[2], 'stream' }, { KEYS[3], 'string' } })
 local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[1])
 for _, entry in ipairs(entries) do
   local f = {}
@@ -124,6 +184,7 @@ impl InHand {
 pub struct LogStream {
     client: Client,
     consumer: String,
+    hold: Script,
     ack: Script,
     dead: Script,
 }
@@ -137,9 +198,15 @@ impl LogStream {
         Self {
             client,
             consumer: format!("{host}-{}-{}", std::process::id(), &random[..8]),
-            ack: Script::from_lua(ACK_LUA),
-            dead: Script::from_lua(DEAD_LUA),
+            hold: Script::from_lua(format!("{OWNED_LUA}{HOLD_LUA}")),
+            ack: Script::from_lua(format!("{OWNED_LUA}{ACK_LUA}")),
+            dead: Script::from_lua(format!("{OWNED_LUA}{TYPES_LUA}{DEAD_LUA}")),
         }
+    }
+
+    /// This reader's consumer name in the group.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
     }
 
     async fn create_group(&self, stream: &str) -> anyhow::Result<()> {
@@ -232,57 +299,56 @@ impl LogStream {
         Ok((next, entries))
     }
 
-    /// Resets the idle time of entries this consumer holds, so no live reader takes them over
-    /// while MySQL is slow.
-    pub async fn touch(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<()> {
-        for chunk in ids.chunks(500) {
-            let _: Value = self
-                .client
-                .xclaim(
-                    stream,
-                    GROUP,
-                    self.consumer.as_str(),
-                    0,
-                    chunk.to_vec(),
-                    None,
-                    None,
-                    None,
-                    false,
-                    true,
-                )
-                .await?;
-        }
-        Ok(())
+    /// Resets the idle time of entries this consumer still holds, so no live reader takes them
+    /// over while MySQL is slow. Returns the entries another consumer took over meanwhile (this
+    /// one was stalled past [`CLAIM_IDLE`]); they are left to it.
+    pub async fn touch(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<Vec<String>> {
+        self.hold(stream, ids, 0).await
     }
 
-    /// Hands entries this consumer could not write back: marks them long idle, so the next
-    /// reader (this process restarted, or another replica) takes them over at once.
-    pub async fn release(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<()> {
-        let idle = CLAIM_IDLE.as_millis() as u64 * 100;
-        for chunk in ids.chunks(500) {
-            let _: Value = self
-                .client
-                .xclaim(
-                    stream,
-                    GROUP,
-                    self.consumer.as_str(),
-                    0,
-                    chunk.to_vec(),
-                    Some(idle),
-                    None,
-                    None,
-                    false,
-                    true,
-                )
-                .await?;
-        }
-        Ok(())
+    /// Hands entries this consumer could not write back: marks those it still holds long idle,
+    /// so the next reader (this process restarted, or another replica) takes them over at once.
+    /// Returns the entries another consumer had already taken over.
+    pub async fn release(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<Vec<String>> {
+        self.hold(stream, ids, CLAIM_IDLE.as_millis() as u64 * 100)
+            .await
     }
 
-    /// Acknowledges and deletes committed entries `(id, rows)` of one stream.
+    /// Sets the idle time of the entries of `ids` still pending to this consumer; returns the
+    /// others (see [`HOLD_LUA`]). A stream whose group is gone (a Redis restarted from an older
+    /// file) holds nothing for anyone: every id is lost.
+    async fn hold(
+        &self,
+        stream: &str,
+        ids: Vec<String>,
+        idle_ms: u64,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut lost = Vec::new();
+        for chunk in ids.chunks(500) {
+            let mut args = Vec::with_capacity(3 + chunk.len());
+            args.push(GROUP.to_owned());
+            args.push(self.consumer.clone());
+            args.push(idle_ms.to_string());
+            args.extend(chunk.iter().cloned());
+            let reply: Result<Vec<String>, Error> = self
+                .hold
+                .evalsha_with_reload(&self.client, vec![stream.to_owned()], args)
+                .await;
+            match reply {
+                Ok(ids) => lost.extend(ids),
+                Err(e) if e.details().contains("NOGROUP") => lost.extend(chunk.iter().cloned()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Acknowledges and deletes committed entries `(id, rows)` of one stream that this consumer
+    /// still holds (see the module docs on ownership).
     pub async fn ack(&self, stream: &str, entries: &[(&str, usize)]) -> anyhow::Result<()> {
-        let mut args = Vec::with_capacity(1 + entries.len() * 2);
+        let mut args = Vec::with_capacity(2 + entries.len() * 2);
         args.push(GROUP.to_owned());
+        args.push(self.consumer.clone());
         for (id, rows) in entries {
             args.push((*id).to_owned());
             args.push(rows.to_string());
@@ -298,7 +364,8 @@ impl LogStream {
         Ok(())
     }
 
-    /// Moves an entry to `<log>:dead` with `error`, and acknowledges it.
+    /// Moves an entry to `<log>:dead` with `error`, and acknowledges it, if this consumer still
+    /// holds it; `false` when another consumer took it over (it is left to that one).
     pub async fn dead_letter(
         &self,
         stream: &str,
@@ -306,10 +373,11 @@ impl LogStream {
         raw: &RawFields,
         rows: usize,
         error: &str,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let keys = vec![stream.to_owned(), rows_key(stream), dead_key(stream)];
         let args = vec![
             GROUP.to_owned(),
+            self.consumer.clone(),
             id.to_owned(),
             rows.to_string(),
             raw.members.clone(),
@@ -317,11 +385,11 @@ impl LogStream {
             raw.outcomes.clone(),
             error.to_owned(),
         ];
-        let _: i64 = self
+        let moved: i64 = self
             .dead
             .evalsha_with_reload(&self.client, keys, args)
             .await?;
-        Ok(())
+        Ok(moved == 1)
     }
 
     /// Rows waiting in the log streams of `keys` (every registered coupon's in the per-coupon
@@ -382,9 +450,21 @@ fn parse_entries(value: Value) -> Vec<(String, Option<RawFields>)> {
     out
 }
 
-/// How often the reader looks (SCAN on every primary) for log streams of coupons no longer in
-/// the registry.
-pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often the reader walks every log stream — the registered coupons' and, per coupon, those
+/// SCAN finds of coupons no longer in the registry — [`SWEEP_CHUNK`] streams at a time: the
+/// safety net for rows no [`LogReady`] named (written by a process that died before reading
+/// them, put back by `requeue-log-dead`, left pending by a dead reader), and the dead-letter
+/// gauge. Between sweeps the reader looks only at the streams it knows to have entries, so an
+/// idle reader costs nothing however many coupons are registered (issue 19).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// How often the sweep also looks with SCAN (the whole keyspace, every primary) for log streams
+/// of coupons no longer in the registry: rare, and SCAN costs Redis ~0.1 s per 100 000 keys.
+pub const SCAN_EVERY: Duration = Duration::from_secs(300);
+
+/// Streams looked at concurrently in one go by a sweep (fred pipelines the commands); the walk
+/// checks for shutdown between two chunks.
+const SWEEP_CHUNK: usize = 500;
 
 /// Per-coupon layout: the log streams (as lanes) of coupons that are not in the registry but
 /// still have a log stream — a coupon retired (`SREM`) before its rows were written. Their rows
@@ -423,22 +503,37 @@ pub async fn backlog(client: &Client, keys: &KeyTemplates) -> anyhow::Result<(u6
     backlog_of(client, &log_lanes(client, keys).await?).await
 }
 
-/// Rows waiting in the log streams of `lanes` and the age of the oldest entry.
+/// Rows waiting in the log streams of `lanes` and the age of the oldest entry ([`SWEEP_CHUNK`]
+/// streams at a time).
 async fn backlog_of(client: &Client, lanes: &[KeyTemplates]) -> anyhow::Result<(u64, Duration)> {
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut rows = 0u64;
     let mut oldest_ms: Option<i64> = None;
-    for lane in lanes {
-        let count: Option<i64> = client.get(lane.log_rows()).await?;
-        rows += count.unwrap_or(0).max(0) as u64;
-        let first: Vec<(String, HashMap<String, String>)> =
-            client.xrange(&lane.log, "-", "+", Some(1)).await?;
-        if let Some(ms) = first
-            .first()
-            .and_then(|(id, _)| id.split_once('-'))
-            .and_then(|(ms, _)| ms.parse::<i64>().ok())
-        {
-            oldest_ms = Some(oldest_ms.map_or(ms, |o| o.min(ms)));
+    for chunk in lanes.chunks(SWEEP_CHUNK) {
+        let figures = futures_util::future::try_join_all(chunk.iter().map(|lane| async move {
+            let count: Option<i64> = client.get(lane.log_rows()).await?;
+            let first: Vec<(String, HashMap<String, String>)> =
+                client.xrange(&lane.log, "-", "+", Some(1)).await?;
+            let first_ms = first
+                .first()
+                .and_then(|(id, _)| id.split_once('-'))
+                .and_then(|(ms, _)| ms.parse::<i64>().ok());
+            // An empty stream holds no rows whatever its counter says: a counter left behind
+            // by entries deleted by hand (XDEL, XTRIM, DEL) would otherwise keep `drain`
+            // waiting for ever and the backlog gauge up.
+            let count = if first.is_empty() {
+                0
+            } else {
+                count.unwrap_or(0).max(0) as u64
+            };
+            anyhow::Ok((count, first_ms))
+        }))
+        .await?;
+        for (count, first_ms) in figures {
+            rows += count;
+            if let Some(ms) = first_ms {
+                oldest_ms = Some(oldest_ms.map_or(ms, |o| o.min(ms)));
+            }
         }
     }
     let age = oldest_ms
@@ -447,10 +542,10 @@ async fn backlog_of(client: &Client, lanes: &[KeyTemplates]) -> anyhow::Result<(
     Ok((rows, age))
 }
 
-/// `requeue-dead --ranking-log`: moves every dead-lettered log entry back into its log stream
+/// `requeue-log-dead`: moves every dead-lettered log entry back into its log stream
 /// (as a new entry, written again from the start). Returns the entries moved.
 pub async fn requeue_log_dead(client: &Client, keys: &KeyTemplates) -> anyhow::Result<u64> {
-    let script = Script::from_lua(REQUEUE_LUA);
+    let script = Script::from_lua(format!("{TYPES_LUA}{REQUEUE_LUA}"));
     let mut moved = 0u64;
     for lane in log_lanes(client, keys).await? {
         loop {
@@ -477,6 +572,11 @@ pub struct Delivered {
 }
 
 /// The reader task: moves entries from the log streams into the bounded channel.
+///
+/// It reads only the streams it knows to have entries (its *work set*): the lanes the drain of
+/// this process named ([`LogReady::wrote`], after each batch that wrote rows) and those a sweep
+/// found with entries ([`SWEEP_EVERY`]); a stream leaves the set once it is empty. In the
+/// single-queue layout the one stream is always in it.
 pub struct LogReader {
     pub(super) stream: LogStream,
     pub(super) keys: KeyTemplates,
@@ -484,63 +584,76 @@ pub struct LogReader {
     pub(super) permits: Arc<Semaphore>,
     pub(super) capacity: usize,
     pub(super) in_hand: InHand,
-    pub(super) wake: Arc<Notify>,
+    pub(super) wake: Arc<LogReady>,
     pub(super) poll: Duration,
     pub(super) metrics: Metrics,
+    /// The work set: log stream key → its lane. A std mutex, never held across an await.
+    pub(super) work: Mutex<BTreeMap<String, KeyTemplates>>,
 }
 
 impl LogReader {
     /// Reads until `stop`; entries read are handed to the writer (waiting for room in the
     /// channel) unless `abort` fires first. Dropping the sender at the end lets the writer
-    /// finish.
+    /// finish. Every walk checks `stop` between two chunks.
     pub async fn run(self, stop: CancellationToken, abort: CancellationToken) {
         let mut last_maintenance: Option<tokio::time::Instant> = None;
+        let mut last_sweep: Option<tokio::time::Instant> = None;
+        let mut last_scan: Option<tokio::time::Instant> = None;
+        // Coupons no longer registered whose log stream the last SCAN found.
+        let mut unregistered: Vec<i64> = Vec::new();
         let mut cursors: HashMap<String, String> = HashMap::new();
         let mut errors = 0u32;
-        // Log streams of coupons removed from the registry, refreshed every SWEEP_EVERY.
-        let mut unregistered: Vec<KeyTemplates> = Vec::new();
-        let mut last_sweep: Option<tokio::time::Instant> = None;
+        if !self.keys.per_coupon() {
+            self.know([self.keys.clone()]);
+        }
         'reading: while !stop.is_cancelled() {
-            let lanes = match crate::coupon::queue_keys(&self.stream.client, &self.keys).await {
-                Ok(mut lanes) => {
-                    if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
-                        last_sweep = Some(tokio::time::Instant::now());
-                        match unregistered_log_lanes(&self.stream.client, &self.keys, &lanes).await
-                        {
-                            Ok(found) => unregistered = found,
-                            Err(e) => self.failed(&mut errors, &e),
-                        }
+            let named: Vec<KeyTemplates> = self
+                .wake
+                .take_lanes()
+                .into_iter()
+                .map(|coupon| self.lane_of(coupon))
+                .collect();
+            self.know(named);
+            let asked = self.wake.take_sweep();
+            if asked || last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                last_sweep = Some(tokio::time::Instant::now());
+                let scan = asked || last_scan.is_none_or(|t| t.elapsed() >= SCAN_EVERY);
+                if scan {
+                    last_scan = last_sweep;
+                }
+                if let Err(e) = self.sweep(&stop, scan, &mut unregistered).await {
+                    if scan {
+                        last_scan = None;
                     }
-                    let registered: HashSet<String> =
-                        lanes.iter().map(|lane| lane.log.clone()).collect();
-                    lanes.extend(
-                        unregistered
-                            .iter()
-                            .filter(|lane| !registered.contains(&lane.log))
-                            .cloned(),
-                    );
-                    lanes
-                }
-                Err(e) => {
                     self.failed(&mut errors, &e);
-                    self.pause(&stop).await;
-                    continue;
                 }
-            };
+                if stop.is_cancelled() {
+                    break;
+                }
+            }
+            let lanes = self.known();
             let mut read = 0usize;
             if last_maintenance.is_none_or(|t| t.elapsed() >= MAINTENANCE_EVERY) {
                 last_maintenance = Some(tokio::time::Instant::now());
+                cursors.retain(|stream, _| lanes.iter().any(|lane| &lane.log == stream));
                 match self.maintain(&lanes, &mut cursors, &abort).await {
                     Ok(Some(n)) => read += n,
                     Ok(None) => break 'reading,
                     Err(e) => self.failed(&mut errors, &e),
                 }
             }
+            let mut nothing_new = Vec::new();
             for lane in &lanes {
+                if stop.is_cancelled() {
+                    break 'reading;
+                }
                 match self.stream.read_new(&lane.log).await {
                     Ok(entries) => {
                         errors = 0;
                         read += entries.len();
+                        if entries.is_empty() {
+                            nothing_new.push(lane);
+                        }
                         for (id, fields) in entries {
                             if !self.hand_over(&lane.log, id, fields, &abort).await {
                                 break 'reading;
@@ -550,10 +663,119 @@ impl LogReader {
                     Err(e) => self.failed(&mut errors, &e),
                 }
             }
+            if let Err(e) = self.forget_empty(&nothing_new).await {
+                self.failed(&mut errors, &e);
+            }
             if read == 0 {
                 self.pause(&stop).await;
             }
         }
+    }
+
+    /// The lane of `coupon` (`None`: the single queue).
+    fn lane_of(&self, coupon: Option<i64>) -> KeyTemplates {
+        match coupon {
+            Some(id) => self.keys.for_coupon(id),
+            None => self.keys.clone(),
+        }
+    }
+
+    /// Adds lanes to the work set.
+    fn know(&self, lanes: impl IntoIterator<Item = KeyTemplates>) {
+        if let Ok(mut work) = self.work.lock() {
+            for lane in lanes {
+                work.entry(lane.log.clone()).or_insert(lane);
+            }
+        }
+    }
+
+    /// The work set's lanes.
+    fn known(&self) -> Vec<KeyTemplates> {
+        self.work
+            .lock()
+            .map(|work| work.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Per-coupon layout: of `lanes` (nothing new read from them), those whose stream is empty
+    /// — no entry waiting or pending anywhere — leave the work set. A batch that writes to one
+    /// afterwards names it again.
+    async fn forget_empty(&self, lanes: &[&KeyTemplates]) -> anyhow::Result<()> {
+        if !self.keys.per_coupon() || lanes.is_empty() {
+            return Ok(());
+        }
+        let client = &self.stream.client;
+        let lengths = futures_util::future::try_join_all(
+            lanes.iter().map(|lane| client.xlen::<u64, _>(&lane.log)),
+        )
+        .await?;
+        if let Ok(mut work) = self.work.lock() {
+            for (lane, n) in lanes.iter().zip(lengths) {
+                if n == 0 {
+                    work.remove(&lane.log);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Walks every log stream ([`SWEEP_EVERY`]): those with entries join the work set, and the
+    /// dead-letter gauge is counted. Stops between two chunks when `stop` fires.
+    /// With `scan`, also looks with SCAN for log streams of coupons no longer registered and
+    /// remembers them in `unregistered` (until the next scan).
+    async fn sweep(
+        &self,
+        stop: &CancellationToken,
+        scan: bool,
+        unregistered: &mut Vec<i64>,
+    ) -> anyhow::Result<()> {
+        let client = &self.stream.client;
+        // The lanes by coupon (`None`: the single queue), and their log streams.
+        let coupons: Vec<Option<i64>> = if self.keys.per_coupon() {
+            let mut ids = crate::coupon::registered_coupons(client, &self.keys).await?;
+            if scan {
+                let known: HashSet<i64> = ids.iter().copied().collect();
+                *unregistered = crate::backends::scan_keys(client, &self.keys.log_pattern())
+                    .await?
+                    .iter()
+                    .filter_map(|key| self.keys.coupon_of_log(key))
+                    .filter(|id| !known.contains(id))
+                    .collect();
+            }
+            ids.extend(unregistered.iter().copied());
+            ids.sort_unstable();
+            ids.dedup();
+            ids.into_iter().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        let mut dead = 0u64;
+        for chunk in coupons.chunks(SWEEP_CHUNK) {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            let lengths =
+                futures_util::future::try_join_all(chunk.iter().map(|&coupon| async move {
+                    let log = match coupon {
+                        Some(id) => self.keys.log_of(id),
+                        None => self.keys.log.clone(),
+                    };
+                    let entries: u64 = client.xlen(&log).await?;
+                    let dead: u64 = client.xlen(dead_key(&log)).await?;
+                    anyhow::Ok((entries, dead))
+                }))
+                .await?;
+            dead += lengths.iter().map(|(_, d)| d).sum::<u64>();
+            self.know(
+                chunk
+                    .iter()
+                    .zip(&lengths)
+                    .filter(|(_, (entries, _))| *entries > 0)
+                    .map(|(&coupon, _)| self.lane_of(coupon)),
+            );
+        }
+        self.metrics.ranking_log_dead_letters.set(dead as i64);
+        Ok(())
     }
 
     async fn pause(&self, stop: &CancellationToken) {
@@ -575,17 +797,15 @@ impl LogReader {
         *errors += 1;
     }
 
-    /// Refreshes the entries in hand, takes over idle ones, updates the backlog metrics.
-    /// Returns the entries taken over, or `None` when `abort` fired.
+    /// Refreshes the entries in hand, takes over idle ones and updates the backlog gauges, over
+    /// the work set's `lanes`. Returns the entries taken over, or `None` when `abort` fired.
     async fn maintain(
         &self,
         lanes: &[KeyTemplates],
         cursors: &mut HashMap<String, String>,
         abort: &CancellationToken,
     ) -> anyhow::Result<Option<usize>> {
-        for (stream, ids) in self.in_hand.snapshot() {
-            self.stream.touch(&stream, ids).await?;
-        }
+        self.touch_in_hand().await?;
         let mut taken = 0;
         for lane in lanes {
             let cursor = cursors
@@ -607,32 +827,45 @@ impl LogReader {
                 "took over ranking-log entries another consumer left idle"
             );
         }
+        self.observe_backlog(lanes).await?;
+        Ok(Some(taken))
+    }
+
+    /// The backlog gauges over `lanes`: the streams this reader knows to have entries (a stream
+    /// another process wrote to and this one never heard of counts from the next sweep).
+    async fn observe_backlog(&self, lanes: &[KeyTemplates]) -> anyhow::Result<()> {
         let (rows, age) = backlog_of(&self.stream.client, lanes).await?;
         self.metrics.ranking_log_backlog_rows.set(rows as i64);
         self.metrics
             .ranking_log_backlog_oldest_age
             .set(age.as_secs_f64());
-        Ok(Some(taken))
+        Ok(())
+    }
+
+    /// Refreshes the entries in hand that this consumer still holds. Those another consumer took
+    /// over while this one was stalled are logged and left to it; the writer drops them unwritten
+    /// when it reaches them (it checks again before writing).
+    async fn touch_in_hand(&self) -> anyhow::Result<()> {
+        for (stream, ids) in self.in_hand.snapshot() {
+            let lost = self.stream.touch(&stream, ids).await?;
+            if !lost.is_empty() {
+                tracing::warn!(%stream, entries = lost.len(),
+                    "ranking-log entries read here are no longer pending to this reader (another took them over while this one was stalled, or Redis restarted from an older file); left to whoever holds them");
+            }
+        }
+        Ok(())
     }
 
     /// Touches the entries in hand and updates the backlog gauges (no takeover: there is no room
     /// for more entries). Failures are left to the next round.
     async fn refresh_while_full(&self) {
         let refreshed = async {
-            for (stream, ids) in self.in_hand.snapshot() {
-                self.stream.touch(&stream, ids).await?;
-            }
-            backlog(&self.stream.client, &self.keys).await
+            self.touch_in_hand().await?;
+            self.observe_backlog(&self.known()).await
         };
-        match refreshed.await {
-            Ok((rows, age)) => {
-                self.metrics.ranking_log_backlog_rows.set(rows as i64);
-                self.metrics
-                    .ranking_log_backlog_oldest_age
-                    .set(age.as_secs_f64());
-            }
-            Err(e) => tracing::debug!(error = %format!("{e:#}"),
-                "refreshing ranking-log entries while the channel is full failed"),
+        if let Err(e) = refreshed.await {
+            tracing::debug!(error = %format!("{e:#}"),
+                "refreshing ranking-log entries while the channel is full failed");
         }
     }
 
@@ -652,14 +885,20 @@ impl LogReader {
             Ok(entry) => entry,
             Err(reason) => {
                 let rows = raw.outcomes.len();
-                self.metrics.ranking_log_rows_given_up.inc_by(rows as u64);
-                tracing::error!(%stream, %id, %reason, "undecodable ranking-log entry; moved to the dead-letter stream");
-                if let Err(e) = self
+                match self
                     .stream
                     .dead_letter(stream, &id, &raw, rows, &format!("undecodable: {reason}"))
                     .await
                 {
-                    tracing::warn!(error = %format!("{e:#}"), "could not dead-letter it; it stays pending");
+                    Ok(true) => {
+                        self.metrics.ranking_log_rows_given_up.inc_by(rows as u64);
+                        tracing::error!(%stream, %id, %reason, "undecodable ranking-log entry; moved to the dead-letter stream");
+                    }
+                    Ok(false) => tracing::warn!(%stream, %id,
+                        "another reader took the undecodable entry over; left to it"),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "could not dead-letter it; it stays pending")
+                    }
                 }
                 return true;
             }
@@ -701,7 +940,7 @@ impl InHand {
         for (key, ids) in self.snapshot() {
             let n = ids.len();
             match stream.release(&key, ids).await {
-                Ok(()) => released += n,
+                Ok(lost) => released += n - lost.len(),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), stream = %key,
                     "could not hand ranking-log entries back; another reader takes them over once idle"),
             }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -125,10 +126,26 @@ impl LogWriter {
     }
 
     /// Writes `batch` exactly once and acknowledges it; retries as the module docs describe.
-    async fn write(&mut self, batch: &mut [Delivered], abort: &CancellationToken) -> Written {
+    /// Before each attempt, entries another reader took over (this process was stalled) are
+    /// dropped from the batch unwritten.
+    async fn write(&mut self, batch: &mut Vec<Delivered>, abort: &CancellationToken) -> Written {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut rejected_attempts = 0u32;
         loop {
+            if let Err(e) = self.drop_lost(batch).await {
+                // Redis does not answer: it could not take the acknowledgement either. The rows
+                // wait in Redis; nothing unconfirmed is written meanwhile.
+                let delay = backoff.next_delay();
+                tracing::warn!(entries = batch.len(), retry_in_ms = delay.as_millis() as u64,
+                    error = %format!("{e:#}"), "cannot check that this reader still holds its ranking-log entries; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = abort.cancelled() => return Written::Aborted,
+                }
+            }
+            if batch.is_empty() {
+                return Written::Rows(0);
+            }
             let started = Instant::now();
             let entries: Vec<&LogEntry> = batch.iter().map(|d| &d.entry).collect();
             let result = insert_entries(&self.pool, &entries, self.batch_size).await;
@@ -171,21 +188,69 @@ impl LogWriter {
         }
     }
 
+    /// Drops from `batch` the entries this consumer no longer holds: another reader took them
+    /// over while this process was stalled, and writes them itself (also refreshes the others).
+    /// An error when Redis cannot say.
+    async fn drop_lost(&self, batch: &mut Vec<Delivered>) -> anyhow::Result<()> {
+        let mut by_stream: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for delivered in batch.iter() {
+            by_stream
+                .entry(&delivered.entry.stream)
+                .or_default()
+                .push(delivered.entry.id.clone());
+        }
+        let checks = by_stream.into_iter().map(|(stream, ids)| async move {
+            (stream.to_owned(), self.stream.touch(stream, ids).await)
+        });
+        let mut lost: HashSet<(String, String)> = HashSet::new();
+        for (stream, result) in futures_util::future::join_all(checks).await {
+            let ids = result.with_context(|| format!("checking the entries of {stream}"))?;
+            lost.extend(ids.into_iter().map(|id| (stream.clone(), id)));
+        }
+        if lost.is_empty() {
+            return Ok(());
+        }
+        batch.retain(|delivered| {
+            let key = (delivered.entry.stream.clone(), delivered.entry.id.clone());
+            if lost.contains(&key) {
+                self.in_hand.remove(&key.0, &key.1);
+                false
+            } else {
+                true
+            }
+        });
+        self.metrics
+            .ranking_log_entries_taken_over
+            .inc_by(lost.len() as u64);
+        tracing::warn!(
+            entries = lost.len(),
+            "ranking-log entries read here are no longer pending to this reader (another took them over while this process was stalled, or Redis restarted from an older file); dropped unwritten"
+        );
+        Ok(())
+    }
+
     /// MySQL kept rejecting `batch`: entry by entry, what it still rejects goes to the
     /// dead-letter stream.
     async fn give_up(
         &mut self,
-        batch: &mut [Delivered],
+        batch: &mut Vec<Delivered>,
         error: &sqlx::Error,
         abort: &CancellationToken,
     ) -> Written {
         if batch.len() > 1 {
             // One bad entry should not take the others with it.
             let mut total = 0;
-            for one in batch.chunks_mut(1) {
-                match Box::pin(self.write(one, abort)).await {
+            let mut rest = std::mem::take(batch).into_iter();
+            while let Some(one) = rest.next() {
+                let mut one = vec![one];
+                match Box::pin(self.write(&mut one, abort)).await {
                     Written::Rows(n) => total += n,
-                    Written::Aborted => return Written::Aborted,
+                    Written::Aborted => {
+                        // What is left stays in hand, counted by the caller.
+                        batch.extend(one);
+                        batch.extend(rest);
+                        return Written::Aborted;
+                    }
                 }
             }
             return Written::Rows(total);
@@ -193,7 +258,6 @@ impl LogWriter {
         for delivered in batch.iter() {
             let entry = &delivered.entry;
             let rows = entry.rows.len();
-            self.metrics.ranking_log_rows_given_up.inc_by(rows as u64);
             let kept = self
                 .stream
                 .dead_letter(
@@ -204,8 +268,24 @@ impl LogWriter {
                     &error.to_string(),
                 )
                 .await;
-            tracing::error!(rows, stream = %entry.stream, id = %entry.id, kept_in_dead_letter = kept.is_ok(),
-                error = %error, "MySQL keeps rejecting a ranking-log entry; moved to the dead-letter stream");
+            match kept {
+                Ok(true) => {
+                    self.metrics.ranking_log_rows_given_up.inc_by(rows as u64);
+                    tracing::error!(rows, stream = %entry.stream, id = %entry.id, error = %error,
+                        "MySQL keeps rejecting a ranking-log entry; moved to the dead-letter stream");
+                }
+                Ok(false) => {
+                    self.metrics.ranking_log_entries_taken_over.inc();
+                    tracing::warn!(stream = %entry.stream, id = %entry.id,
+                        "another reader took over a ranking-log entry MySQL keeps rejecting; left to it");
+                }
+                Err(e) => {
+                    self.metrics.ranking_log_rows_given_up.inc_by(rows as u64);
+                    tracing::error!(rows, stream = %entry.stream, id = %entry.id, error = %error,
+                        redis_error = %format!("{e:#}"),
+                        "MySQL keeps rejecting a ranking-log entry and Redis did not take it into the dead-letter stream; it stays pending and is tried again once idle");
+                }
+            }
             self.in_hand.remove(&entry.stream, &entry.id);
         }
         Written::Rows(0)

@@ -3,24 +3,22 @@
 //! (on by default; the container image is built without it, so the shipped daemon links none of
 //! the tools' crates).
 //!
-//! - [`options`]: every option of the tools' commands, declared once.
-//! - [`demo`]: the main job end to end, with progress bars and a report.
-//! - [`bench`](mod@bench): the performance targets, each against its baseline.
+//! - `options`: every option of the tools' commands, declared once.
+//! - `demo`: the main job end to end, with progress bars and a report.
+//! - `bench`: the performance targets, each against its baseline.
 //! - [`chaos`]: a seeded nemesis against a private deployment during a sale, then the invariants.
 //! - [`simulated_api`]: the API's side of the contract, played by `bench` and `demo`.
 //! - [`sandbox`]: a private key prefix and database on the configured servers.
-//! - [`report`]: the figures the tools print and how they print them.
+//! - `report`: the figures the tools print and how they print them.
 //! - [`fault_proxy`]: a TCP proxy that loses replies, freezes or resets connections on command,
 //!   used by the fault tests and the `chaos` nemesis.
 
-pub mod bench;
-// Being written by another helper as this lint lands: its items get pub(crate) when it settles.
-#[allow(unreachable_pub)]
+mod bench;
 pub mod chaos;
-pub mod demo;
+mod demo;
 pub mod fault_proxy;
-pub mod options;
-pub mod report;
+mod options;
+mod report;
 pub mod sandbox;
 pub mod simulated_api;
 

@@ -175,4 +175,8 @@ pub struct ChaosOptions {
     /// Keep the run's directory (servers' data, replicas' logs) even when every check passes.
     #[arg(long)]
     pub keep: bool,
+    /// Run Redis as a primary, a replica and a Sentinel (the replicas reach Redis through a
+    /// `redis-sentinel://` URL) and add `failover` (`SENTINEL FAILOVER`) to the fault menu.
+    #[arg(long)]
+    pub sentinel: bool,
 }

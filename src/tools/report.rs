@@ -5,29 +5,25 @@ use std::time::Duration;
 
 /// A set of measured durations.
 #[derive(Debug, Default, Clone)]
-pub struct Latencies {
+pub(super) struct Latencies {
     samples: Vec<Duration>,
 }
 
 impl Latencies {
-    pub fn record(&mut self, latency: Duration) {
+    pub(super) fn record(&mut self, latency: Duration) {
         self.samples.push(latency);
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.samples.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
-    }
-
-    pub fn max(&self) -> Duration {
+    pub(super) fn max(&self) -> Duration {
         self.samples.iter().copied().max().unwrap_or_default()
     }
 
     /// The `p`-th percentile (0..=100), nearest-rank.
-    pub fn percentile(&self, p: f64) -> Duration {
+    pub(super) fn percentile(&self, p: f64) -> Duration {
         if self.samples.is_empty() {
             return Duration::ZERO;
         }
@@ -37,18 +33,18 @@ impl Latencies {
         sorted[rank.clamp(1, sorted.len()) - 1]
     }
 
-    pub fn count_over(&self, limit: Duration) -> usize {
+    pub(super) fn count_over(&self, limit: Duration) -> usize {
         self.samples.iter().filter(|l| **l > limit).count()
     }
 }
 
 /// `count / elapsed`, per second.
-pub fn rate(count: u64, elapsed: Duration) -> f64 {
+pub(super) fn rate(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
 /// `123456.7` → `"123 457"`: figures people read, with thin grouping.
-pub fn group(value: f64) -> String {
+pub(super) fn group(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -60,7 +56,7 @@ pub fn group(value: f64) -> String {
     out
 }
 
-pub fn millis(d: Duration) -> String {
+pub(super) fn millis(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 

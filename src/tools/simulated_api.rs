@@ -7,6 +7,9 @@
 //!   `ZINCRBY product:ranking:<YYYY-MM-DD> <qty> <productId>`, the date being the order's day in
 //!   the worker's `[ranking] timezone`. Bulk loads here use `ZADD` with the day's totals, which
 //!   gives the same set.
+//!
+//! It also plays the decide script's part in one place, [`append_log_entry`], to feed the
+//! ranking-log pipeline alone (its benchmark and tests).
 
 use std::collections::BTreeMap;
 
@@ -16,6 +19,7 @@ use fred::prelude::*;
 use crate::coupon::member::parse_member;
 use crate::coupon::queue_keys;
 use crate::keys::KeyTemplates;
+use crate::ranking_log::{LogEntry, LogRow};
 
 /// Members per ZADD when loading in bulk: large enough to be fast, small enough that no single
 /// command blocks Redis for long.
@@ -155,6 +159,20 @@ pub async fn write_day_sales(
     if !chunk.is_empty() {
         let _: i64 = redis.zadd(&key, None, None, false, false, chunk).await?;
     }
+    Ok(())
+}
+
+/// Appends `rows` to `lane`'s log stream as one entry and adds them to its row counter, as the
+/// decide script does: for the ranking-log benchmark and the tests that feed the log pipeline
+/// alone.
+pub async fn append_log_entry(
+    redis: &Client,
+    lane: &KeyTemplates,
+    rows: &[LogRow],
+) -> anyhow::Result<()> {
+    let fields = LogEntry::encode(rows).into_fields();
+    let _: String = redis.xadd(&lane.log, false, None, "*", fields).await?;
+    let _: i64 = redis.incr_by(lane.log_rows(), rows.len() as i64).await?;
     Ok(())
 }
 

@@ -9,12 +9,9 @@ use commerce_worker::keys::KeyTemplates;
 use commerce_worker::metrics::Metrics;
 use commerce_worker::ranking::{RankingRebuild, Strategy, WhenLocked};
 use fred::prelude::*;
-use tokio_util::sync::CancellationToken;
 
-use crate::common::{PrivateCluster, TestEnv, mysql_server_url};
-use crate::invariants::{
-    assert_dead_letters, assert_invariants, assert_ranking_log, enqueue_malformed, flash_sale,
-};
+use crate::common::{DRAIN_LIMIT, PrivateCluster, TestEnv, mysql_server_url};
+use crate::invariants::{assert_every_invariant, enqueue_malformed, flash_sale};
 
 fn tagged_keys(prefix: &str) -> KeyTemplates {
     KeyTemplates::single_slot_layout().with_prefix(prefix)
@@ -36,26 +33,32 @@ async fn cluster_env_with(cluster: &PrivateCluster, keys: fn(&str) -> KeyTemplat
     env
 }
 
-/// Three replicas, each with its own cluster client, drain at once; returns the requests they
-/// decided and the ranking-log rows they wrote, in total.
-async fn drain_with_three_replicas(env: &TestEnv) -> (u64, u64) {
+/// A flash sale of `coupons` × `initial` to `users` users, drained by three replicas at once
+/// (each with its own cluster client): every request decided once, one ranking-log row each,
+/// and every invariant kept.
+async fn three_replicas_drain_a_sale(env: &TestEnv, coupons: &[i64], initial: i64, users: i64) {
+    flash_sale(env, coupons, initial, users).await;
     let mut pipelines = Vec::new();
     for _ in 0..3 {
         let client = commerce_worker::backends::connect_redis(&env.config.redis)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         pipelines.push(env.pipeline_on(client));
     }
-    let stop = CancellationToken::new();
-    let reports =
-        futures_util::future::join_all(pipelines.iter().map(|p| p.drain.drain_to_empty(&stop)))
-            .await;
-    let decided = reports.iter().map(|r| r.decided()).sum();
+    let reports = futures_util::future::join_all(
+        pipelines
+            .iter()
+            .map(|p| p.drain_within(DRAIN_LIMIT, "three replicas draining the sale")),
+    )
+    .await;
+    let decided: u64 = reports.iter().map(|r| r.decided()).sum();
     let mut logged = 0;
     for pipeline in pipelines {
         logged += pipeline.finish().await;
     }
-    (decided, logged)
+    assert_eq!(decided, (coupons.len() as i64 * users) as u64);
+    assert_eq!(logged, decided, "one ranking-log row per decided request");
+    assert_every_invariant(env, coupons, initial, users, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,15 +67,7 @@ async fn three_concurrent_drainers_on_a_cluster_keep_every_invariant() {
     let mut env = cluster_env(&cluster).await;
     env.config.coupon.batch_size =
         std::num::NonZeroUsize::new(100).unwrap_or(std::num::NonZeroUsize::MIN);
-    let coupons = [1, 2, 3];
-    let (initial, users) = (300, 1000);
-    flash_sale(&env, &coupons, initial, users).await;
-
-    let (decided, logged) = drain_with_three_replicas(&env).await;
-    assert_eq!(decided, (coupons.len() as i64 * users) as u64);
-    assert_eq!(logged, decided, "one ranking-log row per decided request");
-    assert_invariants(&env, &coupons, initial, users).await;
-    assert_ranking_log(&env, &coupons).await;
+    three_replicas_drain_a_sale(&env, &[1, 2, 3], 300, 1000).await;
     env.cleanup().await;
 }
 
@@ -94,7 +89,7 @@ async fn the_ranking_on_a_cluster_is_summed_in_chunks_and_old_days_pruned_on_eve
             let _: i64 = redis
                 .zadd(key, None, None, false, false, entries)
                 .await
-                .unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
         }
     };
     sales(0, vec![(5.0, "a"), (1.0, "b")]).await;
@@ -113,14 +108,14 @@ async fn the_ranking_on_a_cluster_is_summed_in_chunks_and_old_days_pruned_on_eve
     )
     .rebuild(day, WhenLocked::Wait)
     .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    .unwrap();
     assert_eq!(report.strategy, Some(Strategy::Chunked));
     assert_eq!(report.pruned, 3);
     let ranking: Vec<(String, f64)> = env
         .redis
         .zrange(&keys.ranking_window, 0, -1, None, true, None, true)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert_eq!(
         ranking,
         // Equal scores: reverse order by member, as ZREVRANGE gives them.
@@ -131,7 +126,7 @@ async fn the_ranking_on_a_cluster_is_summed_in_chunks_and_old_days_pruned_on_eve
             .redis
             .exists(keys.ranking_day(day.checked_sub_days(Days::new(back)).unwrap_or(day)))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         assert!(!gone, "day D-{back} pruned");
     }
     env.cleanup().await;
@@ -161,10 +156,7 @@ async fn primary_restarted_mid_drain(keys: fn(&str) -> KeyTemplates) {
     let node = cluster.node_of(&env.keys().for_coupon(1).queue);
 
     let pipeline = env.pipeline();
-    let draining = tokio::spawn({
-        let drain = pipeline.drain.clone();
-        async move { drain.drain_to_empty(&CancellationToken::new()).await }
-    });
+    let draining = pipeline.spawn_drain();
     let total = (coupons.len() as i64 * users) as u64;
     let started = std::time::Instant::now();
     loop {
@@ -187,15 +179,15 @@ async fn primary_restarted_mid_drain(keys: fn(&str) -> KeyTemplates) {
     cluster.kill(node);
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.restart(node);
-    let report = tokio::time::timeout(Duration::from_secs(120), draining)
-        .await
-        .unwrap_or_else(|_| panic!("the drain did not finish after the primary came back"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = draining
+        .within(
+            DRAIN_LIMIT,
+            "the drain to finish after the primary came back",
+        )
+        .await;
     assert!(report.decided() > 0);
     pipeline.finish().await;
-    assert_invariants(&env, &coupons, initial, users).await;
-    assert_dead_letters(&env, &coupons, &malformed).await;
-    assert_ranking_log(&env, &coupons).await;
+    assert_every_invariant(&env, &coupons, initial, users, &malformed).await;
     env.cleanup().await;
 }
 
@@ -214,13 +206,6 @@ async fn per_coupon_queues_spread_over_the_shards_and_three_drainers_keep_every_
         shards.len() >= 2,
         "the coupons' queues live on several primaries"
     );
-    let (initial, users) = (150, 400);
-    flash_sale(&env, &coupons, initial, users).await;
-
-    let (decided, logged) = drain_with_three_replicas(&env).await;
-    assert_eq!(decided, (coupons.len() as i64 * users) as u64);
-    assert_eq!(logged, decided, "one ranking-log row per decided request");
-    assert_invariants(&env, &coupons, initial, users).await;
-    assert_ranking_log(&env, &coupons).await;
+    three_replicas_drain_a_sale(&env, &coupons, 150, 400).await;
     env.cleanup().await;
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use commerce_worker::config::{Config, SecretUrl};
 use commerce_worker::keys::KeyTemplates;
+use commerce_worker::tools::fault_proxy::FaultProxy;
 use commerce_worker::tools::sandbox::Sandbox;
 use fred::prelude::*;
 
@@ -18,6 +19,29 @@ pub fn redis_url() -> String {
 /// Server URL without a database.
 pub fn mysql_server_url() -> String {
     std::env::var("TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// The `host:port` of a `scheme://[user@]host:port[/…]` URL, resolved: where a fault proxy in
+/// front of that server connects.
+fn server_addr(url: &str) -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .rsplit('@')
+        .next()
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|host_port| host_port.to_socket_addrs().ok()?.next())
+        .unwrap_or_else(|| panic!("cannot resolve the server of {url}"))
+}
+
+/// The test Redis' address, for a fault proxy in front of it.
+pub fn redis_addr() -> std::net::SocketAddr {
+    server_addr(&redis_url())
+}
+
+/// The test MySQL server's address, for a fault proxy in front of it.
+pub fn mysql_addr() -> std::net::SocketAddr {
+    server_addr(&mysql_server_url())
 }
 
 /// An isolated environment: the worker's own [`Sandbox`] (a migrated database and a key prefix,
@@ -43,12 +67,11 @@ impl std::ops::DerefMut for TestEnv {
 }
 
 pub fn base_config(redis: &str, mysql_url: &str, prefix: &str) -> Config {
-    let mut config = Config::from_toml_str("", Path::new("test.toml"), |_| None)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut config = Config::from_toml_str("", Path::new("test.toml"), |_| None).unwrap();
     config.redis.url = SecretUrl::new(redis);
     config.mysql.url = SecretUrl::new(mysql_url);
     config.keys = KeyTemplates::default().with_prefix(prefix);
-    config.http.listen = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
     config
 }
 
@@ -58,13 +81,32 @@ impl TestEnv {
     }
 
     pub async fn with_servers(redis: &str, mysql_server: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         // The sandbox takes the servers from here and puts its own prefix and database in.
         let base = base_config(redis, &format!("{mysql_server}/unused"), "");
         let sandbox = Sandbox::create(&base, "test")
             .await
-            .unwrap_or_else(|e| panic!("creating the test's sandbox: {e:#}"));
+            .expect("creating the test's sandbox");
         Self { sandbox, dir }
+    }
+
+    /// A pool on this environment's database that connects through `proxy` (a fault proxy in
+    /// front of [`mysql_addr`]).
+    pub async fn mysql_through(&self, proxy: &FaultProxy) -> sqlx::MySqlPool {
+        let mut mysql = self.config.mysql.clone();
+        mysql.url = SecretUrl::new(format!("mysql://root@{}/{}", proxy.addr(), self.name));
+        commerce_worker::backends::connect_mysql(&mysql)
+            .await
+            .unwrap()
+    }
+
+    /// A Redis client that connects through `proxy` (a fault proxy in front of [`redis_addr`]).
+    pub async fn redis_through(&self, proxy: &FaultProxy) -> Client {
+        let mut redis = self.config.redis.clone();
+        redis.url = SecretUrl::new(format!("redis://{}", proxy.addr()));
+        commerce_worker::backends::connect_redis(&redis)
+            .await
+            .unwrap()
     }
 
     pub fn keys(&self) -> &KeyTemplates {
@@ -87,17 +129,16 @@ impl TestEnv {
             self.config.redis.url.expose(),
             self.config.mysql.url.expose(),
         );
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&path, text).unwrap();
         path
     }
 
     /// [`Self::config_file`] with `extra` TOML appended (sections the base file leaves out).
     pub fn config_file_with(&self, extra: &str) -> PathBuf {
-        let mut text =
-            std::fs::read_to_string(self.config_file()).unwrap_or_else(|e| panic!("{e}"));
+        let mut text = std::fs::read_to_string(self.config_file()).unwrap();
         text.push_str(extra);
         let path = self.dir.path().join("worker-extra.toml");
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&path, text).unwrap();
         path
     }
 
@@ -137,7 +178,7 @@ pub fn sigterm(child: &Child) {
     let sent = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert!(sent.success());
 }
 
@@ -145,7 +186,7 @@ pub fn sigterm(child: &Child) {
 pub async fn wait_exit(child: &mut Child, limit: Duration, why: &str) -> std::process::ExitStatus {
     let started = Instant::now();
     loop {
-        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+        if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
         assert!(started.elapsed() < limit, "{why}");
@@ -159,7 +200,7 @@ pub async fn run_to_exit(
     limit: Duration,
     why: &str,
 ) -> std::process::ExitStatus {
-    let mut child = command.spawn().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = command.spawn().unwrap();
     wait_exit(&mut child, limit, why).await
 }
 
@@ -199,14 +240,14 @@ pub async fn sigkill_at_progress(
 ) -> u64 {
     let mut kills = 0;
     for round in 1..=rounds {
-        let mut child = command().spawn().unwrap_or_else(|e| panic!("{e}"));
+        let mut child = command().spawn().unwrap();
         let kill_below = total.saturating_sub(round * total / 10);
         let started = Instant::now();
         loop {
             let left = commerce_worker::tools::simulated_api::queued(&env.redis, env.keys())
                 .await
-                .unwrap_or_else(|e| panic!("{e:#}"));
-            if left <= kill_below || child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_some() {
+                .unwrap();
+            if left <= kill_below || child.try_wait().unwrap().is_some() {
                 break;
             }
             assert!(
@@ -215,7 +256,7 @@ pub async fn sigkill_at_progress(
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        if child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_none() {
+        if child.try_wait().unwrap().is_none() {
             kills += 1;
         }
         let _ = child.kill(); // SIGKILL
@@ -227,22 +268,34 @@ pub async fn sigkill_at_progress(
 /// A port on 127.0.0.1 where nothing answers, for as long as the returned socket lives: bound but
 /// not listening, so connections are refused and no other process can take the port meanwhile.
 pub fn closed_port() -> (tokio::net::TcpSocket, u16) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
-    socket
-        .bind(([127, 0, 0, 1], 0).into())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let port = socket.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     (socket, port)
 }
 
-/// A port the system reports free now. Another process may take it before a server binds it,
-/// so every server started on it goes through [`spawn_ready`], which sees the bind fail, and
-/// [`start_on_free_port`] then tries another port.
+/// A port free now, chosen at random below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), where neither an outgoing connection nor a `bind(0)` is
+/// ever given a port: a private server a test kills and restarts on its port finds it free
+/// again (unless another test drew the same port meanwhile). Another process may take it before
+/// a server binds it, so every server started on it goes through [`spawn_ready`], which sees the
+/// bind fail, and [`start_on_free_port`] then tries another port.
 fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"))
+    use std::hash::BuildHasher;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000_u16, ephemeral.max(10_001));
+    for attempt in 0..1000_u64 {
+        // A fresh RandomState is seeded differently each time: a random draw without a crate.
+        let draw = std::collections::hash_map::RandomState::new().hash_one(attempt);
+        let port = low + (draw % u64::from(high - low)) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high} after 1000 draws")
 }
 
 /// How many ports a private server tries before the test gives up.
@@ -430,31 +483,56 @@ pub struct PrivateRedis {
     child: Option<Child>,
     /// Where `SAVE` writes its snapshot and a restart loads it from (only with snapshots).
     dir: Option<tempfile::TempDir>,
+    /// With an append-only file (`everysec`) in `dir` ([`Self::with_aof`]).
+    aof: bool,
 }
 
 impl PrivateRedis {
     pub fn start() -> Self {
         // Its own directory even without snapshots: a replica writes the RDB it receives there,
         // never into the test's working directory.
-        Self::start_in(Some(tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))))
+        Self::start_in(Some(tempfile::tempdir().unwrap()))
     }
 
     fn start_in(dir: Option<tempfile::TempDir>) -> Self {
+        Self::start_with(dir, false)
+    }
+
+    fn start_with(dir: Option<tempfile::TempDir>, aof: bool) -> Self {
         let path = dir.as_ref().map(|d| d.path().to_owned());
-        let (child, port) =
-            start_on_free_port("redis-server", |port| Self::spawn(port, path.as_deref()));
+        let (child, port) = start_on_free_port("redis-server", |port| {
+            Self::spawn(port, path.as_deref(), aof)
+        });
         Self {
             port,
             child: Some(child),
             dir,
+            aof,
         }
     }
 
-    fn spawn(port: u16, dir: Option<&Path>) -> Result<Child, String> {
+    fn spawn(port: u16, dir: Option<&Path>, aof: bool) -> Result<Child, String> {
         let mut command = Command::new("redis-server");
-        command
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"]);
+        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+        if aof {
+            // As production runs it: every write appended, fsynced every second; no rewrite in
+            // the background (a snapshot copies the files while Redis runs); a copy ending in
+            // half a command loads up to it.
+            command
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                ])
+                .args(["--appenddirname", "appendonlydir"])
+                .args(["--auto-aof-rewrite-percentage", "0"])
+                .args(["--aof-load-truncated", "yes"]);
+        } else {
+            command.args(["--save", "", "--appendonly", "no"]);
+        }
         if let Some(dir) = dir {
             command.arg("--dir").arg(dir);
         }
@@ -471,7 +549,58 @@ impl PrivateRedis {
     /// A private Redis that loads `dump.rdb` from its own directory when (re)started: `SAVE`
     /// through [`Self::cli`], then [`Self::stop`] and [`Self::resume`] roll it back to the snapshot.
     pub fn with_snapshots() -> Self {
-        Self::start_in(Some(tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))))
+        Self::start_in(Some(tempfile::tempdir().unwrap()))
+    }
+
+    /// A private Redis with an append-only file (`everysec`): [`Self::copy_aof`] keeps the file
+    /// as it is, [`Self::roll_back_to`] SIGKILLs the server and restarts it from such a copy —
+    /// every write after the copy is gone, a Redis restarted from an older AOF.
+    pub fn with_aof() -> Self {
+        Self::start_with(Some(tempfile::tempdir().unwrap()), true)
+    }
+
+    fn aof_dir(&self) -> PathBuf {
+        assert!(self.aof, "a Redis started with_aof");
+        self.dir.as_ref().unwrap().path().join("appendonlydir")
+    }
+
+    /// Copies the append-only file into `name` (beside it), once Redis has written every reply
+    /// it sent to the file (with `everysec` it may hold writes back for up to two seconds while
+    /// an fsync runs; the copy is then of a known state).
+    pub fn copy_aof(&self, name: &str) {
+        let started = std::time::Instant::now();
+        while !self
+            .cli(&["INFO", "persistence"])
+            .lines()
+            .any(|l| l.trim() == "aof_buffer_length:0")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "Redis did not write its AOF buffer within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let from = self.aof_dir();
+        let to = from.with_file_name(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(&from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+
+    /// SIGKILL, then a restart on the same port from the copy `name` made by [`Self::copy_aof`].
+    pub fn roll_back_to(&mut self, name: &str) {
+        self.stop();
+        let aof = self.aof_dir();
+        std::fs::remove_dir_all(&aof).unwrap();
+        let copy = aof.with_file_name(name);
+        std::fs::create_dir_all(&aof).unwrap();
+        for entry in std::fs::read_dir(&copy).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), aof.join(entry.file_name())).unwrap();
+        }
+        self.resume();
     }
 
     /// Runs `redis-cli` against this server; returns its output.
@@ -494,7 +623,7 @@ impl PrivateRedis {
     /// Starts the server again on its port (after [`Self::stop`]).
     pub fn resume(&mut self) {
         let dir = self.dir.as_ref().map(|d| d.path().to_owned());
-        let child = Self::spawn(self.port, dir.as_deref()).unwrap_or_else(|tail| {
+        let child = Self::spawn(self.port, dir.as_deref(), self.aof).unwrap_or_else(|tail| {
             panic!(
                 "redis-server did not restart on port {}:\n{tail}",
                 self.port
@@ -525,7 +654,7 @@ pub struct PrivateCluster {
 
 impl PrivateCluster {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let mut cluster = Self {
             ports: [0; 3],
             dir,
@@ -627,7 +756,7 @@ impl PrivateCluster {
         let slot: u16 = String::from_utf8_lossy(&slot.stdout)
             .trim()
             .parse()
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         (0..3)
             .find(|&node| {
                 let nodes = output_within(
@@ -688,7 +817,7 @@ pub struct PrivateMariadb {
 
 impl PrivateMariadb {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let installed = output_within(
             Command::new("mariadb-install-db")
                 .arg("--no-defaults")
@@ -770,6 +899,30 @@ pub async fn eventually(timeout: Duration, what: &str, mut check: impl AsyncFnMu
     }
 }
 
+/// `GET path` on 127.0.0.1:port with an `Accept` header: (status code, headers and body), or
+/// (0, "") when nothing answers.
+pub fn http_get(port: u16, path: &str, accept: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (code, response)
+}
+
 /// The coupon job (drain, persister, ranking-log pipeline), wired as every command wires it.
 pub struct Pipeline(commerce_worker::app::CouponJob);
 
@@ -801,20 +954,27 @@ impl TestEnv {
 
     /// `ZADD key NX` of `entries`, 1000 at a time, as the API writes; returns how many were new.
     pub async fn zadd_nx(&self, key: &str, entries: &[(f64, String)]) -> i64 {
+        self.zadd_with(key, Some(SetOptions::NX), entries).await
+    }
+
+    /// `ZADD key` of `entries` (scores replaced), 1000 at a time; returns how many were new.
+    pub async fn zadd(&self, key: &str, entries: &[(f64, String)]) -> i64 {
+        self.zadd_with(key, None, entries).await
+    }
+
+    async fn zadd_with(
+        &self,
+        key: &str,
+        options: Option<SetOptions>,
+        entries: &[(f64, String)],
+    ) -> i64 {
         let mut added = 0;
         for chunk in entries.chunks(1000) {
             let n: i64 = self
                 .redis
-                .zadd(
-                    key,
-                    Some(SetOptions::NX),
-                    None,
-                    false,
-                    false,
-                    chunk.to_vec(),
-                )
+                .zadd(key, options.clone(), None, false, false, chunk.to_vec())
                 .await
-                .unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
             added += n;
         }
         added
@@ -825,16 +985,90 @@ impl TestEnv {
         self.zadd_nx(&self.keys().queue, entries).await
     }
 
+    /// Switches to the per-coupon key layout (a queue, outbox, dead-letter and log stream per
+    /// coupon) under this environment's prefix.
+    pub fn use_per_coupon_layout(&mut self) {
+        self.config.keys =
+            KeyTemplates::per_coupon_layout().with_prefix(&format!("{}:", self.name));
+    }
+
+    /// Adds `coupons` to the per-coupon layout's registry, as the API does.
+    pub async fn register(&self, coupons: impl IntoIterator<Item = i64>) {
+        let coupons: Vec<i64> = coupons.into_iter().collect();
+        let _: u64 = self
+            .redis
+            .sadd(&self.keys().coupon_registry, coupons)
+            .await
+            .unwrap();
+    }
+
     pub async fn set_stock(&self, coupon_id: i64, stock: &str) {
         let _: () = self
             .redis
             .set(self.keys().stock(coupon_id), stock, None, None, false)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+    }
+
+    /// Damages `key` the way an operator's typo or another program would: a string where the
+    /// worker expects a set, sorted set or stream, so every command on it fails with WRONGTYPE.
+    pub async fn put_wrong_type(&self, key: impl Into<fred::types::Key> + Send) {
+        let _: () = self
+            .redis
+            .set(key, "oops", None, None, false)
+            .await
+            .unwrap();
+    }
+}
+
+/// How long a test gives a drain (queue and outbox) or the log writer before it fails: ample for
+/// the tests' sales on a loaded machine, short enough that a stuck job fails instead of hanging.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+
+/// A drain running in the background, as another replica's would.
+pub struct DrainTask(tokio::task::JoinHandle<commerce_worker::coupon::DrainReport>);
+
+impl DrainTask {
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+
+    /// The drain's report once it has emptied the queue and the outbox; fails the test naming
+    /// `what` after `limit`.
+    pub async fn within(self, limit: Duration, what: &str) -> commerce_worker::coupon::DrainReport {
+        tokio::time::timeout(limit, self.0)
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"))
+            .expect("the drain task panicked")
     }
 }
 
 impl Pipeline {
+    /// Decides until the queue is empty and waits until the outbox is persisted
+    /// (`CouponDrain::drain_to_empty`); fails the test naming `what` after `limit`.
+    pub async fn drain_within(
+        &self,
+        limit: Duration,
+        what: &str,
+    ) -> commerce_worker::coupon::DrainReport {
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::time::timeout(limit, self.drain.drain_to_empty(&stop))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("timed out after {limit:?} waiting for the queue and the outbox to empty: {what}")
+            })
+    }
+
+    /// [`Self::drain_within`] in the background.
+    pub fn spawn_drain(&self) -> DrainTask {
+        let drain = self.drain.clone();
+        DrainTask(tokio::spawn(async move {
+            drain
+                .drain_to_empty(&tokio_util::sync::CancellationToken::new())
+                .await
+        }))
+    }
+
     /// One tick of the drain with a 10 s budget.
     pub async fn tick(
         &self,
@@ -843,13 +1077,17 @@ impl Pipeline {
         self.drain
             .tick(Duration::from_secs(10), stop)
             .await
-            .unwrap_or_else(|e| panic!("{e:#}"))
+            .unwrap()
     }
 
     /// Stops the job once every log row waiting in Redis is written; returns the rows this
-    /// job's writer wrote.
+    /// job's writer wrote. Fails the test when they are not written within [`DRAIN_LIMIT`].
     pub async fn finish(self) -> u64 {
-        self.0.finish_writing().await.rows_written
+        self.0
+            .finish_writing(DRAIN_LIMIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .rows_written
     }
 }
 
@@ -870,58 +1108,74 @@ pub struct PrivateSentinelSet {
 
 pub const SENTINEL_PASSWORD: &str = "sentinel-secret";
 
-/// Waits until something listens on `port`; fails after `limit`.
-fn wait_for_listener(port: u16, limit: Duration) {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < limit, "nothing listened on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// `redis-cli -p port <options> <args>`: its output, whatever its exit status (a server that is
+/// down answers nothing); fails the test if it does not return within 60 s.
+fn redis_cli(port: u16, options: &[&str], args: &[&str]) -> String {
+    let out = output_within(
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(options)
+            .args(args),
+        Duration::from_secs(60),
+        "redis-cli",
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl PrivateSentinelSet {
     pub async fn start() -> Self {
         let primary = PrivateRedis::start();
         let link = commerce_worker::tools::fault_proxy::FaultProxy::start(
-            format!("127.0.0.1:{}", primary.port)
-                .parse()
-                .unwrap_or_else(|e| panic!("{e}")),
+            format!("127.0.0.1:{}", primary.port).parse().unwrap(),
         )
         .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let replica_port = free_port();
-        let replica = Command::new("redis-server")
-            .args(["--port", &replica_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--replicaof", "127.0.0.1", &link.addr().port().to_string()])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-server: {e}"));
-        wait_for_listener(replica_port, Duration::from_secs(10));
-        let sentinel_port = free_port();
-        let conf = dir.path().join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {sentinel_port}\nbind 127.0.0.1\ndir {}\nrequirepass {SENTINEL_PASSWORD}\n\
-                 sentinel monitor mymaster 127.0.0.1 {} 1\n\
-                 sentinel down-after-milliseconds mymaster 1000\n\
-                 sentinel failover-timeout mymaster 180000\n",
-                dir.path().display(),
-                primary.port
-            ),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let sentinel = Command::new("redis-server")
-            .arg(&conf)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-server --sentinel: {e}"));
-        wait_for_listener(sentinel_port, Duration::from_secs(10));
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = link.addr().port().to_string();
+        let (replica, replica_port) = start_on_free_port("the replica", |port| {
+            let mut command = Command::new("redis-server");
+            command
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--replicaof", "127.0.0.1", &upstream])
+                .arg("--dir")
+                .arg(dir.path());
+            spawn_ready(
+                &mut command,
+                false,
+                REDIS_READY,
+                "the replica",
+                Duration::from_secs(10),
+            )
+            .map(|(child, _)| child)
+        });
+        let (sentinel, sentinel_port) = start_on_free_port("the sentinel", |port| {
+            // Sentinel rewrites its file: a fresh one per attempt.
+            let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nrequirepass {SENTINEL_PASSWORD}\n\
+                     sentinel monitor mymaster 127.0.0.1 {} 1\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 180000\n",
+                    dir.path().display(),
+                    primary.port
+                ),
+            )
+            .unwrap();
+            let mut command = Command::new("redis-server");
+            command.arg(&conf).arg("--sentinel");
+            // Logged once it listens and monitors the primary.
+            spawn_ready(
+                &mut command,
+                false,
+                "+monitor master mymaster",
+                "the sentinel",
+                Duration::from_secs(10),
+            )
+            .map(|(child, _)| child)
+        });
         let set = Self {
             primary,
             replica_port,
@@ -950,22 +1204,15 @@ impl PrivateSentinelSet {
     }
 
     pub fn replica_cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.replica_port.to_string()])
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("redis-cli: {e}"));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        redis_cli(self.replica_port, &[], args)
     }
 
     pub fn sentinel_cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.sentinel_port.to_string(), "--no-auth-warning"])
-            .args(["-a", SENTINEL_PASSWORD])
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("redis-cli: {e}"));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        redis_cli(
+            self.sentinel_port,
+            &["--no-auth-warning", "-a", SENTINEL_PASSWORD],
+            args,
+        )
     }
 
     /// Polls `done` every 100 ms; fails naming `what` after 60 s.
@@ -1005,26 +1252,12 @@ impl PrivateSentinelSet {
         // made this wait flaky: point it at the promoted replica ourselves, as Sentinel would.
         let replica_port = self.replica_port.to_string();
         self.wait_until("the old primary answers", || {
-            Command::new("redis-cli")
-                .args([
-                    "-p",
-                    &port.to_string(),
-                    "REPLICAOF",
-                    "127.0.0.1",
-                    &replica_port,
-                ])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("OK"))
-                .unwrap_or(false)
+            redis_cli(port, &[], &["REPLICAOF", "127.0.0.1", &replica_port]).contains("OK")
         });
         self.wait_until("the old primary is the new primary's replica", || {
             self.replica_cli(&["INFO", "replication"])
                 .contains("connected_slaves:1")
-                && Command::new("redis-cli")
-                    .args(["-p", &port.to_string(), "INFO", "replication"])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("master_link_status:up"))
-                    .unwrap_or(false)
+                && redis_cli(port, &[], &["INFO", "replication"]).contains("master_link_status:up")
         });
     }
 }

@@ -53,7 +53,7 @@ async fn the_demo_runs_end_to_end_and_its_checks_pass() {
     .bind(&sandbox)
     .fetch_one(&env.mysql)
     .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     assert_eq!(left, 0, "the demo's database {sandbox} was dropped");
     env.cleanup().await;
 }
@@ -71,7 +71,7 @@ async fn under_systemd_the_daemon_reports_ready_pings_the_watchdog_and_reports_s
     let env = TestEnv::new().await;
     let config = env.config_file();
     let socket_path = env.dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap_or_else(|e| panic!("{e}"));
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
     let socket_env = socket_path.to_string_lossy().into_owned();
     // WatchdogSec=3: systemd kills a unit that goes 3 s without a ping; the daemon pings twice
     // as often at least.
@@ -130,13 +130,12 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/systemd/commerce-worker.service"
     ))
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
     // verify wants ExecStart's binary to exist: point it at the one just built.
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("commerce-worker.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/commerce-worker", BIN))
-        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&path, unit.replace("/usr/local/bin/commerce-worker", BIN)).unwrap();
     let output = crate::common::output_within(
         Command::new("systemd-analyze").arg("verify").arg(&path),
         std::time::Duration::from_secs(60),
@@ -152,8 +151,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
 #[test]
 fn the_kubernetes_config_map_holds_a_valid_worker_toml_and_the_grace_period_covers_the_deadline() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let config_map = std::fs::read_to_string(format!("{root}/deploy/k8s/configmap.yaml"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let config_map = std::fs::read_to_string(format!("{root}/deploy/k8s/configmap.yaml")).unwrap();
     // The block scalar under `worker.toml: |`, indented four spaces.
     let toml: String = config_map
         .lines()
@@ -173,10 +171,9 @@ fn the_kubernetes_config_map_holds_a_valid_worker_toml_and_the_grace_period_cove
         std::path::Path::new("configmap.yaml"),
         |_| None,
     )
-    .unwrap_or_else(|e| panic!("the ConfigMap's worker.toml is invalid: {e}"));
+    .expect("the ConfigMap's worker.toml is invalid");
 
-    let deployment = std::fs::read_to_string(format!("{root}/deploy/k8s/deployment.yaml"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let deployment = std::fs::read_to_string(format!("{root}/deploy/k8s/deployment.yaml")).unwrap();
     // The probes and Prometheus reach the pod's IP on the container port.
     let container_port: u16 = deployment
         .lines()
@@ -201,8 +198,8 @@ fn the_kubernetes_config_map_holds_a_valid_worker_toml_and_the_grace_period_cove
         grace > config.shutdown.timeout.as_secs() + 5,
         "terminationGracePeriodSeconds {grace} must exceed [shutdown] timeout_secs with room"
     );
-    let unit = std::fs::read_to_string(format!("{root}/deploy/systemd/commerce-worker.service"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let unit =
+        std::fs::read_to_string(format!("{root}/deploy/systemd/commerce-worker.service")).unwrap();
     let stop: u64 = unit
         .lines()
         .find_map(|l| l.strip_prefix("TimeoutStopSec="))

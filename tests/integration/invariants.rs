@@ -27,7 +27,7 @@ pub(crate) async fn flash_sale(env: &TestEnv, coupons: &[i64], initial: i64, use
     }
     commerce_worker::tools::simulated_api::enqueue_members(&env.redis, env.keys(), entries)
         .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+        .unwrap();
 }
 
 /// Puts two malformed members into each coupon's lane among the sale's requests (user 0 and a
@@ -45,7 +45,7 @@ pub(crate) async fn enqueue_malformed(env: &TestEnv, coupons: &[i64]) -> Vec<Str
             .redis
             .zadd(&lane(env, c).queue, None, None, false, false, entries)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         all.extend(members);
     }
     all
@@ -68,11 +68,7 @@ fn lanes(env: &TestEnv, coupons: &[i64]) -> Vec<KeyTemplates> {
 
 /// The users in `coupon:issued:{coupon}`.
 pub(crate) async fn holders(env: &TestEnv, coupon: i64) -> BTreeSet<i64> {
-    let members: Vec<String> = env
-        .redis
-        .smembers(env.keys().issued(coupon))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let members: Vec<String> = env.redis.smembers(env.keys().issued(coupon)).await.unwrap();
     members
         .iter()
         .map(|m| m.parse().unwrap_or_else(|e| panic!("holder {m:?}: {e}")))
@@ -85,25 +81,13 @@ pub(crate) async fn holders(env: &TestEnv, coupon: i64) -> BTreeSet<i64> {
 /// result.
 pub(crate) async fn assert_holders(env: &TestEnv, coupons: &[i64], initial: i64, users: i64) {
     for lane in lanes(env, coupons) {
-        let queue: u64 = env
-            .redis
-            .zcard(&lane.queue)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let queue: u64 = env.redis.zcard(&lane.queue).await.unwrap();
         assert_eq!(queue, 0, "queue {} drained", lane.queue);
-        let outbox: u64 = env
-            .redis
-            .zcard(&lane.outbox)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let outbox: u64 = env.redis.zcard(&lane.outbox).await.unwrap();
         assert_eq!(outbox, 0, "outbox {} flushed", lane.outbox);
     }
     for &c in coupons {
-        let remaining: i64 = env
-            .redis
-            .get(env.keys().stock(c))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let remaining: i64 = env.redis.get(env.keys().stock(c)).await.unwrap();
         let holders = holders(env, c).await;
         assert_eq!(
             initial,
@@ -115,18 +99,15 @@ pub(crate) async fn assert_holders(env: &TestEnv, coupons: &[i64], initial: i64,
                 .bind(c)
                 .fetch_all(&env.mysql)
                 .await
-                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap()
                 .into_iter()
                 .collect();
         assert_eq!(
             rows, holders,
             "coupon {c}: user_coupon rows = Redis holders"
         );
-        let results: HashMap<String, String> = env
-            .redis
-            .hgetall(env.keys().result(c))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let results: HashMap<String, String> =
+            env.redis.hgetall(env.keys().result(c)).await.unwrap();
         assert_eq!(
             results.len() as i64,
             users,
@@ -153,12 +134,26 @@ pub(crate) async fn assert_invariants(env: &TestEnv, coupons: &[i64], initial: i
     }
 }
 
+/// Every invariant a drained sale keeps, for the fault and replica tests: [`assert_invariants`],
+/// [`assert_ranking_log`], and the dead-letter streams holding exactly `malformed`.
+pub(crate) async fn assert_every_invariant(
+    env: &TestEnv,
+    coupons: &[i64],
+    initial: i64,
+    users: i64,
+    malformed: &[String],
+) {
+    assert_invariants(env, coupons, initial, users).await;
+    assert_ranking_log(env, coupons).await;
+    assert_dead_letters(env, coupons, malformed).await;
+}
+
 /// How many requests for `coupon` were decided.
 pub(crate) async fn seq(env: &TestEnv, coupon: i64) -> i64 {
     env.redis
         .get::<Option<i64>, _>(env.keys().seq(coupon))
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
         .unwrap_or(0)
 }
 
@@ -167,11 +162,7 @@ pub(crate) async fn seq(env: &TestEnv, coupon: i64) -> i64 {
 /// `ISSUED` row at most once, and the `ISSUED` users exactly the holders.
 pub(crate) async fn assert_ranking_log(env: &TestEnv, coupons: &[i64]) {
     for lane in lanes(env, coupons) {
-        let waiting: u64 = env
-            .redis
-            .xlen(&lane.log)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let waiting: u64 = env.redis.xlen(&lane.log).await.unwrap();
         assert_eq!(
             waiting, 0,
             "log stream {} written and emptied (acknowledged after COMMIT)",
@@ -185,7 +176,7 @@ pub(crate) async fn assert_ranking_log(env: &TestEnv, coupons: &[i64]) {
         .bind(c.to_string())
         .fetch_all(&env.mysql)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let seq = seq(env, c).await;
         let ranks: Vec<i64> = rows.iter().map(|r| i64::from(r.1)).collect();
         if ranks != (1..=seq).collect::<Vec<_>>() {
@@ -233,11 +224,8 @@ pub(crate) async fn assert_ranking_log(env: &TestEnv, coupons: &[i64]) {
 pub(crate) async fn assert_dead_letters(env: &TestEnv, coupons: &[i64], expected: &[String]) {
     let mut dead: Vec<String> = Vec::new();
     for lane in lanes(env, coupons) {
-        let entries: Vec<(String, HashMap<String, String>)> = env
-            .redis
-            .xrange(&lane.dead, "-", "+", None)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let entries: Vec<(String, HashMap<String, String>)> =
+            env.redis.xrange(&lane.dead, "-", "+", None).await.unwrap();
         dead.extend(
             entries
                 .into_iter()

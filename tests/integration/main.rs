@@ -3,6 +3,9 @@
 
 // A test binary has no outside users: `pub` in its helpers only means "shared between modules".
 #![allow(unreachable_pub)]
+// Clippy's allow-unwrap-in-tests covers `#[test]` functions but not the shared helpers beside them;
+// in a test binary a panic is the failure report, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bench;
 mod chaos;

@@ -8,7 +8,7 @@ use commerce_worker::outcome::Outcome;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{PrivateRedis, TestEnv, mysql_server_url};
+use crate::common::{DRAIN_LIMIT, PrivateRedis, TestEnv, mysql_server_url};
 
 fn member(user: i64, coupon: i64) -> String {
     format!("{user}:{coupon}")
@@ -17,7 +17,7 @@ fn member(user: i64, coupon: i64) -> String {
 async fn enqueue(env: &TestEnv, entries: Vec<(f64, String)>) {
     commerce_worker::tools::simulated_api::enqueue_members(&env.redis, env.keys(), entries)
         .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+        .unwrap();
 }
 
 async fn mysql_holders(env: &TestEnv, coupon: i64) -> Vec<i64> {
@@ -25,34 +25,42 @@ async fn mysql_holders(env: &TestEnv, coupon: i64) -> Vec<i64> {
         .bind(coupon)
         .fetch_all(&env.mysql)
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
 }
 
-/// Rows ≤ the initial stock, nobody twice, Redis' holders are exactly MySQL's rows and
-/// initial = remaining + holders; ranks in ranking_logs are never reused.
+/// Rows ≤ the initial stock, Redis' holders are exactly MySQL's rows, initial = remaining +
+/// holders (a user issued twice costs two), no user with two ISSUED ranking-log rows, and ranks
+/// in ranking_logs never reused. ("Nobody twice" is not counted in `user_coupon`: its UNIQUE key
+/// makes that count unable to fail.)
 async fn assert_consistent(env: &TestEnv, coupon: i64, initial: i64) {
-    let rows = mysql_holders(env, coupon).await;
-    let distinct: BTreeSet<i64> = rows.iter().copied().collect();
+    let rows: BTreeSet<i64> = mysql_holders(env, coupon).await.into_iter().collect();
     assert!(
         rows.len() as i64 <= initial,
         "coupon {coupon}: {} rows for a stock of {initial}",
         rows.len()
     );
-    assert_eq!(distinct.len(), rows.len(), "coupon {coupon}: nobody twice");
     assert_eq!(
         crate::invariants::holders(env, coupon).await,
-        distinct,
+        rows,
         "coupon {coupon}: Redis holders == MySQL rows"
     );
-    let remaining: i64 = env
-        .redis
-        .get(env.keys().stock(coupon))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let remaining: i64 = env.redis.get(env.keys().stock(coupon)).await.unwrap();
     assert_eq!(
         initial,
         remaining + rows.len() as i64,
         "coupon {coupon}: initial = remaining + holders"
+    );
+    let issued_twice: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT user_id FROM ranking_logs \
+         WHERE coupon_type = ? AND status = 'ISSUED' GROUP BY user_id HAVING COUNT(*) > 1) t",
+    )
+    .bind(coupon.to_string())
+    .fetch_one(&env.mysql)
+    .await
+    .unwrap();
+    assert_eq!(
+        issued_twice, 0,
+        "coupon {coupon}: no user has two ISSUED ranking-log rows"
     );
     let reused: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) - COUNT(DISTINCT `rank`) FROM ranking_logs WHERE coupon_type = ?",
@@ -60,7 +68,7 @@ async fn assert_consistent(env: &TestEnv, coupon: i64, initial: i64) {
     .bind(coupon.to_string())
     .fetch_one(&env.mysql)
     .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     assert_eq!(reused, 0, "coupon {coupon}: no rank logged twice");
 }
 
@@ -73,11 +81,7 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
     // The worker reconciles the empty Redis once (its marker goes into the snapshot), then the
     // snapshot is taken: stock 2, nobody holds the coupon.
     let first = env.pipeline();
-    let reports = first
-        .drain
-        .reconcile_all(false)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let reports = first.drain.reconcile_all(false).await.unwrap();
     assert!(reports.iter().all(|r| r.differing().next().is_none()));
     assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
 
@@ -91,7 +95,9 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
         ],
     )
     .await;
-    let report = first.drain.drain_to_empty(&CancellationToken::new()).await;
+    let report = first
+        .drain_within(DRAIN_LIMIT, "three requests for a stock of 2")
+        .await;
     assert_eq!(
         (report[Outcome::Issued], report[Outcome::SoldOut]),
         (2, 1),
@@ -103,11 +109,7 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
     // Redis dies and comes back from the snapshot: stock 2 again, no holders, seq 0.
     redis.stop();
     redis.resume();
-    let stock: String = env
-        .redis
-        .get(env.keys().stock(coupon))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let stock: String = env.redis.get(env.keys().stock(coupon)).await.unwrap();
     assert_eq!(stock, "2", "the restart rolled Redis back to the snapshot");
 
     // New requests arrive right away (scored now, as the API does: after the decisions, so
@@ -124,7 +126,9 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
     )
     .await;
     let second = env.pipeline();
-    let report = second.drain.drain_to_empty(&CancellationToken::new()).await;
+    let report = second
+        .drain_within(DRAIN_LIMIT, "the requests after the rollback")
+        .await;
     second.finish().await;
     assert_eq!(
         (
@@ -135,11 +139,8 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
         (0, 2, 1),
         "nothing issued beyond the stock: {report:?}"
     );
-    let results: HashMap<String, String> = env
-        .redis
-        .hgetall(env.keys().result(coupon))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let results: HashMap<String, String> =
+        env.redis.hgetall(env.keys().result(coupon)).await.unwrap();
     assert_eq!(
         results.get("1002").map(String::as_str),
         Some("ISSUED"),
@@ -157,7 +158,7 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
     .bind(coupon.to_string())
     .fetch_one(&env.mysql)
     .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     assert_eq!(
         max_rank, 6,
         "ranks went on from the logged ones (1..3, then 4..6)"
@@ -169,7 +170,7 @@ async fn a_redis_restarted_from_an_older_snapshot_is_reconciled_before_new_reque
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_dry_run_lists_exactly_the_broken_coupons_and_the_repair_fixes_them() {
     let mut env = TestEnv::new().await;
-    env.config.keys = crate::cluster::per_coupon_keys(&format!("{}:", env.name));
+    env.use_per_coupon_layout();
     let coupons = [11, 12, 13];
     for c in coupons {
         env.set_stock(c, "5").await;
@@ -184,56 +185,35 @@ async fn reconcile_dry_run_lists_exactly_the_broken_coupons_and_the_repair_fixes
     .await;
     let pipeline = env.pipeline();
     let report = pipeline
-        .drain
-        .drain_to_empty(&CancellationToken::new())
+        .drain_within(DRAIN_LIMIT, "three users for each of three coupons")
         .await;
     assert_eq!(report[Outcome::Issued], 9, "{report:?}");
-    let clean = pipeline
-        .drain
-        .reconcile_all(true)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let clean = pipeline.drain.reconcile_all(true).await.unwrap();
     assert!(
         clean.iter().all(|r| r.differing().next().is_none()),
         "{clean:?}"
     );
 
     // By hand: coupon 12 forgets user 2, coupon 13 forgets users 1 and 3 (stock put back).
-    let _: i64 = env
-        .redis
-        .srem(env.keys().issued(12), "2")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let _: i64 = env.redis.srem(env.keys().issued(12), "2").await.unwrap();
     let _: i64 = env
         .redis
         .srem(env.keys().issued(13), vec!["1", "3"])
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     env.set_stock(13, "4").await;
 
-    let dry = pipeline
-        .drain
-        .reconcile_all(true)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let dry = pipeline.drain.reconcile_all(true).await.unwrap();
     let broken: Vec<(i64, u64)> = dry
         .iter()
         .flat_map(|r| r.differing())
         .map(|c| (c.coupon_id, c.missing))
         .collect();
     assert_eq!(broken, vec![(12, 1), (13, 2)]);
-    let still: u64 = env
-        .redis
-        .scard(env.keys().issued(13))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let still: u64 = env.redis.scard(env.keys().issued(13)).await.unwrap();
     assert_eq!(still, 1, "a dry run changes nothing");
 
-    let repaired = pipeline
-        .drain
-        .reconcile_all(false)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let repaired = pipeline.drain.reconcile_all(false).await.unwrap();
     assert_eq!(
         repaired
             .iter()
@@ -245,14 +225,52 @@ async fn reconcile_dry_run_lists_exactly_the_broken_coupons_and_the_repair_fixes
     assert_consistent(&env, 13, 5).await;
     // Coupon 12's stock was never put back by hand: the repair took one more than it should
     // have, which is what the dry run's figures show an operator beforehand.
-    let again = pipeline
-        .drain
-        .reconcile_all(true)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let again = pipeline.drain.reconcile_all(true).await.unwrap();
     assert!(
         again.iter().all(|r| r.differing().next().is_none()),
         "{again:?}"
+    );
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_with_more_holders_than_stock_left_stops_the_stock_at_zero_and_counts_the_rest() {
+    let env = TestEnv::new().await;
+    env.set_stock(21, "5").await;
+    enqueue(&env, (1..=3).map(|u| (u as f64, member(u, 21))).collect()).await;
+    let pipeline = env.pipeline();
+    let report = pipeline
+        .drain_within(DRAIN_LIMIT, "three users for coupon 21")
+        .await;
+    assert_eq!(report[Outcome::Issued], 3, "{report:?}");
+    pipeline.drain.persist_all().await.unwrap();
+    assert_eq!(mysql_holders(&env, 21).await, vec![1, 2, 3]);
+    // Redis forgets all three holders but keeps the stock they took (2 left): the repair must
+    // take 3 and can take only 2. docs/contract.md §2: "stock decremented (never below 0)".
+    let _: i64 = env.redis.del(env.keys().issued(21)).await.unwrap();
+    let repaired = pipeline.drain.reconcile_all(false).await.unwrap();
+    let coupon = repaired
+        .iter()
+        .flat_map(|r| r.differing())
+        .find(|c| c.coupon_id == 21)
+        .unwrap_or_else(|| panic!("coupon 21 not repaired: {repaired:?}"));
+    assert_eq!(
+        (
+            coupon.missing,
+            coupon.taken,
+            coupon.unexplained,
+            coupon.stock_after
+        ),
+        (3, 2, 1, Some(0)),
+        "{coupon:?}"
+    );
+    let stock: i64 = env.redis.get(env.keys().stock(21)).await.unwrap();
+    assert_eq!(stock, 0, "the repair never takes the stock below 0");
+    assert_eq!(
+        crate::invariants::holders(&env, 21).await,
+        BTreeSet::from([1, 2, 3]),
+        "every MySQL holder is restored, even the one the stock cannot explain"
     );
     pipeline.finish().await;
     env.cleanup().await;
@@ -264,10 +282,11 @@ fn reconcile_command(config: &std::path::Path, dry_run: bool) -> (Option<i32>, S
     if dry_run {
         command.arg("--dry-run");
     }
-    let out = command
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let out = crate::common::output_within(
+        command.env("RUST_LOG", "off"),
+        std::time::Duration::from_secs(60),
+        "commerce-worker reconcile",
+    );
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -291,8 +310,7 @@ async fn the_reconcile_command_exits_1_listing_broken_coupons_on_a_dry_run_and_0
     .await;
     let pipeline = env.pipeline();
     let report = pipeline
-        .drain
-        .drain_to_empty(&CancellationToken::new())
+        .drain_within(DRAIN_LIMIT, "three requests for two coupons")
         .await;
     assert_eq!(report[Outcome::Issued], 3, "{report:?}");
     pipeline.finish().await;
@@ -301,11 +319,7 @@ async fn the_reconcile_command_exits_1_listing_broken_coupons_on_a_dry_run_and_0
     assert_eq!(code, Some(0), "consistent: {out}");
 
     // By hand: coupon 32 forgets its holder and gets its stock back.
-    let _: i64 = env
-        .redis
-        .srem(env.keys().issued(32), "1")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let _: i64 = env.redis.srem(env.keys().issued(32), "1").await.unwrap();
     env.set_stock(32, "3").await;
     let (code, out) = reconcile_command(&config, true);
     assert_eq!(code, Some(1), "differences found: {out}");
@@ -325,7 +339,7 @@ async fn the_reconcile_command_exits_1_listing_broken_coupons_on_a_dry_run_and_0
 async fn a_coupon_retired_from_the_registry_while_mysql_is_down_still_reaches_mysql() {
     let mut db = crate::common::PrivateMariadb::start();
     let mut env = TestEnv::with_servers(&crate::common::redis_url(), &db.server_url()).await;
-    env.config.keys = crate::cluster::per_coupon_keys(&format!("{}:", env.name));
+    env.use_per_coupon_layout();
     let coupon = 41;
     env.set_stock(coupon, "5").await;
     enqueue(
@@ -334,11 +348,7 @@ async fn a_coupon_retired_from_the_registry_while_mysql_is_down_still_reaches_my
     )
     .await;
     let pipeline = env.pipeline();
-    pipeline
-        .drain
-        .reconcile_all(false)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    pipeline.drain.reconcile_all(false).await.unwrap();
 
     // MySQL goes down; the drain issues three coupons into the coupon's outbox.
     db.kill();
@@ -349,14 +359,10 @@ async fn a_coupon_retired_from_the_registry_while_mysql_is_down_still_reaches_my
             &CancellationToken::new(),
         )
         .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+        .unwrap();
     assert_eq!(report[Outcome::Issued], 3, "{report:?}");
     let outbox = env.keys().for_coupon(coupon).outbox;
-    let waiting: u64 = env
-        .redis
-        .zcard(&outbox)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let waiting: u64 = env.redis.zcard(&outbox).await.unwrap();
     assert_eq!(waiting, 3);
 
     // The API retires the coupon while its issued coupons still wait for MySQL.
@@ -364,24 +370,17 @@ async fn a_coupon_retired_from_the_registry_while_mysql_is_down_still_reaches_my
         .redis
         .srem(&env.keys().coupon_registry, coupon.to_string())
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     db.resume();
-    let drained = tokio::time::timeout(
-        std::time::Duration::from_secs(120),
-        pipeline.drain.drain_to_empty(&CancellationToken::new()),
-    )
-    .await;
-    assert!(
-        drained.is_ok(),
-        "the outbox was not persisted within 120 s of MySQL's return"
-    );
+    pipeline
+        .drain_within(
+            DRAIN_LIMIT,
+            "the retired coupon's outbox after MySQL's return",
+        )
+        .await;
     pipeline.finish().await;
     assert_eq!(mysql_holders(&env, coupon).await, vec![1, 2, 3]);
-    let left: u64 = env
-        .redis
-        .zcard(&outbox)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let left: u64 = env.redis.zcard(&outbox).await.unwrap();
     assert_eq!(left, 0, "the retired coupon's outbox is empty");
     env.cleanup().await;
     drop(db);
@@ -391,18 +390,9 @@ async fn a_coupon_retired_from_the_registry_while_mysql_is_down_still_reaches_my
 async fn issued_coupons_land_through_new_connections_when_mysql_connections_freeze() {
     use commerce_worker::tools::fault_proxy::FaultProxy;
     let server = mysql_server_url();
-    let upstream: std::net::SocketAddr = server
-        .trim_start_matches("mysql://")
-        .rsplit('@')
-        .next()
-        .and_then(|hostport| {
-            use std::net::ToSocketAddrs;
-            hostport.to_socket_addrs().ok()?.next()
-        })
-        .unwrap_or_else(|| panic!("cannot resolve {server}"));
-    let proxy = FaultProxy::start(upstream)
+    let proxy = FaultProxy::start(crate::common::mysql_addr())
         .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+        .unwrap();
     let env = TestEnv::with_servers(
         &crate::common::redis_url(),
         &format!("mysql://root@{}", proxy.addr()),
@@ -411,11 +401,7 @@ async fn issued_coupons_land_through_new_connections_when_mysql_connections_free
     let coupon = 51;
     env.set_stock(coupon, "100").await;
     let pipeline = env.pipeline();
-    pipeline
-        .drain
-        .reconcile_all(false)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    pipeline.drain.reconcile_all(false).await.unwrap();
 
     // The persister's insert transaction is made to wait on its fence row (a lock held from a
     // connection that bypasses the proxy); while it waits, every open connection freezes (a
@@ -423,20 +409,18 @@ async fn issued_coupons_land_through_new_connections_when_mysql_connections_free
     // comes: only the deadline gets the rows in.
     let direct = sqlx::MySqlPool::connect(&format!("{server}/{}", env.name))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut locker = direct.begin().await.unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+    let mut locker = direct.begin().await.unwrap();
     let _: Vec<String> = sqlx::query_scalar("SELECT identity FROM redis_fence FOR UPDATE")
         .fetch_all(&mut *locker)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     enqueue(
         &env,
         (1..=60).map(|u| (u as f64, member(u, coupon))).collect(),
     )
     .await;
-    let drain = pipeline.drain.clone();
-    let drained =
-        tokio::spawn(async move { drain.drain_to_empty(&CancellationToken::new()).await });
+    let drained = pipeline.spawn_drain();
     let waited_since = std::time::Instant::now();
     loop {
         let waiting: i64 = sqlx::query_scalar(
@@ -446,7 +430,7 @@ async fn issued_coupons_land_through_new_connections_when_mysql_connections_free
         .bind(&env.name)
         .fetch_one(&direct)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         // (The pattern is split so that this query does not match itself.)
         if waiting > 0 {
             break;
@@ -459,12 +443,13 @@ async fn issued_coupons_land_through_new_connections_when_mysql_connections_free
     }
     let frozen = proxy.freeze_existing();
     assert!(frozen > 0, "the persister's connection was frozen");
-    locker.commit().await.unwrap_or_else(|e| panic!("{e}"));
-    let drained = tokio::time::timeout(std::time::Duration::from_secs(120), drained).await;
-    assert!(
-        drained.is_ok(),
-        "the outbox did not reach MySQL within 120 s while a connection hung mid-statement"
-    );
+    locker.commit().await.unwrap();
+    drained
+        .within(
+            DRAIN_LIMIT,
+            "the outbox to reach MySQL while a connection hung mid-statement",
+        )
+        .await;
     assert_eq!(mysql_holders(&env, coupon).await.len(), 60);
     let accepted = proxy.connections_accepted();
     assert!(
@@ -488,11 +473,7 @@ async fn failover_to_a_stale_replica(min_replicas_acked: u32) {
     let coupon = 61;
     env.set_stock(coupon, "3").await;
     let pipeline = env.pipeline();
-    pipeline
-        .drain
-        .reconcile_all(false)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    pipeline.drain.reconcile_all(false).await.unwrap();
     set.wait_until("the marker reached the replica", || {
         set.replica_cli(&["DBSIZE"]).trim() != "0"
     });
@@ -511,7 +492,7 @@ async fn failover_to_a_stale_replica(min_replicas_acked: u32) {
             &CancellationToken::new(),
         )
         .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+        .unwrap();
     assert_eq!(report[Outcome::Issued], 3, "{report:?}");
     let persisted = pipeline.drain.persist_all().await;
     if min_replicas_acked == 0 {
@@ -562,15 +543,9 @@ async fn failover_to_a_stale_replica(min_replicas_acked: u32) {
         (101..=105).map(|u| (u as f64, member(u, coupon))).collect(),
     )
     .await;
-    let drained = tokio::time::timeout(
-        std::time::Duration::from_secs(120),
-        pipeline.drain.drain_to_empty(&CancellationToken::new()),
-    )
-    .await;
-    assert!(
-        drained.is_ok(),
-        "the drain did not finish on the new primary"
-    );
+    pipeline
+        .drain_within(DRAIN_LIMIT, "the new requests, on the new primary")
+        .await;
     pipeline.finish().await;
     assert_consistent(&env, coupon, 3).await;
     // With min_replicas_acked the persister never wrote what the replica lacked (asserted
@@ -605,11 +580,90 @@ async fn logged(env: &TestEnv, coupon: i64) -> Vec<(i64, i64, String)> {
     .bind(coupon.to_string())
     .fetch_all(&env.mysql)
     .await
-    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap()
 }
 
 fn now_ms() -> f64 {
     chrono::Utc::now().timestamp_millis() as f64
+}
+
+/// docs/contract.md §2: after a rollback, a queue entry scored *no later than* a forgotten row's
+/// `timestamp` is that request (removed, one outcome); one scored later is a new request. The
+/// boundary, to the millisecond: an entry scored exactly at the decision time is the same request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_scored_exactly_at_its_forgotten_decision_is_that_request_and_one_later_is_new() {
+    let env = TestEnv::new().await;
+    let coupon = 31;
+    env.set_stock(coupon, "5").await;
+    let t0 = now_ms() - 1000.0;
+    enqueue(
+        &env,
+        vec![(t0, member(1, coupon)), (t0 + 1.0, member(2, coupon))],
+    )
+    .await;
+    let pipeline = env.pipeline();
+    let report = pipeline.drain_within(DRAIN_LIMIT, "users 1 and 2").await;
+    assert_eq!(report[Outcome::Issued], 2, "{report:?}");
+    pipeline.finish().await;
+    let decided: Vec<(i64, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT user_id, `timestamp` FROM ranking_logs WHERE coupon_type = ? ORDER BY `rank`",
+    )
+    .bind(coupon.to_string())
+    .fetch_all(&env.mysql)
+    .await
+    .unwrap();
+    assert_eq!(decided.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 2]);
+    let at = |user: usize| decided[user - 1].1.timestamp_millis() as f64;
+
+    // Redis rolls back to before both decisions: seq, holders, results and stock as at the
+    // start, and the queue holds user 1's request scored exactly at its decision time and a
+    // request of user 2 scored one millisecond after its decision (a new request).
+    let keys = env.keys();
+    let _: i64 = env
+        .redis
+        .del(vec![
+            keys.seq(coupon),
+            keys.issued(coupon),
+            keys.result(coupon),
+        ])
+        .await
+        .unwrap();
+    env.set_stock(coupon, "5").await;
+    enqueue(
+        &env,
+        vec![(at(1), member(1, coupon)), (at(2) + 1.0, member(2, coupon))],
+    )
+    .await;
+
+    let second = env.pipeline();
+    let repaired = second.drain.reconcile_all(false).await.unwrap();
+    let c = repaired
+        .iter()
+        .flat_map(|lane| lane.coupons.iter())
+        .find(|c| c.coupon_id == coupon)
+        .unwrap_or_else(|| panic!("coupon {coupon} not reported: {repaired:?}"));
+    assert_eq!(
+        (c.forgotten, c.requeued),
+        (2, 1),
+        "two forgotten decisions; only the entry scored at its decision time is that request: {c:?}"
+    );
+    let report = second
+        .drain_within(DRAIN_LIMIT, "what the rollback left queued")
+        .await;
+    assert_eq!(
+        (report.decided(), report[Outcome::Duplicate]),
+        (1, 1),
+        "only user 2's later request is decided (a holder: DUPLICATE): {report:?}"
+    );
+    second.finish().await;
+    let users: Vec<i64> = logged(&env, coupon).await.iter().map(|r| r.0).collect();
+    assert_eq!(
+        users,
+        vec![1, 2, 2],
+        "one row per request, none for user 1 twice"
+    );
+    assert_consistent(&env, coupon, 5).await;
+    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -619,11 +673,7 @@ async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcom
     let coupon = 6;
     env.set_stock(coupon, "3").await;
     let first = env.pipeline();
-    first
-        .drain
-        .reconcile_all(false)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    first.drain.reconcile_all(false).await.unwrap();
     // The snapshot holds five queued requests, nothing decided.
     let t0 = now_ms() - 1000.0;
     enqueue(
@@ -637,10 +687,14 @@ async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcom
 
     // After the snapshot: they are decided (1-3 issued, 4-5 sold out), as is a sixth request
     // (sold out) enqueued after the snapshot; rows and coupons reach MySQL.
-    let report = first.drain.drain_to_empty(&CancellationToken::new()).await;
+    let report = first
+        .drain_within(DRAIN_LIMIT, "the five requests of the snapshot")
+        .await;
     assert_eq!(report[Outcome::Issued], 3, "{report:?}");
     enqueue(&env, vec![(now_ms(), member(6, coupon))]).await;
-    let report = first.drain.drain_to_empty(&CancellationToken::new()).await;
+    let report = first
+        .drain_within(DRAIN_LIMIT, "the request after the snapshot")
+        .await;
     assert_eq!(report[Outcome::SoldOut], 1, "{report:?}");
     first.finish().await;
     assert_eq!(logged(&env, coupon).await.len(), 6);
@@ -650,16 +704,12 @@ async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcom
         .bind(coupon)
         .execute(&env.mysql)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
 
     // kill -9, restart from the snapshot: the five requests are queued again, seq 0, stock 3.
     redis.stop();
     redis.resume();
-    let queued: i64 = env
-        .redis
-        .zcard(&env.keys().queue)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let queued: i64 = env.redis.zcard(&env.keys().queue).await.unwrap();
     assert_eq!(
         queued, 5,
         "the restart rolled the queue back to the snapshot"
@@ -668,11 +718,7 @@ async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcom
     enqueue(&env, vec![(now_ms() + 1.0, member(6, coupon))]).await;
 
     let second = env.pipeline();
-    let dry = second
-        .drain
-        .reconcile_all(true)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let dry = second.drain.reconcile_all(true).await.unwrap();
     let c = dry
         .iter()
         .flat_map(|lane| lane.coupons.iter())
@@ -683,7 +729,9 @@ async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcom
         (6, 5, 1, 2, 3),
         "the dry run reports the forgotten decisions: {c:?}"
     );
-    let report = second.drain.drain_to_empty(&CancellationToken::new()).await;
+    let report = second
+        .drain_within(DRAIN_LIMIT, "the requests put back by the rollback")
+        .await;
     assert_eq!(
         (report.decided(), report[Outcome::SoldOut]),
         (1, 1),
@@ -711,11 +759,8 @@ async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcom
     .map(|(u, o)| (u, o.into_iter().map(str::to_owned).collect()))
     .collect();
     assert_eq!(per_user, expected, "one row per request: {rows:?}");
-    let results: HashMap<String, String> = env
-        .redis
-        .hgetall(env.keys().result(coupon))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let results: HashMap<String, String> =
+        env.redis.hgetall(env.keys().result(coupon)).await.unwrap();
     let expected: HashMap<String, String> = [
         ("1", "ISSUED"),
         ("2", "ISSUED"),
@@ -733,11 +778,7 @@ async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcom
     assert_consistent(&env, coupon, 3).await;
     // A second reconciliation finds nothing left to do.
     let again = env.pipeline();
-    let reports = again
-        .drain
-        .reconcile_all(false)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let reports = again.drain.reconcile_all(false).await.unwrap();
     again.finish().await;
     assert!(
         reports.iter().all(|r| r.differing().next().is_none()),
@@ -747,44 +788,44 @@ async fn requests_a_rollback_puts_back_in_the_queue_keep_their_one_logged_outcom
     drop(redis);
 }
 
-/// Waits (up to 30 s) until the pipeline has emptied the queue and the outbox.
-async fn drain_within_30s(pipeline: &crate::common::Pipeline, what: &str) {
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        pipeline.drain.drain_to_empty(&CancellationToken::new()),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("queue and outbox not emptied within 30 s: {what}"));
+/// `coupon` with a stock of 5, and user 1's request for it decided and persisted by the
+/// returned pipeline (which wrote the fence row on the way).
+async fn first_coupon_issued(env: &TestEnv, coupon: i64) -> crate::common::Pipeline {
+    env.set_stock(coupon, "5").await;
+    enqueue(env, vec![(1.0, member(1, coupon))]).await;
+    let pipeline = env.pipeline();
+    pipeline
+        .drain_within(DRAIN_LIMIT, "the first request")
+        .await;
+    pipeline
 }
 
 async fn fence_rows(env: &TestEnv) -> Vec<String> {
     sqlx::query_scalar("SELECT identity FROM redis_fence")
         .fetch_all(&env.mysql)
         .await
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_redis_fence_row_is_reconciled_again_and_persisting_goes_on() {
     let env = TestEnv::new().await;
     let coupon = 61;
-    env.set_stock(coupon, "5").await;
-    enqueue(&env, vec![(1.0, member(1, coupon))]).await;
-    let pipeline = env.pipeline();
-    drain_within_30s(&pipeline, "the first request").await;
+    let pipeline = first_coupon_issued(&env, coupon).await;
     assert_eq!(mysql_holders(&env, coupon).await, vec![1]);
 
     // MySQL restored from a backup taken before the first reconciliation, or truncated.
     sqlx::query("DELETE FROM redis_fence")
         .execute(&env.mysql)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     enqueue(&env, vec![(2.0, member(2, coupon))]).await;
-    drain_within_30s(
-        &pipeline,
-        "the request queued after redis_fence was emptied",
-    )
-    .await;
+    pipeline
+        .drain_within(
+            DRAIN_LIMIT,
+            "the request queued after redis_fence was emptied",
+        )
+        .await;
     assert_eq!(mysql_holders(&env, coupon).await, vec![1, 2]);
     assert_eq!(fence_rows(&env).await.len(), 1, "the fence row is back");
     pipeline.finish().await;
@@ -796,16 +837,13 @@ async fn a_missing_redis_fence_row_is_reconciled_again_and_persisting_goes_on() 
 async fn a_redis_fence_naming_another_redis_stops_persisting_until_reconcile_rewrites_it() {
     let env = TestEnv::new().await;
     let coupon = 62;
-    env.set_stock(coupon, "5").await;
-    enqueue(&env, vec![(1.0, member(1, coupon))]).await;
-    let pipeline = env.pipeline();
-    drain_within_30s(&pipeline, "the first request").await;
+    let pipeline = first_coupon_issued(&env, coupon).await;
 
     // A second deployment (or a restored MySQL) names another Redis in the fence.
     sqlx::query("UPDATE redis_fence SET identity = 'another:redis'")
         .execute(&env.mysql)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     enqueue(&env, vec![(2.0, member(2, coupon))]).await;
     let stop = CancellationToken::new();
     let report = pipeline.tick(&stop).await;
@@ -820,11 +858,7 @@ async fn a_redis_fence_naming_another_redis_stops_persisting_until_reconcile_rew
     assert_eq!(mysql_holders(&env, coupon).await, vec![1], "not taken over");
     assert_eq!(fence_rows(&env).await, vec!["another:redis".to_owned()]);
 
-    let dry = pipeline
-        .drain
-        .reconcile_all(true)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let dry = pipeline.drain.reconcile_all(true).await.unwrap();
     assert!(dry.iter().any(|r| r.fence_differs()), "{dry:?}");
     let config = env.config_file();
     let (code, out) = reconcile_command(&config, true);
@@ -833,7 +867,9 @@ async fn a_redis_fence_naming_another_redis_stops_persisting_until_reconcile_rew
 
     let (code, out) = reconcile_command(&config, false);
     assert_eq!(code, Some(0), "the operator's reconcile rewrites it: {out}");
-    drain_within_30s(&pipeline, "the request refused by the fence").await;
+    pipeline
+        .drain_within(DRAIN_LIMIT, "the request refused by the fence")
+        .await;
     assert_eq!(mysql_holders(&env, coupon).await, vec![1, 2]);
     let (code, out) = reconcile_command(&config, true);
     assert_eq!(code, Some(0), "consistent afterwards: {out}");
@@ -846,12 +882,12 @@ async fn the_workers_mysql_sessions_drop_hung_clients_and_locks_within_a_minute(
     let env = TestEnv::new().await;
     let pool = commerce_worker::backends::connect_mysql(&env.config.mysql)
         .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+        .unwrap();
     let (wait, lock_wait): (u64, u64) =
         sqlx::query_as("SELECT @@SESSION.wait_timeout, @@SESSION.innodb_lock_wait_timeout")
             .fetch_one(&pool)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
     assert_eq!(wait, 60, "wait_timeout: a few times the 10 s deadline");
     assert!(
         lock_wait < 10,

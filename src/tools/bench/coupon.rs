@@ -47,13 +47,13 @@ use crate::coupon::{CouponDrain, DrainReport, Outcome, StopReason};
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 use crate::tools::options::{CouponBenchOptions, Workload};
-use crate::tools::report::{group, rate};
+use crate::tools::report::{Latencies, group, millis, rate};
 use crate::tools::sandbox::Sandbox;
 use crate::tools::simulated_api::{FlashSale, enqueue_members};
 
 /// What the worker did and how fast.
 #[derive(Debug, Clone)]
-pub struct WorkerFigures {
+pub(crate) struct WorkerFigures {
     pub report: DrainReport,
     pub decide_elapsed: Duration,
     /// Until the last coupon was issued (in Redis).
@@ -66,7 +66,7 @@ pub struct WorkerFigures {
 }
 
 #[derive(Debug, Clone)]
-pub struct NaiveFigures {
+pub(crate) struct NaiveFigures {
     pub requests: u64,
     pub issued: u64,
     pub elapsed: Duration,
@@ -75,10 +75,11 @@ pub struct NaiveFigures {
 /// When the first request arrives (epoch ms; ten arrive per millisecond).
 const FIRST_ARRIVAL_MS: i64 = 1_700_000_000_000;
 
-/// The longest a benchmark waits for the persister to commit what was issued.
+/// The longest a benchmark waits for the drain to empty the queue, and for the persister to
+/// commit what was issued: a stuck job fails the benchmark instead of hanging it.
 const PERSIST_DEADLINE: Duration = Duration::from_secs(600);
 
-pub async fn run(config: &Config, options: &CouponBenchOptions) -> anyhow::Result<Summary> {
+pub(crate) async fn run(config: &Config, options: &CouponBenchOptions) -> anyhow::Result<Summary> {
     if options.catalog {
         return catalog(config, options.requests).await;
     }
@@ -161,7 +162,166 @@ async fn catalog(config: &Config, requests: u64) -> anyhow::Result<Summary> {
         ratio(2, 0),
         ratio(4, 3)
     );
+    idle_catalog(config, &mut summary).await?;
     Ok(summary)
+}
+
+/// Registered coupons in the idle part of `--catalog`.
+const IDLE_REGISTRY: i64 = 20_000;
+/// How long the idle daemon's cost is measured.
+const IDLE_WINDOW: Duration = Duration::from_secs(30);
+/// Lone requests sent after the window, one every [`LONE_EVERY`]: together they span more than
+/// one registry sweep (`sweep_interval_secs`, 10 s).
+const LONE_REQUESTS: i64 = 25;
+const LONE_EVERY: Duration = Duration::from_millis(500);
+
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat` (Linux).
+fn process_cpu() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (in parentheses, which may hold spaces): utime is the
+    // 14th field of the line, the 12th after the name; stime the 13th.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow::anyhow!("unexpected /proc/self/stat"))?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("unexpected /proc/self/stat"))?
+            .parse()?)
+    };
+    // Clock ticks are 1/100 s on Linux (sysconf(_SC_CLK_TCK) = 100 on every supported arch).
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// Redis' CPU time so far (INFO cpu: used_cpu_sys + used_cpu_user), whoever its clients are.
+async fn redis_cpu(redis: &Client) -> anyhow::Result<Duration> {
+    let info: String = redis.info(Some(fred::types::InfoKind::Cpu)).await?;
+    let seconds: f64 = info
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.trim().split_once(':')?;
+            matches!(name, "used_cpu_sys" | "used_cpu_user").then(|| value.parse::<f64>().ok())?
+        })
+        .sum();
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// `--catalog`, idle (issue 19): the daemon (in-process, following at the configured interval)
+/// over 20 000 registered coupons whose queues are all empty. Measures over 30 s the process's
+/// CPU (the benchmark itself sleeps meanwhile) and Redis' busy time (INFO cpu: on a shared Redis
+/// other clients count too), then the enqueue-to-outcome time of lone requests in lanes spread
+/// over the registry (as the API does: ZADD, SADD active; then HGET of the result every
+/// millisecond), then how long the daemon takes to stop.
+async fn idle_catalog(config: &Config, summary: &mut Summary) -> anyhow::Result<()> {
+    let mut case_config = config.clone();
+    case_config.keys = KeyTemplates::per_coupon_layout();
+    in_sandbox(&case_config, async |sandbox| {
+        let keys = sandbox.config.keys.clone();
+        let redis = &sandbox.redis;
+        let registry: Vec<i64> = (1..=IDLE_REGISTRY).collect();
+        for chunk in registry.chunks(5000) {
+            let _: u64 = redis.sadd(&keys.coupon_registry, chunk.to_vec()).await?;
+        }
+        // The lone requests' coupons, spread over the registry.
+        let lane = |n: i64| 1 + (n * 7_919) % IDLE_REGISTRY;
+        for n in 0..LONE_REQUESTS {
+            let _: () = redis.set(keys.stock(lane(n)), 1, None, None, false).await?;
+        }
+        let mut daemon_config = sandbox.config.clone();
+        if daemon_config.coupon.poll_interval.is_zero() {
+            daemon_config.coupon.poll_interval = Duration::from_millis(30);
+        }
+        daemon_config.http.listen = "127.0.0.1:0".parse()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let daemon = tokio::spawn(crate::app::run(daemon_config, async move {
+            let _ = stopped.await;
+        }));
+        let measured = async {
+            let settle = Instant::now();
+            loop {
+                let lease: u64 = redis.exists(keys.follow_lease()).await?;
+                if lease == 1 {
+                    break;
+                }
+                ensure!(
+                    settle.elapsed() < Duration::from_secs(60),
+                    "the daemon did not take the follow lease within 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // The first looks sweep the registry; let them pass.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let (cpu0, redis0) = (process_cpu()?, redis_cpu(redis).await?);
+            tokio::time::sleep(IDLE_WINDOW).await;
+            let (cpu1, redis1) = (process_cpu()?, redis_cpu(redis).await?);
+            let window = IDLE_WINDOW.as_secs_f64();
+            let core = (cpu1 - cpu0).as_secs_f64() / window * 100.0;
+            let busy_ms = (redis1 - redis0).as_secs_f64() / window * 1000.0;
+            println!(
+                "  idle, per coupon, {} registered coupons, every queue empty, over {} s: the daemon {core:.1} % of a core (target <= 5), Redis {busy_ms:.1} ms busy per second (target <= 10; every client of this Redis counts)",
+                group(IDLE_REGISTRY as f64),
+                IDLE_WINDOW.as_secs()
+            );
+            summary.record("idle, 20 000 registered: daemon CPU", "% of a core", core);
+            summary.record("idle, 20 000 registered: Redis busy", "ms/s", busy_ms);
+
+            let mut lone = Latencies::default();
+            for n in 0..LONE_REQUESTS {
+                let coupon = lane(n);
+                let user = 1_000 + n;
+                let started = Instant::now();
+                enqueue_members(
+                    redis,
+                    &keys,
+                    vec![(
+                        chrono::Utc::now().timestamp_millis() as f64,
+                        format!("{user}:{coupon}"),
+                    )],
+                )
+                .await?;
+                loop {
+                    let outcome: Option<String> =
+                        redis.hget(keys.result(coupon), user.to_string()).await?;
+                    if outcome.is_some() {
+                        break;
+                    }
+                    ensure!(
+                        started.elapsed() < Duration::from_secs(60),
+                        "a lone request in coupon {coupon}'s lane had no outcome after 60 s"
+                    );
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                lone.record(started.elapsed());
+                tokio::time::sleep(LONE_EVERY).await;
+            }
+            println!(
+                "  lone request in one of {} registered lanes ({LONE_REQUESTS} times, {} ms apart): p50 {} / max {} to its outcome (target <= 100 ms)",
+                group(IDLE_REGISTRY as f64),
+                LONE_EVERY.as_millis(),
+                millis(lone.percentile(50.0)),
+                millis(lone.max())
+            );
+            summary.record(
+                "lone request, 20 000 registered: max",
+                "ms",
+                lone.max().as_secs_f64() * 1000.0,
+            );
+            anyhow::Ok(())
+        }
+        .await;
+        let stopping = Instant::now();
+        let _ = stop.send(());
+        daemon.await??;
+        println!(
+            "  shutdown with {} registered coupons: {:.2} s",
+            group(IDLE_REGISTRY as f64),
+            stopping.elapsed().as_secs_f64()
+        );
+        measured
+    })
+    .await
 }
 
 async fn run_once(
@@ -272,15 +432,8 @@ async fn run_once(
         let cluster_rate = rate(figures.report.decided(), figures.decide_elapsed);
         summary.record("cluster, per-coupon layout: decided", "/s", cluster_rate);
         if let Some(single) = clean_decide_rate {
-            println!(
-                "  ratio:  cluster (per-coupon layout) / single Redis = {:.2}x decided/s",
-                cluster_rate / single.max(1e-9)
-            );
-            summary.record(
-                "cluster (per-coupon layout) / single Redis, decided",
-                "x",
-                cluster_rate / single.max(1e-9),
-            );
+            let name = "cluster (per-coupon layout) / single Redis";
+            print_ratio(summary, name, cluster_rate, single, 2);
         }
     }
     if options.naive_requests > 0 {
@@ -301,18 +454,18 @@ async fn run_once(
         );
         summary.record("naive: decided", "/s", naive_rate);
         if let Some(worker_rate) = clean_decide_rate {
-            println!(
-                "  ratio:  worker / naive = {:.1}x decided/s",
-                worker_rate / naive_rate.max(1e-9)
-            );
-            summary.record(
-                "worker / naive, decided",
-                "x",
-                worker_rate / naive_rate.max(1e-9),
-            );
+            print_ratio(summary, "worker / naive", worker_rate, naive_rate, 1);
         }
     }
     Ok(())
+}
+
+/// Prints and records the ratio `a / b` of two decided rates, `name` saying which
+/// (`worker / naive`), with `decimals` decimals.
+fn print_ratio(summary: &mut Summary, name: &str, a: f64, b: f64, decimals: usize) {
+    let ratio = a / b.max(1e-9);
+    println!("  ratio:  {name} = {ratio:.decimals$}x decided/s");
+    summary.record(&format!("{name}, decided"), "x", ratio);
 }
 
 fn print_worker(label: &str, worker: &WorkerFigures) {
@@ -353,6 +506,18 @@ async fn run_worker(
     let metrics = Metrics::new();
     let started = Instant::now();
     let job = CouponJob::start(config, &sandbox.backends(), &metrics);
+    // The persister runs beside the drain: watch its counter (and the issued one) from the
+    // start, so the time the last coupon landed is seen also when it landed before the drain's
+    // end (reading them only after the drain would date it at the drain's end).
+    let watch_stop = CancellationToken::new();
+    let watcher = tokio::spawn(counter_history(
+        [
+            metrics.coupon_rows_persisted.clone(),
+            metrics.outcome(Outcome::Issued.label()),
+        ],
+        started,
+        watch_stop.clone(),
+    ));
     let drain = &job.drain;
     // The API keeps writing while the drain runs (realistic mix only).
     let api =
@@ -367,6 +532,12 @@ async fn run_worker(
         if tick.stopped == StopReason::QueueEmpty && api_done {
             break;
         }
+        ensure!(
+            started.elapsed() < PERSIST_DEADLINE,
+            "the drain did not empty the queue within {PERSIST_DEADLINE:?} ({} left, last tick stopped: {:?})",
+            tick.queue_depth,
+            tick.stopped
+        );
     }
     let decide_elapsed = started.elapsed();
     if let Some(api) = api {
@@ -377,12 +548,7 @@ async fn run_worker(
     // When the last issued coupon was committed, read off the persister's own counter (polling
     // MySQL here would load the server being measured).
     let persisted = metrics.coupon_rows_persisted.clone();
-    let issued = metrics.outcome(Outcome::Issued.label());
-    let mut last_issue = None;
     while persisted.get() < expected.issued {
-        if last_issue.is_none() && issued.get() >= expected.issued {
-            last_issue = Some(started.elapsed());
-        }
         ensure!(
             started.elapsed() < PERSIST_DEADLINE,
             "waited {PERSIST_DEADLINE:?} for {} issued coupons to be persisted; {} were",
@@ -391,10 +557,19 @@ async fn run_worker(
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let issue_elapsed = last_issue.unwrap_or_else(|| started.elapsed());
-    let persist_elapsed = started.elapsed();
+    watch_stop.cancel();
+    let [persisted_history, issued_history] = watcher.await?;
+    let reached = |history: &[(Duration, u64)]| {
+        history
+            .iter()
+            .find(|(_, value)| *value >= expected.issued)
+            .map(|(at, _)| *at)
+            .unwrap_or_else(|| started.elapsed())
+    };
+    let issue_elapsed = reached(&issued_history);
+    let persist_elapsed = reached(&persisted_history);
 
-    let written = job.finish_writing().await;
+    let written = job.finish_writing(PERSIST_DEADLINE).await?;
     let log_elapsed = started.elapsed();
     ensure!(
         report.decided() == expected.decided + expected.dead_lettered
@@ -426,6 +601,32 @@ async fn run_worker(
         rows_persisted,
         log_rows,
     })
+}
+
+/// Samples `counters` every 2 ms until `stop`, keeping each counter's values with when they were
+/// first seen (from `started`): the last sample is taken after `stop`, so it holds the final value.
+async fn counter_history<const N: usize>(
+    counters: [prometheus_client::metrics::counter::Counter; N],
+    started: Instant,
+    stop: CancellationToken,
+) -> [Vec<(Duration, u64)>; N] {
+    let mut history: [Vec<(Duration, u64)>; N] = std::array::from_fn(|_| Vec::new());
+    loop {
+        let stopping = stop.is_cancelled();
+        for (counter, seen) in counters.iter().zip(history.iter_mut()) {
+            let value = counter.get();
+            if seen.last().is_none_or(|(_, last)| *last != value) {
+                seen.push((started.elapsed(), value));
+            }
+        }
+        if stopping {
+            return history;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
 }
 
 /// The sale as the worker must decide it: per coupon, each user's first request in the order
@@ -674,11 +875,23 @@ async fn run_backlog(
         sandbox.mysql.clone(),
         keys,
         config.coupon.batch_size.get(),
-        std::sync::Arc::new(tokio::sync::Notify::new()),
+        std::sync::Arc::default(),
         Metrics::new(),
     );
     let never = CancellationToken::new();
-    while drain.tick(Duration::MAX, &never).await?.stopped != StopReason::QueueEmpty {}
+    let deciding = Instant::now();
+    loop {
+        let tick = drain.tick(Duration::MAX, &never).await?;
+        if tick.stopped == StopReason::QueueEmpty {
+            break;
+        }
+        ensure!(
+            deciding.elapsed() < PERSIST_DEADLINE,
+            "the drain did not empty the queue within {PERSIST_DEADLINE:?} ({} left, last tick stopped: {:?})",
+            tick.queue_depth,
+            tick.stopped
+        );
+    }
     let log_metrics = Metrics::new();
     let started = Instant::now();
     let writing = with_log_writer.then(|| {

@@ -33,7 +33,7 @@ struct Figures {
     decided_rate: f64,
 }
 
-pub async fn run(config: &Config, options: &LatencyBenchOptions) -> anyhow::Result<()> {
+pub(crate) async fn run(config: &Config, options: &LatencyBenchOptions) -> anyhow::Result<()> {
     let poll_ms = if config.coupon.poll_interval.is_zero() {
         30
     } else {
@@ -161,6 +161,29 @@ async fn scenarios(
     Ok(out)
 }
 
+/// Enqueues `n` requests for coupon 1 as the API does, one per user from `*user` on, scored
+/// now, and moves `*user` past them. Returns the first of those users.
+async fn enqueue(sandbox: &Sandbox, user: &mut i64, n: u64) -> anyhow::Result<i64> {
+    let first = *user;
+    let now_ms = chrono::Utc::now().timestamp_millis() as f64;
+    let members: Vec<(f64, String)> = (0..n)
+        .map(|i| (now_ms, format!("{}:1", first + i as i64)))
+        .collect();
+    let _: u64 = sandbox
+        .redis
+        .zadd(
+            &sandbox.config.keys.queue,
+            Some(SetOptions::NX),
+            None,
+            false,
+            false,
+            members,
+        )
+        .await?;
+    *user += n as i64;
+    Ok(first)
+}
+
 /// Enqueues `count` requests at once and waits until the result hash holds an outcome for each
 /// (one HLEN per round: asking for each of them would load the Redis being measured); the
 /// figure is the time to the last outcome and the decided rate it gives.
@@ -173,21 +196,7 @@ async fn burst(sandbox: &Sandbox, user: &mut i64, count: u64) -> anyhow::Result<
     let mut sent = 0u64;
     while sent < count {
         let n = (count - sent).min(5000);
-        let now_ms = chrono::Utc::now().timestamp_millis() as f64;
-        let members: Vec<(f64, String)> = (0..n)
-            .map(|i| (now_ms, format!("{}:1", *user + i as i64)))
-            .collect();
-        let _: u64 = redis
-            .zadd(
-                &keys.queue,
-                Some(SetOptions::NX),
-                None,
-                false,
-                false,
-                members,
-            )
-            .await?;
-        *user += n as i64;
+        enqueue(sandbox, user, n).await?;
         sent += n;
     }
     loop {
@@ -243,25 +252,9 @@ async fn drive(
         .min(count);
         while sent < due {
             let n = (due - sent).min(5000);
-            let now_ms = chrono::Utc::now().timestamp_millis() as f64;
-            let members: Vec<(f64, String)> = (0..n)
-                .map(|i| (now_ms, format!("{}:1", *user + i as i64)))
-                .collect();
             let at = Instant::now();
-            let _: u64 = redis
-                .zadd(
-                    &keys.queue,
-                    Some(SetOptions::NX),
-                    None,
-                    false,
-                    false,
-                    members,
-                )
-                .await?;
-            for i in 0..n {
-                waiting.push_back((*user + i as i64, at));
-            }
-            *user += n as i64;
+            let first = enqueue(sandbox, user, n).await?;
+            waiting.extend((first..first + n as i64).map(|u| (u, at)));
             sent += n;
         }
         // One round of HGETs for the requests still waiting.

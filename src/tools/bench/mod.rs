@@ -14,10 +14,10 @@
 //! - [`latency`] — enqueue-to-outcome time against the running daemon, following the queue vs
 //!   ticks only (issue 14).
 
-pub mod coupon;
-pub mod latency;
-pub mod ranking;
-pub mod ranking_log;
+pub(super) mod coupon;
+pub(super) mod latency;
+pub(super) mod ranking;
+pub(super) mod ranking_log;
 
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use crate::config::{self, Config, RedisConfig};
 /// The figures of several runs of one benchmark, by name in the order first recorded: printed as
 /// the median with the range (min–max), the form BENCHMARKS.md quotes. One run prints its value.
 #[derive(Debug, Default)]
-pub struct Summary {
+pub(super) struct Summary {
     figures: Vec<Figure>,
 }
 
@@ -48,7 +48,7 @@ struct Figure {
 
 impl Summary {
     /// Adds one run's value of the figure `name`.
-    pub fn record(&mut self, name: &str, unit: &'static str, value: f64) {
+    pub(super) fn record(&mut self, name: &str, unit: &'static str, value: f64) {
         match self.figures.iter_mut().find(|f| f.name == name) {
             Some(figure) => figure.values.push(value),
             None => self.figures.push(Figure {
@@ -59,14 +59,16 @@ impl Summary {
         }
     }
 
-    /// The median of `name`'s values (the mean of the two middle ones for an even count).
-    pub fn median(&self, name: &str) -> Option<f64> {
+    /// The median of `name`'s values (the mean of the two middle ones for an even count); `print`
+    /// shows it, the tests read it.
+    #[cfg(test)]
+    fn median(&self, name: &str) -> Option<f64> {
         let figure = self.figures.iter().find(|f| f.name == name)?;
         Some(median(&figure.values))
     }
 
     /// One line per figure: `name: median unit (min–max over N runs)`.
-    pub fn print(&self, runs: usize) {
+    pub(super) fn print(&self, runs: usize) {
         if runs > 1 {
             println!("  summary, median (min - max) of {runs} runs:");
         } else {
@@ -120,7 +122,7 @@ fn shown(value: f64) -> String {
 }
 
 /// Runs one benchmark: a line saying where it runs, then its figures.
-pub async fn run(which: BenchCommand, config: &Config) -> anyhow::Result<()> {
+pub(super) async fn run(which: BenchCommand, config: &Config) -> anyhow::Result<()> {
     let probe = backends::connect_redis(&config.redis).await?;
     // The server, not the configured database: the benchmarks make their own.
     let server = config::MysqlConfig {
@@ -158,6 +160,11 @@ pub(super) async fn in_sandbox<T>(
     work: impl AsyncFnOnce(&Sandbox) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let sandbox = Sandbox::create(config, "bench").await?;
+    // Named, so that an operator (or a test) can check it was removed.
+    println!(
+        "  sandbox {}: keys under {}:*, database {} (removed at the end)",
+        sandbox.name, sandbox.name, sandbox.name
+    );
     let result = tokio::select! {
         result = work(&sandbox) => result,
         _ = crate::app::shutdown_signal() => Err(anyhow::anyhow!("interrupted; the benchmark's sandbox was removed")),
@@ -169,7 +176,7 @@ pub(super) async fn in_sandbox<T>(
 }
 
 /// One line describing where the figures were measured.
-pub async fn describe_machine(redis: &Client, mysql: &MySqlPool) -> String {
+pub(super) async fn describe_machine(redis: &Client, mysql: &MySqlPool) -> String {
     let redis_version = redis
         .info::<String>(Some(fred::types::InfoKind::Server))
         .await
@@ -209,14 +216,14 @@ pub async fn describe_machine(redis: &Client, mysql: &MySqlPool) -> String {
 /// Another client of the same Redis, as the shop's API would be: sends a cheap read every
 /// millisecond on its own connection and records how long each took. A command that blocks
 /// Redis shows up as one long round trip here.
-pub struct StallProbe {
+pub(super) struct StallProbe {
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<Latencies>>,
 }
 
 impl StallProbe {
     /// Starts probing with `ZCARD key` (what the API does to show the ranking's size).
-    pub async fn start(config: &RedisConfig, key: String) -> anyhow::Result<Self> {
+    pub(super) async fn start(config: &RedisConfig, key: String) -> anyhow::Result<Self> {
         let client = backends::connect_redis(config).await?;
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -236,21 +243,21 @@ impl StallProbe {
         Ok(Self { stop, task })
     }
 
-    pub async fn finish(self) -> anyhow::Result<Latencies> {
+    pub(super) async fn finish(self) -> anyhow::Result<Latencies> {
         self.stop.cancel();
         self.task.await?
     }
 }
 
 /// The process's peak resident memory while a future runs, sampled every 10 ms.
-pub struct MemorySampler {
+pub(super) struct MemorySampler {
     stop: CancellationToken,
     task: JoinHandle<u64>,
     before: u64,
 }
 
 impl MemorySampler {
-    pub fn start() -> Self {
+    pub(super) fn start() -> Self {
         let stop = CancellationToken::new();
         let before = resident_bytes().unwrap_or(0);
         let task = tokio::spawn({
@@ -268,7 +275,7 @@ impl MemorySampler {
     }
 
     /// `(resident before, peak resident during)`, in bytes.
-    pub async fn finish(self) -> (u64, u64) {
+    pub(super) async fn finish(self) -> (u64, u64) {
         self.stop.cancel();
         let peak = self.task.await.unwrap_or(0);
         (self.before, peak.max(self.before))
@@ -276,7 +283,7 @@ impl MemorySampler {
 }
 
 /// Resident set size of this process (Linux; `None` elsewhere).
-pub fn resident_bytes() -> Option<u64> {
+pub(super) fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

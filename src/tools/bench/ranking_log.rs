@@ -21,23 +21,28 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use chrono::Utc;
-use fred::prelude::*;
 
 use super::{MemorySampler, Summary, in_sandbox};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
-use crate::ranking_log::{
-    LogEntry, LogPipeline, LogRow, STATEMENTS_PER_TRANSACTION, insert_statement,
-};
+use crate::ranking_log::{LogPipeline, LogRow, STATEMENTS_PER_TRANSACTION, insert_statement};
 use crate::tools::options::RankingLogBenchOptions;
 use crate::tools::report::{group, rate};
 use crate::tools::sandbox::Sandbox;
+use crate::tools::simulated_api::append_log_entry;
 
 /// Rows the drain hands over at once.
 const PRODUCER_BATCH: u64 = 1000;
 
-pub async fn run(config: &Config, options: RankingLogBenchOptions) -> anyhow::Result<Summary> {
+/// How long the pipeline may take to write one run's rows before the benchmark fails (a
+/// pipeline that stopped writing must not hang the benchmark).
+const WRITE_DEADLINE: Duration = Duration::from_secs(600);
+
+pub(crate) async fn run(
+    config: &Config,
+    options: RankingLogBenchOptions,
+) -> anyhow::Result<Summary> {
     println!(
         "ranking log: {} rows, channel capacity {}, batch size {}, {} statements per transaction",
         group(options.rows as f64),
@@ -274,26 +279,11 @@ async fn truncate(sandbox: &Sandbox) -> anyhow::Result<()> {
 /// Appends rows `from..to` to the log stream as `PRODUCER_BATCH`-row entries, as the decide
 /// script does.
 async fn produce(sandbox: &Sandbox, from: u64, to: u64) -> anyhow::Result<()> {
-    let keys = &sandbox.config.keys;
     let mut next = from;
     while next < to {
         let end = (next + PRODUCER_BATCH).min(to);
         let batch: Vec<LogRow> = (next..end).map(row).collect();
-        let raw = LogEntry::encode(&batch);
-        let _: String = sandbox
-            .redis
-            .xadd(
-                &keys.log,
-                false,
-                None,
-                "*",
-                vec![("m", raw.members), ("r", raw.ranks), ("o", raw.outcomes)],
-            )
-            .await?;
-        let _: i64 = sandbox
-            .redis
-            .incr_by(keys.log_rows(), (end - next) as i64)
-            .await?;
+        append_log_entry(&sandbox.redis, &sandbox.config.keys, &batch).await?;
         next = end;
     }
     Ok(())
@@ -326,6 +316,11 @@ async fn through_pipeline(
         pipeline.waker().notify_one();
     }
     while metrics.ranking_log_rows_written.get() < rows {
+        ensure!(
+            started.elapsed() < WRITE_DEADLINE,
+            "waited {WRITE_DEADLINE:?} for the pipeline to write {rows} rows; it wrote {}",
+            metrics.ranking_log_rows_written.get()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
@@ -342,13 +337,29 @@ async fn through_pipeline(
     Ok((elapsed, resident))
 }
 
+/// `ranking_logs` holds exactly the rows `row(0..rows)`: `rows` rows, no (coupon, rank) pair
+/// twice, and each row one of the expected ones with its fields (a count alone would pass with
+/// one row doubled and another lost).
 async fn expect_rows(sandbox: &Sandbox, rows: u64) -> anyhow::Result<()> {
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ranking_logs")
-        .fetch_one(&sandbox.mysql)
-        .await?;
+    // row(i) has coupon i % 10 + 1 and rank i / 10 + 1, so i = (rank - 1) * 10 + coupon - 1;
+    // its user is its rank, and it is ISSUED (no reason) for coupon 1, SOLD_OUT otherwise.
+    let (count, distinct, expected): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COUNT(DISTINCT coupon_type, `rank`), CAST(COALESCE(SUM( \
+           CAST(coupon_type AS SIGNED) BETWEEN 1 AND 10 AND `rank` >= 1 \
+           AND (`rank` - 1) * 10 + CAST(coupon_type AS SIGNED) - 1 < ? \
+           AND user_id = `rank` AND retry_count = 0 \
+           AND status = IF(coupon_type = '1', 'ISSUED', 'FAILED') \
+           AND reason <=> IF(coupon_type = '1', NULL, 'SOLD_OUT')), 0) AS SIGNED) \
+         FROM ranking_logs",
+    )
+    .bind(rows)
+    .fetch_one(&sandbox.mysql)
+    .await?;
+    let rows = rows as i64;
     ensure!(
-        count as u64 == rows,
-        "ranking_logs has {count} rows, expected {rows}"
+        count == rows && distinct == rows && expected == rows,
+        "ranking_logs holds {count} rows ({distinct} distinct (coupon, rank) pairs, {expected} of \
+         the expected rows), expected exactly the {rows} rows written"
     );
     Ok(())
 }

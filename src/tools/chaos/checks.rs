@@ -43,7 +43,7 @@ fn examples<T: std::fmt::Debug>(items: &[T]) -> String {
 /// A `ranking_logs` row: user_id, coupon_type, rank, status, reason.
 type LogRow = (i64, String, i32, String, Option<String>);
 
-pub struct Inputs<'a> {
+pub(super) struct Inputs<'a> {
     pub redis: &'a Client,
     pub mysql: &'a MySqlPool,
     pub keys: &'a KeyTemplates,
@@ -55,8 +55,109 @@ pub struct Inputs<'a> {
     pub given_up_metric: f64,
 }
 
+/// Per (user, coupon) of the `ranking_logs` rows: the outcome the user's result must show —
+/// ISSUED if one of the rows is (ISSUED is never overwritten), else the latest row's (highest
+/// rank) outcome, which is a FAILED row's reason (docs/contract.md §4).
+struct RowOutcomes(HashMap<(i64, String), (i32, String, bool)>);
+
+impl RowOutcomes {
+    fn of(log_rows: &[LogRow]) -> Self {
+        let mut map: HashMap<(i64, String), (i32, String, bool)> = HashMap::new();
+        for (user, coupon, rank, status, reason) in log_rows {
+            let outcome = if status == "ISSUED" {
+                status.clone()
+            } else {
+                reason
+                    .clone()
+                    .unwrap_or_else(|| format!("{status} without a reason"))
+            };
+            let entry = map
+                .entry((*user, coupon.clone()))
+                .or_insert_with(|| (*rank, outcome.clone(), false));
+            if *rank >= entry.0 {
+                entry.0 = *rank;
+                entry.1 = outcome;
+            }
+            entry.2 |= status == "ISSUED";
+        }
+        Self(map)
+    }
+
+    /// The results (user -> outcome) of `coupon` unlike what the user's rows say, as (user,
+    /// result, rows' outcome or "no row"), sorted.
+    fn disagreeing(
+        &self,
+        coupon: i64,
+        results: &HashMap<String, String>,
+    ) -> Vec<(String, String, String)> {
+        let mut unlike: Vec<(String, String, String)> = results
+            .iter()
+            .filter_map(|(u, outcome)| {
+                let rows = u
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(|user| self.0.get(&(user, coupon.to_string())));
+                let want = match rows {
+                    Some((_, _, true)) => "ISSUED".to_string(),
+                    Some((_, latest, false)) => latest.clone(),
+                    None => "no row".to_string(),
+                };
+                (*outcome != want).then(|| (u.clone(), outcome.clone(), want))
+            })
+            .collect();
+        unlike.sort_unstable();
+        unlike
+    }
+}
+
+/// One coupon's ISSUED `ranking_logs` rows against its holders, by identity.
+#[derive(Debug, Default, PartialEq)]
+struct IssuedVsHolders {
+    /// (user, ISSUED rows) for users with more than one.
+    issued_twice: Vec<(i64, u32)>,
+    /// Users with an ISSUED row who do not hold the coupon.
+    issued_not_holding: Vec<i64>,
+    /// Holders without an ISSUED row.
+    holding_not_issued: Vec<i64>,
+}
+
+impl IssuedVsHolders {
+    fn of(rows: &[&LogRow], holders: &HashSet<i64>) -> Self {
+        let mut issued: HashMap<i64, u32> = HashMap::new();
+        for row in rows.iter().filter(|r| r.3 == "ISSUED") {
+            *issued.entry(row.0).or_default() += 1;
+        }
+        let mut found = Self {
+            issued_twice: issued
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(u, n)| (*u, *n))
+                .collect(),
+            issued_not_holding: issued
+                .keys()
+                .filter(|u| !holders.contains(*u))
+                .copied()
+                .collect(),
+            holding_not_issued: holders
+                .iter()
+                .filter(|u| !issued.contains_key(*u))
+                .copied()
+                .collect(),
+        };
+        found.issued_twice.sort_unstable();
+        found.issued_not_holding.sort_unstable();
+        found.holding_not_issued.sort_unstable();
+        found
+    }
+}
+
+/// Both simulated midnights ran and built (a failed one is recorded as `FAILED: …`).
+fn midnights_built(midnights: &[(chrono::NaiveDate, String)]) -> bool {
+    midnights.len() == 2 && midnights.iter().all(|(_, out)| !out.starts_with("FAILED"))
+}
+
 /// Runs every check on the final state.
-pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
+pub(super) async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
     let Inputs {
         redis,
         mysql,
@@ -154,8 +255,16 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
         ],
     ));
 
+    let log_rows: Vec<LogRow> = sqlx::query_as(
+        "SELECT user_id, coupon_type, `rank`, CAST(status AS CHAR), reason FROM ranking_logs",
+    )
+    .fetch_all(mysql)
+    .await?;
+    let row_outcome = RowOutcomes::of(&log_rows);
+
     // One outcome per accepted request: the queue and outbox are empty, every coupon's seq
-    // counts its accepted requests, every asking user has a result, ISSUED iff a holder.
+    // counts its accepted requests, every asking user has a result and only askers have one,
+    // ISSUED iff a holder, and each result is what the user's ranking_logs rows say.
     let queue: u64 = redis.zcard(&keys.queue).await?;
     let outbox: u64 = redis.zcard(&keys.outbox).await?;
     let mut details = vec![format!(
@@ -196,16 +305,27 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
             .map(|(u, o)| (u.clone(), o.clone()))
             .collect();
         wrong.sort_unstable();
-        let ok = seq == accepted as i64 && without.is_empty() && wrong.is_empty();
+        let mut strangers: Vec<&String> = results.keys().filter(|u| !askers.contains(*u)).collect();
+        strangers.sort_unstable();
+        let unlike_rows = row_outcome.disagreeing(coupon, &results);
+        let ok = seq == accepted as i64
+            && without.is_empty()
+            && wrong.is_empty()
+            && strangers.is_empty()
+            && unlike_rows.is_empty();
         passed &= ok;
         details.push(format!(
-            "coupon {coupon}: {accepted} accepted, {seq} decided (seq){}; {} users asked, {} without a result {}; {} results disagreeing with the holders {}",
+            "coupon {coupon}: {accepted} accepted, {seq} decided (seq){}; {} users asked, {} without a result {}; {} results for users who never asked {}; {} results disagreeing with the holders {}; {} results unlike the user's ranking_logs rows (user, result, rows) {}",
             if seq == accepted as i64 { "" } else { " MISMATCH" },
             askers.len(),
             without.len(),
             examples(&without),
+            strangers.len(),
+            examples(&strangers),
             wrong.len(),
             examples(&wrong),
+            unlike_rows.len(),
+            examples(&unlike_rows),
         ));
     }
     checks.push(Check::new(
@@ -214,12 +334,8 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
         details,
     ));
 
-    // The ranking log: one row per decided request, ranks 1..n per coupon.
-    let log_rows: Vec<LogRow> = sqlx::query_as(
-        "SELECT user_id, coupon_type, `rank`, CAST(status AS CHAR), reason FROM ranking_logs",
-    )
-    .fetch_all(mysql)
-    .await?;
+    // The ranking log: one row per decided request, ranks 1..n per coupon; its ISSUED rows are
+    // exactly the holders.
     let mut by_coupon: BTreeMap<String, Vec<&LogRow>> = BTreeMap::new();
     for row in &log_rows {
         by_coupon.entry(row.1.clone()).or_default().push(row);
@@ -261,8 +377,17 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
         off.extend(per_member.into_iter().map(|(m, got)| (m, 0, got)));
         off.sort_unstable();
         let issued_rows = rows.iter().filter(|r| r.3 == "ISSUED").count();
-        let holders = holders_by_coupon.get(&coupon).map_or(0, HashSet::len);
-        let issued_ok = coupon == sale.unknown_coupon || issued_rows == holders;
+        let empty = HashSet::new();
+        let holder_users = holders_by_coupon.get(&coupon).unwrap_or(&empty);
+        let holders = holder_users.len();
+        let IssuedVsHolders {
+            issued_twice,
+            issued_not_holding,
+            holding_not_issued,
+        } = IssuedVsHolders::of(&rows, holder_users);
+        let issued_ok = issued_twice.is_empty()
+            && issued_not_holding.is_empty()
+            && holding_not_issued.is_empty();
         let ok = rows.len() as i64 == expected
             && missing.is_empty()
             && doubled.is_empty()
@@ -271,7 +396,7 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
             && issued_ok;
         passed &= ok;
         details.push(format!(
-            "coupon {coupon}: {} rows for {expected} decided; ranks missing {} {}, doubled {} {}, out of 1..{expected} {}; requests with the wrong number of rows {} {}; ISSUED rows {issued_rows} vs holders {holders}",
+            "coupon {coupon}: {} rows for {expected} decided; ranks missing {} {}, doubled {} {}, out of 1..{expected} {}; requests with the wrong number of rows {} {}; ISSUED rows {issued_rows} for {holders} holders (holders in Redis = user_coupon rows, checked above): users with two ISSUED rows {} {}, ISSUED rows of non-holders {} {}, holders without an ISSUED row {} {}",
             rows.len(),
             missing.len(),
             examples(&missing),
@@ -280,6 +405,12 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
             beyond.len(),
             off.len(),
             examples(&off),
+            issued_twice.len(),
+            examples(&issued_twice),
+            issued_not_holding.len(),
+            examples(&issued_not_holding),
+            holding_not_issued.len(),
+            examples(&holding_not_issued),
         ));
     }
     if !by_coupon.is_empty() {
@@ -290,7 +421,7 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
         ));
     }
     checks.push(Check::new(
-        "one ranking_logs row per decided request, ranks 1..n per coupon",
+        "one ranking_logs row per decided request, ranks 1..n per coupon; the ISSUED rows are exactly the holders",
         passed,
         details,
     ));
@@ -336,9 +467,10 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
             )
         }
     };
+    let midnights_ok = midnights_built(&ledger.midnights);
     checks.push(Check::new(
-        "the ranking equals the sum of the window of the last day built; the stale day pruned",
-        passed && !stale_left,
+        "the ranking equals the sum of the window of the last day built; both simulated midnights built; the stale day pruned",
+        passed && !stale_left && midnights_ok,
         vec![
             detail,
             format!(
@@ -419,4 +551,102 @@ pub async fn run(inputs: &Inputs<'_>) -> anyhow::Result<Vec<Check>> {
         )],
     ));
     Ok(checks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(user: i64, rank: i32, status: &str, reason: Option<&str>) -> LogRow {
+        (
+            user,
+            "1".to_string(),
+            rank,
+            status.to_string(),
+            reason.map(str::to_string),
+        )
+    }
+
+    #[test]
+    fn a_result_must_say_what_the_users_rows_say() {
+        let rows = vec![
+            row(7, 1, "ISSUED", None),
+            row(7, 5, "FAILED", Some("DUPLICATE")),
+            row(8, 2, "FAILED", Some("SOLD_OUT")),
+            row(8, 9, "FAILED", Some("DUPLICATE")),
+            row(9, 3, "FAILED", Some("SOLD_OUT")),
+        ];
+        let outcomes = RowOutcomes::of(&rows);
+        let results = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(u, o)| (u.to_string(), o.to_string()))
+                .collect()
+        };
+        // ISSUED is never overwritten; otherwise the latest row's reason.
+        let agreeing = results(&[("7", "ISSUED"), ("8", "DUPLICATE"), ("9", "SOLD_OUT")]);
+        assert_eq!(outcomes.disagreeing(1, &agreeing), vec![]);
+        let wrong = results(&[
+            ("7", "DUPLICATE"),
+            ("8", "SOLD_OUT"),
+            ("9", "SOLD_OUT"),
+            ("10", "ISSUED"),
+        ]);
+        assert_eq!(
+            outcomes.disagreeing(1, &wrong),
+            vec![
+                ("10".into(), "ISSUED".into(), "no row".into()),
+                ("7".into(), "DUPLICATE".into(), "ISSUED".into()),
+                ("8".into(), "SOLD_OUT".into(), "DUPLICATE".into()),
+            ]
+        );
+        // Rows of another coupon say nothing about this one.
+        assert_eq!(
+            outcomes
+                .disagreeing(2, &results(&[("9", "SOLD_OUT")]))
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn issued_rows_are_compared_with_the_holders_by_identity_not_by_count() {
+        let rows = [
+            row(1, 1, "ISSUED", None),
+            row(2, 2, "ISSUED", None),
+            row(3, 3, "FAILED", Some("SOLD_OUT")),
+        ];
+        let refs: Vec<&LogRow> = rows.iter().collect();
+        assert_eq!(
+            IssuedVsHolders::of(&refs, &HashSet::from([1, 2])),
+            IssuedVsHolders::default()
+        );
+        // As many ISSUED rows as holders, but not the same users.
+        assert_eq!(
+            IssuedVsHolders::of(&refs, &HashSet::from([1, 3])),
+            IssuedVsHolders {
+                issued_twice: vec![],
+                issued_not_holding: vec![2],
+                holding_not_issued: vec![3],
+            }
+        );
+        let twice = [row(1, 1, "ISSUED", None), row(1, 4, "ISSUED", None)];
+        let refs: Vec<&LogRow> = twice.iter().collect();
+        assert_eq!(
+            IssuedVsHolders::of(&refs, &HashSet::from([1])).issued_twice,
+            vec![(1, 2)]
+        );
+    }
+
+    #[test]
+    fn a_failed_or_missing_midnight_fails_the_ranking_check() {
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 22).unwrap_or_default();
+        let built = (day, "ranking rebuilt for 2026-11-22".to_string());
+        assert!(midnights_built(&[built.clone(), built.clone()]));
+        assert!(!midnights_built(std::slice::from_ref(&built)));
+        assert!(!midnights_built(&[
+            built,
+            (day, "FAILED: 61 attempts, the last: …".into())
+        ]));
+    }
 }

@@ -34,10 +34,10 @@ use chrono::{Days, NaiveDate};
 use fred::prelude::*;
 
 use self::checks::Check;
-use self::nemesis::{Cluster, Kind, Nemesis};
-use self::servers::{PrivateMariadb, PrivateRedis, describe_exit};
+use self::nemesis::{Cluster, Kind, Nemesis, Replication};
+use self::servers::{PrivateMariadb, PrivateRedis, PrivateSentinel, describe_exit};
 use self::workers::{Endpoints, Worker, metric_sum};
-use self::workload::{Api, Sale};
+use self::workload::{Api, RedisHandle, Sale};
 use crate::config::Config;
 use crate::tools::fault_proxy::FaultProxy;
 pub use crate::tools::options::ChaosOptions;
@@ -140,15 +140,16 @@ impl Cli {
     }
 }
 
-/// Faults the issue asks for that this build cannot inject yet, and why.
-const NOT_YET: [(&str, &str); 1] = [(
-    "failover",
-    "a Redis replica + Sentinel and a failover to the replica: not built into chaos yet",
-)];
-
-fn print_menu(menu: &[Kind]) {
+fn print_menu(menu: &[Kind], sentinel: bool) {
     println!("fault menu (--faults):");
     for kind in Kind::ALL {
+        if kind == Kind::Failover && !sentinel {
+            println!(
+                "  [-] {:<17} needs --sentinel (a replica and a Sentinel)",
+                kind.name()
+            );
+            continue;
+        }
         println!(
             "  [{}] {:<17} {}",
             if menu.contains(&kind) { "x" } else { " " },
@@ -156,22 +157,32 @@ fn print_menu(menu: &[Kind]) {
             kind.describe()
         );
     }
-    for (name, why) in NOT_YET {
-        println!("  [-] {name:<17} not available: {why}");
-    }
 }
 
 pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
-    let menu = nemesis::parse_menu(&options.faults)?;
+    let mut menu = nemesis::parse_menu(&options.faults)?;
     if options.replicas == 0 {
         bail!("--replicas must be at least 1");
     }
+    if !options.sentinel {
+        if options.faults.trim() != "all" && menu.contains(&Kind::Failover) {
+            bail!("the fault `failover` needs --sentinel");
+        }
+        menu.retain(|k| *k != Kind::Failover);
+    }
     let seed = options.seed.unwrap_or_else(|| fastrand::u64(..));
     println!(
-        "chaos: seed {seed}, {} s, {} replicas, {} requests/s",
-        options.seconds, options.replicas, options.rate
+        "chaos: seed {seed}, {} s, {} replicas, {} requests/s{}",
+        options.seconds,
+        options.replicas,
+        options.rate,
+        if options.sentinel {
+            ", Redis primary + replica + Sentinel"
+        } else {
+            ""
+        }
     );
-    print_menu(&menu);
+    print_menu(&menu, options.sentinel);
     let run_dir = std::env::temp_dir().join(format!("cw-chaos-{seed}-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     println!("run directory: {}", run_dir.display());
@@ -233,8 +244,12 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
 
 fn replay_command(options: &ChaosOptions, seed: u64) -> String {
     format!(
-        "commerce-worker chaos --seconds {} --seed {seed} --replicas {} --rate {} --faults {}",
-        options.seconds, options.replicas, options.rate, options.faults
+        "commerce-worker chaos --seconds {} --seed {seed} --replicas {} --rate {} --faults {}{}",
+        options.seconds,
+        options.replicas,
+        options.rate,
+        options.faults,
+        if options.sentinel { " --sentinel" } else { "" }
     )
 }
 
@@ -258,6 +273,12 @@ async fn run_in(
         mysql.port,
         mysql_proxy.addr().port()
     );
+    let mut redis = redis;
+    let replication = if options.sentinel {
+        Some(start_replication(&mut redis, &redis_proxy, run_dir, &mysql.url("chaos")).await?)
+    } else {
+        None
+    };
     let direct = Endpoints {
         redis_url: redis.url(),
         mysql_url: mysql.url("chaos"),
@@ -267,7 +288,7 @@ async fn run_in(
     std::fs::write(&operator_config, &text)?;
     let config = Config::from_toml_str(&text, &operator_config, |_| None)?;
     crate::backends::migrate(&config.mysql).await?;
-    let redis_client = crate::backends::connect_redis(&config.redis).await?;
+    let redis_client = RedisHandle::new(crate::backends::connect_redis(&config.redis).await?);
     let mysql_pool = crate::backends::connect_mysql(&config.mysql).await?;
     let binary = std::env::current_exe().context("finding this binary")?;
     let cli = Cli {
@@ -305,7 +326,10 @@ async fn run_in(
     );
     api.prepare(&mut workload_rng, stale_day).await?;
     let proxied = Endpoints {
-        redis_url: format!("redis://{}", redis_proxy.addr()),
+        redis_url: match &replication {
+            Some(r) => r.sentinel.url(),
+            None => format!("redis://{}", redis_proxy.addr()),
+        },
         mysql_url: format!("mysql://root@{}/chaos", mysql_proxy.addr()),
     };
     let mut replicas = Vec::new();
@@ -324,6 +348,8 @@ async fn run_in(
         mysql_proxy,
         workers: replicas,
         cli: cli.clone(),
+        replication,
+        api_redis: redis_client.clone(),
     };
     println!(
         "{} replicas ready; the sale and the nemesis start\n",
@@ -352,13 +378,14 @@ async fn run_in(
     let quiet = quiesce(
         &mut nemesis,
         &mut cluster,
-        &redis_client,
+        &redis_client.current(),
         &mysql_pool,
         &config,
         &api.ledger,
         Duration::from_secs(options.quiesce_secs),
     )
     .await?;
+    let following = follows_primary(&cluster, &redis_client.current(), &config).await?;
     let mut given_up = 0.0;
     for worker in &cluster.workers {
         match worker.http_get("/metrics").await {
@@ -388,10 +415,10 @@ async fn run_in(
     nemesis.note(format!("replicas stopped: {}", exits.join(", ")));
 
     // 5. Checks.
-    let mut checks = vec![quiet];
+    let mut checks = vec![quiet, following];
     checks.extend(
         checks::run(&checks::Inputs {
-            redis: &redis_client,
+            redis: &redis_client.current(),
             mysql: &mysql_pool,
             keys: &config.keys,
             sale: &api.sale,
@@ -408,14 +435,20 @@ async fn run_in(
         .map(|w| format!("worker {} started {} times", w.id, w.starts))
         .collect();
     starts.push(format!(
-        "{} starts refused with exit 69 while a server was down (as the contract says), started again",
-        nemesis.refused_starts
+        "{} starts refused with exit 69, each while the nemesis had a server down (as the contract says), started again{}",
+        nemesis.refused_starts.len(),
+        if nemesis.refused_starts.is_empty() {
+            ""
+        } else {
+            ":"
+        }
     ));
     checks.push(Check {
-        name: "no process ended unexpectedly; every replica exited 0 after SIGTERM".into(),
+        name: "no process ended unexpectedly; every replica exited 0 after SIGTERM; exit 69 only while a server was down".into(),
         passed: nemesis.unexpected.is_empty(),
         details: [
             vec![exits.join(", "), starts.join(", ")],
+            nemesis.refused_starts.clone(),
             nemesis.unexpected.clone(),
         ]
         .concat(),
@@ -425,21 +458,157 @@ async fn run_in(
         .iter()
         .map(|(k, n)| format!("{k} {n}"))
         .collect();
+    let (mut redis_dropped, mut redis_frozen) = (
+        cluster.redis_proxy.replies_dropped(),
+        cluster.redis_proxy.connections_frozen(),
+    );
+    let mut failovers = String::new();
+    if let Some(r) = &cluster.replication {
+        redis_dropped += r.replica_proxy.replies_dropped();
+        redis_frozen += r.replica_proxy.connections_frozen();
+        failovers = format!("; {} failovers completed", r.failovers);
+    }
     println!(
-        "\nfaults injected: {} (redis proxy: {} replies lost, {} connections frozen; mysql proxy: {} replies lost, {} connections frozen)",
+        "\nfaults injected: {} (redis proxies: {redis_dropped} replies lost, {redis_frozen} connections frozen; mysql proxy: {} replies lost, {} connections frozen{failovers})",
         if injected.is_empty() {
             "none".into()
         } else {
             injected.join(", ")
         },
-        cluster.redis_proxy.replies_dropped(),
-        cluster.redis_proxy.connections_frozen(),
         cluster.mysql_proxy.replies_dropped(),
         cluster.mysql_proxy.connections_frozen(),
     );
-    let _ = redis_client.quit().await;
+    let _ = redis_client.current().quit().await;
     mysql_pool.close().await;
     Ok((checks, nemesis.timeline))
+}
+
+/// `--sentinel`: makes `primary` announce its proxy's port, starts a replica (replicating
+/// through the primary's proxy, announcing its own proxy's) and a Sentinel monitoring the
+/// primary at its proxy's address, so that every address Sentinel hands out is a proxy's and
+/// the proxy faults still apply after a failover.
+async fn start_replication(
+    primary: &mut PrivateRedis,
+    primary_proxy: &FaultProxy,
+    run_dir: &Path,
+    mysql_url: &str,
+) -> anyhow::Result<Replication> {
+    primary.announce_port = Some(primary_proxy.addr().port());
+    primary.configure_replication().await?;
+    let mut replica = PrivateRedis::start(&run_dir.join("replica")).await?;
+    let replica_proxy = FaultProxy::start(format!("127.0.0.1:{}", replica.port).parse()?).await?;
+    replica.announce_port = Some(replica_proxy.addr().port());
+    replica.replica_of = Some(primary_proxy.addr().port());
+    replica.configure_replication().await?;
+    let started = Instant::now();
+    while !replica
+        .command("INFO replication")
+        .await
+        .is_some_and(|i| i.contains("master_link_status:up"))
+    {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the Redis replica on :{} did not sync within 30 s",
+                replica.port
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sentinel =
+        PrivateSentinel::start(&run_dir.join("sentinel"), primary_proxy.addr().port()).await?;
+    // Sentinel learns of the replica from the primary's INFO (every 10 s at first).
+    let want = format!("port={}", replica_proxy.addr().port());
+    let started = Instant::now();
+    loop {
+        let known = sentinel
+            .command(&format!("SENTINEL replicas {}", servers::SENTINEL_SERVICE))
+            .await
+            .unwrap_or_default();
+        let info = sentinel.command("INFO sentinel").await.unwrap_or_default();
+        if known.contains(&replica_proxy.addr().port().to_string()) || info.contains(&want) {
+            break;
+        }
+        if info.contains("slaves=1") {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the Sentinel did not learn of the replica within 30 s: {info}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "redis replica on :{} (proxy :{}), sentinel on :{} monitoring the primary at :{}",
+        replica.port,
+        replica_proxy.addr().port(),
+        sentinel.port,
+        primary_proxy.addr().port()
+    );
+    Ok(Replication {
+        replica,
+        replica_proxy,
+        sentinel,
+        operator_config: run_dir.join("operator.toml"),
+        mysql_url: mysql_url.to_string(),
+        failovers: 0,
+    })
+}
+
+/// Every replica writes to the primary there is now (after any failover): each running
+/// replica's heartbeat (`<host>:<pid>`, refreshed every 10 s) is on the primary and was
+/// refreshed within the last 10 s + 5 s. A replica still talking to a demoted primary (now a
+/// read-only replica) could not have written it; with two replicas the other one would drain
+/// the queue alone, so quiescence alone would not notice.
+async fn follows_primary(
+    cluster: &Cluster,
+    redis: &Client,
+    config: &Config,
+) -> anyhow::Result<Check> {
+    let limit = crate::control::HEARTBEAT_INTERVAL + Duration::from_secs(5);
+    let heartbeats = crate::control::live_replicas(redis, &config.keys).await?;
+    let now = chrono::Utc::now();
+    let mut details = Vec::new();
+    let mut passed = true;
+    for worker in &cluster.workers {
+        let Some(pid) = worker.pid() else {
+            passed = false;
+            details.push(format!("worker {}: not running", worker.id));
+            continue;
+        };
+        let suffix = format!(":{pid}");
+        let seen = heartbeats
+            .iter()
+            .find(|h| h.replica.ends_with(&suffix))
+            .map(|h| (now - h.seen_at).to_std().unwrap_or_default());
+        let ok = seen.is_some_and(|age| age <= limit);
+        passed &= ok;
+        details.push(match seen {
+            Some(age) => format!(
+                "worker {} (pid {pid}): heartbeat on the primary {:.1} s old{}",
+                worker.id,
+                age.as_secs_f64(),
+                if ok { "" } else { " (too old)" }
+            ),
+            None => format!(
+                "worker {} (pid {pid}): no heartbeat on the primary",
+                worker.id
+            ),
+        });
+    }
+    if let Some(replication) = &cluster.replication {
+        details.push(format!(
+            "{} failovers; the primary is the node behind proxy :{}",
+            replication.failovers,
+            cluster.redis_proxy.addr().port()
+        ));
+    }
+    Ok(Check {
+        name: format!(
+            "every replica writes to the current primary (its heartbeat there is at most {} s old)",
+            limit.as_secs()
+        ),
+        passed,
+        details,
+    })
 }
 
 /// Waits until a replica answers `/readyz` with 200.
@@ -460,6 +629,10 @@ async fn wait_ready(worker: &Worker) -> anyhow::Result<()> {
     }
 }
 
+/// How long a simulated midnight's `rebuild-ranking --date` is retried before the run counts it
+/// as failed.
+const MIDNIGHT_RETRIES: Duration = Duration::from_secs(60);
+
 /// The API's part: waves of requests every 100 ms, orders for the day being sold, and a
 /// simulated midnight (`rebuild-ranking --date`) between the thirds of the run.
 async fn play_sale(
@@ -475,7 +648,8 @@ async fn play_sale(
     let mut midnights = Vec::new();
     let mut wave = tokio::time::interval(Duration::from_millis(100));
     wave.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while started.elapsed() < total {
+    // Both midnights happen even if the API was held up (by the nemesis' lock) past the end.
+    while started.elapsed() < total || phase < 2 {
         wave.tick().await;
         let now_phase = ((started.elapsed().as_secs_f64() / total.as_secs_f64()) * 3.0) as usize;
         let now_phase = now_phase.min(2);
@@ -486,16 +660,22 @@ async fn play_sale(
             midnights.push((
                 ended,
                 tokio::spawn(async move {
+                    // An operator (or cron) retries while Redis is down or rolled back; a
+                    // midnight still failing after MIDNIGHT_RETRIES fails the run.
                     let date = ended.to_string();
-                    let mut last = String::new();
-                    for _ in 0..3 {
+                    let started = Instant::now();
+                    let mut attempts = 0;
+                    loop {
+                        attempts += 1;
                         match cli.run(&["rebuild-ranking", "--date", &date]).await {
-                            Ok(out) => return Ok(out),
-                            Err(e) => last = format!("{e:#}"),
+                            Ok(out) if attempts == 1 => return Ok(out),
+                            Ok(out) => return Ok(format!("{out} (attempt {attempts})")),
+                            Err(e) if started.elapsed() > MIDNIGHT_RETRIES => {
+                                return Err(format!("{attempts} attempts, the last: {e:#}"));
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
                         }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    Err(last)
                 }),
             ));
             phase += 1;
@@ -517,9 +697,155 @@ async fn play_sale(
     Ok(api)
 }
 
-/// After healing: waits until the queue and outboxes are empty, the replicas' channels are
-/// empty, `ranking_logs` stopped growing and today's ranking holds today's window — or the
-/// deadline passes. The result is the first check.
+/// What the system looks like to [`quiesce`]: each figure must be zero (or done) and stay
+/// unchanged for longer than the log stream's claim idle time.
+#[derive(Debug, Clone, PartialEq)]
+struct Quiet {
+    queue: u64,
+    outbox: u64,
+    /// Entries in the log streams, entries read and not acknowledged (`XPENDING`), and rows the
+    /// streams' counters say are waiting.
+    log_entries: u64,
+    log_pending: u64,
+    log_rows_waiting: u64,
+    /// Lengths of `coupon:dead` and of the log dead-letter streams: must stay as they are.
+    dead: u64,
+    log_dead: u64,
+    ranking_logs: i64,
+    user_coupon: i64,
+    channels: u64,
+    unready: usize,
+    /// Today's ranking is built and holds today's whole window.
+    ranking_ok: bool,
+    built: Option<String>,
+}
+
+impl Quiet {
+    fn empty(&self) -> bool {
+        self.queue == 0
+            && self.outbox == 0
+            && self.log_entries == 0
+            && self.log_pending == 0
+            && self.log_rows_waiting == 0
+            && self.channels == 0
+            && self.unready == 0
+            && self.ranking_ok
+    }
+}
+
+impl std::fmt::Display for Quiet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "queue {}, outbox {}, log streams {} entries ({} pending, {} rows counted), log channels {}, replicas not answering {}, dead letters {} (+{} in log dead streams), ranking_logs {} rows, user_coupon {} rows, ranking built for {} {}",
+            self.queue,
+            self.outbox,
+            self.log_entries,
+            self.log_pending,
+            self.log_rows_waiting,
+            self.channels,
+            self.unready,
+            self.dead,
+            self.log_dead,
+            self.ranking_logs,
+            self.user_coupon,
+            self.built.as_deref().unwrap_or("no day"),
+            if self.ranking_ok {
+                "and complete"
+            } else {
+                "(not yet today's full window)"
+            }
+        )
+    }
+}
+
+/// How long every figure must stay empty and unchanged before the run calls the system quiet:
+/// longer than a log entry left in a consumer's pending list waits before another reader
+/// takes it over (`XAUTOCLAIM` after [`CLAIM_IDLE`](crate::ranking_log::stream::CLAIM_IDLE)),
+/// so no such entry is still on its way when the checks read.
+fn quiet_for() -> Duration {
+    crate::ranking_log::stream::CLAIM_IDLE + Duration::from_secs(3)
+}
+
+/// Reads [`Quiet`]'s figures.
+async fn probe_quiet(
+    cluster: &Cluster,
+    redis: &Client,
+    mysql: &sqlx::MySqlPool,
+    config: &Config,
+    expected: &std::collections::HashMap<String, f64>,
+    today: NaiveDate,
+) -> anyhow::Result<Quiet> {
+    let keys = &config.keys;
+    let mut queue = 0u64;
+    let mut outbox = 0u64;
+    for lane in crate::coupon::queue_keys(redis, keys).await? {
+        queue += redis.zcard::<u64, _>(&lane.queue).await?;
+        outbox += redis.zcard::<u64, _>(&lane.outbox).await?;
+    }
+    let (mut log_entries, mut log_pending, mut log_rows_waiting, mut log_dead) = (0, 0, 0, 0);
+    for lane in crate::ranking_log::stream::log_lanes(redis, keys).await? {
+        log_entries += redis.xlen::<u64, _>(&lane.log).await?;
+        log_dead += redis.xlen::<u64, _>(lane.log_dead()).await?;
+        let waiting: Option<i64> = redis.get(lane.log_rows()).await?;
+        log_rows_waiting += waiting.unwrap_or(0).max(0) as u64;
+        // XPENDING summary: [count, first id, last id, consumers]; NOGROUP before any read.
+        let summary: Result<Value, _> = redis
+            .xpending(&lane.log, crate::ranking_log::stream::GROUP, ())
+            .await;
+        if let Ok(Value::Array(parts)) = summary
+            && let Some(count) = parts.first().and_then(|v| v.as_u64())
+        {
+            log_pending += count;
+        }
+    }
+    let dead: u64 = redis.xlen(&keys.dead).await?;
+    let ranking_logs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ranking_logs")
+        .fetch_one(mysql)
+        .await?;
+    let user_coupon: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM user_coupon")
+        .fetch_one(mysql)
+        .await?;
+    let built: Option<String> = redis.hget(keys.ranking_live_record(), "day").await?;
+    let ranking: Vec<(String, f64)> = redis
+        .zrange(&keys.ranking_window, 0, -1, None, false, None, true)
+        .await?;
+    let ranking_ok = built.as_deref() == Some(today.to_string().as_str())
+        && ranking.len() == expected.len()
+        && ranking
+            .iter()
+            .all(|(p, s)| expected.get(p).is_some_and(|e| (e - s).abs() < 1e-6));
+    let mut channels = 0.0;
+    let mut unready = 0;
+    for worker in &cluster.workers {
+        match worker.http_get("/metrics").await {
+            Ok((_, body)) => {
+                channels += metric_sum(&body, "commerce_worker_ranking_log_channel_depth")
+            }
+            Err(_) => unready += 1,
+        }
+    }
+    Ok(Quiet {
+        queue,
+        outbox,
+        log_entries,
+        log_pending,
+        log_rows_waiting,
+        dead,
+        log_dead,
+        ranking_logs,
+        user_coupon,
+        channels: channels as u64,
+        unready,
+        ranking_ok,
+        built,
+    })
+}
+
+/// After healing: waits until the queue and outboxes are empty, the log streams are empty with
+/// nothing pending, the replicas' channels are empty, today's ranking holds today's window, and
+/// all of it (with the row counts and the dead-letter streams' lengths) stayed so for
+/// [`quiet_for`] — or the deadline passes. The result is the first check.
 async fn quiesce(
     nemesis: &mut Nemesis,
     cluster: &mut Cluster,
@@ -529,107 +855,118 @@ async fn quiesce(
     ledger: &workload::Ledger,
     limit: Duration,
 ) -> anyhow::Result<Check> {
-    let keys = &config.keys;
     let started = Instant::now();
     let today = crate::ranking::today(config.ranking.timezone);
     let expected = ledger.expected_ranking(today, config.ranking.window_days);
-    let mut last_rows = -1i64;
-    let mut stable_since = Instant::now();
+    let hold = quiet_for();
+    let name = format!(
+        "the system became quiet within {} s of healing (queue, outbox, log streams and pending lists empty, dead letters and rows unchanged for {} s)",
+        limit.as_secs(),
+        hold.as_secs()
+    );
+    // The figures when they were last seen empty, and since when they have not changed.
+    let mut last: Option<(Quiet, Instant)> = None;
     loop {
         nemesis.watch(cluster).await?;
-        let probe = async {
-            let queue: u64 = redis.zcard(&keys.queue).await?;
-            let outbox: u64 = redis.zcard(&keys.outbox).await?;
-            let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ranking_logs")
-                .fetch_one(mysql)
-                .await?;
-            let built: Option<String> = redis.hget(keys.ranking_live_record(), "day").await?;
-            let ranking: Vec<(String, f64)> = redis
-                .zrange(&keys.ranking_window, 0, -1, None, false, None, true)
-                .await?;
-            anyhow::Ok((queue, outbox, rows, built, ranking))
-        };
-        let (queue, outbox, rows, built, ranking) = match probe.await {
-            Ok(found) => found,
+        match probe_quiet(cluster, redis, mysql, config, &expected, today).await {
+            Ok(now) => {
+                if !now.empty() {
+                    last = None;
+                } else if last.as_ref().is_none_or(|(seen, _)| *seen != now) {
+                    last = Some((now.clone(), Instant::now()));
+                }
+                if let Some((seen, since)) = &last
+                    && since.elapsed() >= hold
+                {
+                    let text = format!(
+                        "after {:.1} s ({:.1} s unchanged): {seen}",
+                        started.elapsed().as_secs_f64(),
+                        since.elapsed().as_secs_f64()
+                    );
+                    nemesis.note(format!("quiet {text}"));
+                    return Ok(Check {
+                        name,
+                        passed: true,
+                        details: vec![text],
+                    });
+                }
+                if started.elapsed() > limit {
+                    nemesis.note(format!("NOT quiet after {} s: {now}", limit.as_secs()));
+                    return Ok(Check {
+                        name,
+                        passed: false,
+                        details: vec![format!("at the deadline: {now}")],
+                    });
+                }
+            }
             Err(e) => {
+                last = None;
                 if started.elapsed() > limit {
                     return Ok(Check {
-                        name: format!(
-                            "the system became quiet within {} s of healing",
-                            limit.as_secs()
-                        ),
+                        name,
                         passed: false,
                         details: vec![format!("at the deadline the servers did not answer: {e:#}")],
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
             }
-        };
-        let mut channels = 0.0;
-        let mut unready = 0;
-        for worker in &cluster.workers {
-            match worker.http_get("/metrics").await {
-                Ok((_, body)) => {
-                    channels += metric_sum(&body, "commerce_worker_ranking_log_channel_depth")
-                }
-                Err(_) => unready += 1,
-            }
-        }
-        if rows != last_rows {
-            last_rows = rows;
-            stable_since = Instant::now();
-        }
-        let ranking_ok = built.as_deref() == Some(today.to_string().as_str())
-            && ranking.len() == expected.len()
-            && ranking
-                .iter()
-                .all(|(p, s)| expected.get(p).is_some_and(|e| (e - s).abs() < 1e-6));
-        let stable = stable_since.elapsed();
-        let status = format!(
-            "queue {queue}, outbox {outbox}, log channels {channels}, replicas not answering {unready}, ranking_logs {rows} rows (unchanged for {:.1} s), ranking built for {} {}",
-            stable.as_secs_f64(),
-            built.as_deref().unwrap_or("no day"),
-            if ranking_ok {
-                "and complete"
-            } else {
-                "(not yet today's full window)"
-            }
-        );
-        let quiet = queue == 0
-            && outbox == 0
-            && channels == 0.0
-            && unready == 0
-            && stable > Duration::from_secs(3)
-            && ranking_ok;
-        if quiet {
-            nemesis.note(format!(
-                "quiet after {:.1} s: {status}",
-                started.elapsed().as_secs_f64()
-            ));
-            return Ok(Check {
-                name: format!(
-                    "the system became quiet within {} s of healing",
-                    limit.as_secs()
-                ),
-                passed: true,
-                details: vec![format!(
-                    "after {:.1} s: {status}",
-                    started.elapsed().as_secs_f64()
-                )],
-            });
-        }
-        if started.elapsed() > limit {
-            nemesis.note(format!("NOT quiet after {} s: {status}", limit.as_secs()));
-            return Ok(Check {
-                name: format!(
-                    "the system became quiet within {} s of healing",
-                    limit.as_secs()
-                ),
-                passed: false,
-                details: vec![format!("at the deadline: {status}")],
-            });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet() -> Quiet {
+        Quiet {
+            queue: 0,
+            outbox: 0,
+            log_entries: 0,
+            log_pending: 0,
+            log_rows_waiting: 0,
+            dead: 3,
+            log_dead: 0,
+            ranking_logs: 100,
+            user_coupon: 40,
+            channels: 0,
+            unready: 0,
+            ranking_ok: true,
+            built: Some("2026-11-24".into()),
+        }
+    }
+
+    /// An entry a rollback left in a live consumer's pending list is taken over only after
+    /// the claim idle time: quiet must wait longer than that, and must see the log streams and
+    /// their pending lists empty, not just the queue and the channels.
+    #[test]
+    fn quiet_needs_the_log_streams_empty_and_longer_than_the_claim_idle_time() {
+        assert!(quiet_for() > crate::ranking_log::stream::CLAIM_IDLE);
+        assert!(quiet().empty());
+        let not = [
+            Quiet {
+                log_entries: 1,
+                ..quiet()
+            },
+            Quiet {
+                log_pending: 1,
+                ..quiet()
+            },
+            Quiet {
+                log_rows_waiting: 10,
+                ..quiet()
+            },
+            Quiet {
+                outbox: 1,
+                ..quiet()
+            },
+            Quiet {
+                ranking_ok: false,
+                ..quiet()
+            },
+        ];
+        for q in not {
+            assert!(!q.empty(), "{q}");
+        }
     }
 }

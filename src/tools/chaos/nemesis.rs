@@ -12,13 +12,18 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use super::servers::{PrivateMariadb, PrivateRedis, describe_exit};
+use fred::prelude::*;
+
+use super::servers::{
+    PrivateMariadb, PrivateRedis, PrivateSentinel, SENTINEL_SERVICE, describe_exit,
+};
 use super::workers::{State, Worker};
+use super::workload::RedisHandle;
 use crate::tools::fault_proxy::FaultProxy;
 
 /// Every fault the nemesis knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
+pub(super) enum Kind {
     WorkerKill,
     WorkerReplace,
     WorkerStop,
@@ -33,10 +38,11 @@ pub enum Kind {
     MysqlReset,
     RequeueDead,
     Pause,
+    Failover,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub(super) const ALL: [Kind; 15] = [
         Kind::WorkerKill,
         Kind::WorkerReplace,
         Kind::WorkerStop,
@@ -51,9 +57,10 @@ impl Kind {
         Kind::MysqlReset,
         Kind::RequeueDead,
         Kind::Pause,
+        Kind::Failover,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Kind::WorkerKill => "worker-kill",
             Kind::WorkerReplace => "worker-replace",
@@ -69,16 +76,17 @@ impl Kind {
             Kind::MysqlReset => "mysql-reset",
             Kind::RequeueDead => "requeue-dead",
             Kind::Pause => "pause",
+            Kind::Failover => "failover",
         }
     }
 
-    pub fn describe(self) -> &'static str {
+    pub(super) fn describe(self) -> &'static str {
         match self {
             Kind::WorkerKill => {
-                "SIGKILL a replica; restart it 0-2 s later with its disk (spill directory) kept"
+                "SIGKILL a replica; restart it 0-2 s later on the same machine (systemd's Restart=)"
             }
             Kind::WorkerReplace => {
-                "SIGKILL a replica; start a replacement 0-2 s later with an empty disk (a rescheduled pod)"
+                "SIGKILL a replica; start a replacement 0-2 s later with nothing of the old one (a rescheduled pod)"
             }
             Kind::WorkerStop => {
                 "SIGSTOP a replica for 1-6 s, then SIGCONT (a long GC pause, a frozen VM)"
@@ -104,10 +112,13 @@ impl Kind {
             Kind::Pause => {
                 "an operator runs `commerce-worker pause` (--drain, --persist or both), then `resume` 1-5 s later"
             }
+            Kind::Failover => {
+                "`SENTINEL FAILOVER`: the replica becomes the primary, the old primary its replica (writes it took meanwhile lost); the replicas follow through Sentinel (--sentinel only)"
+            }
         }
     }
 
-    pub fn parse(name: &str) -> Option<Kind> {
+    pub(super) fn parse(name: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == name)
     }
 }
@@ -122,19 +133,65 @@ const MYSQL_PATTERNS: [&str; 3] = [
     "INSERT INTO ranking_logs",
 ];
 
+/// How long the nemesis waits (under the API lock) for Redis to write its AOF buffer before a
+/// kill or a rollback's copy; Redis postpones it for at most 2 s while an fsync is slow.
+const AOF_WRITTEN_LIMIT: Duration = Duration::from_secs(10);
+
 /// A replica exiting 69 (a server unreachable at start) this soon after starting is refusing to
 /// start, as the contract says it must; later, it would be a daemon giving up.
 const START_PHASE: Duration = Duration::from_secs(20);
 
+/// How long after a server came back a replica that tried to reach it may still have seen it
+/// down (its connection attempt began before the restart finished; fred and sqlx give up
+/// after 5 s).
+const OUTAGE_GRACE: Duration = Duration::from_secs(6);
+
+/// A time a server was unavailable because the nemesis made it so (killed, rolled back, being
+/// failed over): the only reason a replica may refuse to start (exit 69).
+#[derive(Clone, Debug)]
+pub(super) struct Outage {
+    pub what: &'static str,
+    pub from: Instant,
+    /// `None` while it lasts.
+    pub to: Option<Instant>,
+}
+
+/// Why a replica's exit 69 at start is forgiven: the outages overlapping its start, or `None`
+/// if no server was down then (the exit is then a defect: the worker refused to start with
+/// every server up).
+pub(super) fn outage_during(
+    outages: &[Outage],
+    origin: Instant,
+    start: Instant,
+    exit: Instant,
+) -> Option<String> {
+    let overlapping: Vec<String> = outages
+        .iter()
+        .filter(|o| o.from <= exit && o.to.is_none_or(|to| to + OUTAGE_GRACE >= start))
+        .map(|o| {
+            format!(
+                "{} down {:.3}s .. {}",
+                o.what,
+                o.from.saturating_duration_since(origin).as_secs_f64(),
+                o.to.map_or("still down".to_string(), |to| format!(
+                    "{:.3}s",
+                    to.saturating_duration_since(origin).as_secs_f64()
+                ))
+            )
+        })
+        .collect();
+    (!overlapping.is_empty()).then(|| overlapping.join(", "))
+}
+
 /// One line of the timeline.
 #[derive(Clone, Debug)]
-pub struct Event {
+pub(super) struct Event {
     pub at: Duration,
     pub text: String,
 }
 
 /// Something the run owns that a fault may target.
-pub struct Cluster {
+pub(super) struct Cluster {
     pub redis: PrivateRedis,
     pub mysql: PrivateMariadb,
     pub redis_proxy: FaultProxy,
@@ -142,6 +199,45 @@ pub struct Cluster {
     pub workers: Vec<Worker>,
     /// Runs the CLI (`requeue-dead`, `rebuild-ranking`) against the servers directly.
     pub cli: super::Cli,
+    /// With `--sentinel`: the replica, its proxy and the Sentinel. `redis` and `redis_proxy`
+    /// are always the primary's (a failover swaps them with these).
+    pub replication: Option<Replication>,
+    /// The run's own client to the primary (the API's and the checks').
+    pub api_redis: RedisHandle,
+}
+
+/// The other half of a `--sentinel` run.
+pub(super) struct Replication {
+    pub replica: PrivateRedis,
+    pub replica_proxy: FaultProxy,
+    pub sentinel: PrivateSentinel,
+    /// The operator's config file: rewritten after a failover to name the new primary.
+    pub operator_config: std::path::PathBuf,
+    pub mysql_url: String,
+    /// Failovers that completed.
+    pub failovers: u64,
+}
+
+impl Cluster {
+    /// Points the run's own clients (the API's, the checks', the operator's config) at the
+    /// primary `self.redis` is now.
+    async fn follow_primary(&mut self) -> anyhow::Result<()> {
+        let Some(replication) = &self.replication else {
+            return Ok(());
+        };
+        let direct = super::workers::Endpoints {
+            redis_url: self.redis.url(),
+            mysql_url: replication.mysql_url.clone(),
+        };
+        let text = super::workers::config_text(&direct, 0);
+        std::fs::write(&replication.operator_config, &text)?;
+        let config =
+            crate::config::Config::from_toml_str(&text, &replication.operator_config, |_| None)?;
+        let client = crate::backends::connect_redis(&config.redis).await?;
+        let old = self.api_redis.replace(client);
+        let _ = old.quit().await;
+        Ok(())
+    }
 }
 
 /// A fault waiting to be healed.
@@ -159,9 +255,11 @@ enum Heal {
     ThawMysql,
     /// `resume` with these flags; attempts so far.
     Resume(&'static [&'static str], u32),
+    /// After a failover (at this instant): the old primary must replicate from the new one.
+    Demoted(Instant),
 }
 
-pub struct Nemesis {
+pub(super) struct Nemesis {
     rng: fastrand::Rng,
     menu: Vec<Kind>,
     started: Instant,
@@ -173,12 +271,20 @@ pub struct Nemesis {
     pub injected: std::collections::BTreeMap<&'static str, u64>,
     /// Processes that ended on their own, or CLI commands that failed: (when, what).
     pub unexpected: Vec<String>,
-    /// Replicas that exited 69 at start (a server was down) and were started again.
-    pub refused_starts: u64,
+    /// Replicas that exited 69 at start while a server was down (the outage named), and were
+    /// started again.
+    pub refused_starts: Vec<String>,
+    /// When each server was down because of a fault.
+    pub outages: Vec<Outage>,
 }
 
 impl Nemesis {
-    pub fn new(seed: u64, menu: Vec<Kind>, started: Instant, api_lock: Arc<Mutex<()>>) -> Self {
+    pub(super) fn new(
+        seed: u64,
+        menu: Vec<Kind>,
+        started: Instant,
+        api_lock: Arc<Mutex<()>>,
+    ) -> Self {
         Self {
             rng: fastrand::Rng::with_seed(seed),
             menu,
@@ -188,11 +294,12 @@ impl Nemesis {
             timeline: Vec::new(),
             injected: Default::default(),
             unexpected: Vec::new(),
-            refused_starts: 0,
+            refused_starts: Vec::new(),
+            outages: Vec::new(),
         }
     }
 
-    pub fn note(&mut self, text: impl Into<String>) {
+    pub(super) fn note(&mut self, text: impl Into<String>) {
         let text = text.into();
         let at = self.started.elapsed();
         println!("  {:>8.3}s  {text}", at.as_secs_f64());
@@ -201,7 +308,11 @@ impl Nemesis {
 
     /// Runs until `until`: injects a fault every 0.3-2.5 s, heals each when due, and notices
     /// processes that end without being killed (restarting them, so the run goes on).
-    pub async fn run(&mut self, cluster: &mut Cluster, until: Instant) -> anyhow::Result<()> {
+    pub(super) async fn run(
+        &mut self,
+        cluster: &mut Cluster,
+        until: Instant,
+    ) -> anyhow::Result<()> {
         let mut next = Instant::now() + self.gap();
         while Instant::now() < until {
             self.watch(cluster).await?;
@@ -217,7 +328,7 @@ impl Nemesis {
     }
 
     /// Heals everything still injected, in the order it was due.
-    pub async fn heal_all(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
+    pub(super) async fn heal_all(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
         while !self.pending.is_empty() {
             self.heal_due(cluster, true).await?;
         }
@@ -229,6 +340,23 @@ impl Nemesis {
         self.watch(cluster).await
     }
 
+    /// `what` is down from now on.
+    fn outage_begins(&mut self, what: &'static str) {
+        self.outages.push(Outage {
+            what,
+            from: Instant::now(),
+            to: None,
+        });
+    }
+
+    /// `what` is back.
+    fn outage_ends(&mut self, what: &'static str) {
+        let now = Instant::now();
+        for outage in self.outages.iter_mut().filter(|o| o.what == what) {
+            outage.to.get_or_insert(now);
+        }
+    }
+
     fn gap(&mut self) -> Duration {
         Duration::from_millis(self.rng.u64(300..2500))
     }
@@ -238,25 +366,42 @@ impl Nemesis {
     }
 
     /// Notices processes that ended on their own.
-    pub async fn watch(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
+    pub(super) async fn watch(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
         for i in 0..cluster.workers.len() {
             if let Some(status) = cluster.workers[i].exited() {
                 // docs/contract.md §5: a service that cannot be reached at start exits 69. A replica
                 // restarted while Redis or MariaDB is down does that; like systemd
                 // (Restart=on-failure) the run starts it again a second later. Exiting once it
                 // was running is the defect this watch is for.
+                // Forgiven only if the nemesis had made a server unavailable during the start.
                 let uptime = cluster.workers[i].uptime();
-                if status.code() == Some(69) && uptime < START_PHASE {
-                    self.refused_starts += 1;
-                    self.note(format!(
-                        "worker {} refused to start after {} ms (exit 69: a server is down); restarting it in 1 s",
+                let now = Instant::now();
+                let why = (status.code() == Some(69) && uptime < START_PHASE)
+                    .then(|| outage_during(&self.outages, self.started, now - uptime, now))
+                    .flatten();
+                if let Some(why) = why {
+                    let text = format!(
+                        "worker {} refused to start at {:.3}s, {} ms after its start (exit 69) while {why}",
                         cluster.workers[i].id,
+                        now.saturating_duration_since(self.started).as_secs_f64(),
                         uptime.as_millis()
-                    ));
+                    );
+                    self.note(format!("{text}; restarting it in 1 s"));
+                    self.refused_starts.push(text);
                     self.pending.push((
                         Instant::now() + Duration::from_secs(1),
                         Heal::RestartWorker(i),
                     ));
+                    continue;
+                }
+                if cluster.workers[i].failed_to_listen(status, uptime < START_PHASE) {
+                    // Its HTTP port was taken between choosing it and the worker's bind.
+                    cluster.workers[i].new_http_port()?;
+                    self.note(format!(
+                        "worker {} could not listen on its HTTP port (taken meanwhile); restarting it on :{}",
+                        cluster.workers[i].id, cluster.workers[i].http_port
+                    ));
+                    cluster.workers[i].start()?;
                     continue;
                 }
                 let text = format!(
@@ -278,13 +423,34 @@ impl Nemesis {
             let text = format!("redis-server ended on its own ({})", describe_exit(status));
             self.unexpected.push(text.clone());
             self.note(format!("UNEXPECTED: {text}; restarting it"));
+            self.outage_begins("Redis");
             cluster.redis.restart().await?;
+            self.outage_ends("Redis");
+        }
+        if let Some(replication) = &mut cluster.replication {
+            if let Some(status) = replication.replica.exited() {
+                let text = format!(
+                    "the Redis replica ended on its own ({})",
+                    describe_exit(status)
+                );
+                self.unexpected.push(text.clone());
+                self.note(format!("UNEXPECTED: {text}; restarting it"));
+                replication.replica.restart().await?;
+            }
+            if let Some(status) = replication.sentinel.exited() {
+                let text = format!("the Sentinel ended on its own ({})", describe_exit(status));
+                self.unexpected.push(text.clone());
+                self.note(format!("UNEXPECTED: {text}"));
+                bail!("{text}");
+            }
         }
         if let Some(status) = cluster.mysql.exited() {
             let text = format!("mariadbd ended on its own ({})", describe_exit(status));
             self.unexpected.push(text.clone());
             self.note(format!("UNEXPECTED: {text}; restarting it"));
+            self.outage_begins("MariaDB");
             cluster.mysql.restart().await?;
+            self.outage_ends("MariaDB");
         }
         Ok(())
     }
@@ -325,6 +491,7 @@ impl Nemesis {
             }
             Heal::KillForRollback(api) => {
                 cluster.redis.kill();
+                self.outage_begins("Redis");
                 self.note("redis-rollback: Redis SIGKILLed");
                 let down = self.millis(0..2000);
                 self.pending.push((
@@ -348,9 +515,11 @@ impl Nemesis {
                     cluster.redis.restart().await?;
                     self.note("heal: Redis restarted from its AOF");
                 }
+                self.outage_ends("Redis");
             }
             Heal::RestartMysql => {
                 cluster.mysql.restart().await?;
+                self.outage_ends("MariaDB");
                 self.note("heal: MariaDB restarted");
             }
             Heal::ThawRedis => {
@@ -361,6 +530,7 @@ impl Nemesis {
                 cluster.mysql_proxy.thaw();
                 self.note("heal: MariaDB connections thawed");
             }
+            Heal::Demoted(since) => self.check_demoted(cluster, since).await?,
             Heal::Resume(flags, attempts) => {
                 let args: Vec<&str> = std::iter::once("resume")
                     .chain(flags.iter().copied())
@@ -387,9 +557,12 @@ impl Nemesis {
     }
 
     fn redis_busy(&self) -> bool {
-        self.pending
-            .iter()
-            .any(|(_, h)| matches!(h, Heal::KillForRollback(_) | Heal::RestartRedis { .. }))
+        self.pending.iter().any(|(_, h)| {
+            matches!(
+                h,
+                Heal::KillForRollback(_) | Heal::RestartRedis { .. } | Heal::Demoted(_)
+            )
+        })
     }
 
     async fn inject(&mut self, cluster: &mut Cluster, kind: Kind) -> anyhow::Result<()> {
@@ -451,7 +624,14 @@ impl Nemesis {
                     false
                 } else {
                     let api = Arc::clone(&self.api_lock).lock_owned().await;
+                    if !cluster.redis.wait_aof_written(AOF_WRITTEN_LIMIT).await {
+                        self.note(format!(
+                            "redis-kill: the AOF buffer was not written within {AOF_WRITTEN_LIMIT:?}"
+                        ));
+                        return self.skipped(kind);
+                    }
                     cluster.redis.kill();
+                    self.outage_begins("Redis");
                     let down = self.millis(0..2000);
                     self.pending.push((
                         Instant::now() + down,
@@ -472,6 +652,12 @@ impl Nemesis {
                     false
                 } else {
                     let api = Arc::clone(&self.api_lock).lock_owned().await;
+                    if !cluster.redis.wait_aof_written(AOF_WRITTEN_LIMIT).await {
+                        self.note(format!(
+                            "redis-rollback: the AOF buffer was not written within {AOF_WRITTEN_LIMIT:?}"
+                        ));
+                        return self.skipped(kind);
+                    }
                     cluster.redis.snapshot()?;
                     let lost = self.millis(200..1500);
                     self.pending
@@ -488,6 +674,7 @@ impl Nemesis {
                     false
                 } else {
                     cluster.mysql.kill();
+                    self.outage_begins("MariaDB");
                     let down = self.millis(0..3000);
                     self.pending
                         .push((Instant::now() + down, Heal::RestartMysql));
@@ -567,6 +754,13 @@ impl Nemesis {
                     true
                 }
             }
+            Kind::Failover => {
+                if self.redis_busy() || cluster.redis.is_down() || cluster.replication.is_none() {
+                    false
+                } else {
+                    self.fail_over(cluster).await?
+                }
+            }
             Kind::Pause => {
                 const CHOICES: [&[&str]; 3] =
                     [&["--drain"], &["--persist"], &["--drain", "--persist"]];
@@ -605,18 +799,162 @@ impl Nemesis {
         };
         if done {
             *self.injected.entry(kind.name()).or_default() += 1;
+            Ok(())
         } else {
-            self.note(format!(
-                "{}: target not in a state for it, skipped",
-                kind.name()
-            ));
+            self.skipped(kind)
         }
+    }
+
+    fn skipped(&mut self, kind: Kind) -> anyhow::Result<()> {
+        self.note(format!(
+            "{}: target not in a state for it, skipped",
+            kind.name()
+        ));
         Ok(())
     }
 }
 
+impl Nemesis {
+    /// `SENTINEL FAILOVER`, under the API lock: waits until the replica has every write the
+    /// API was acknowledged (the API is not under test; the workers' later writes to the old
+    /// primary are what a failover loses), asks Sentinel to fail over, waits until Sentinel
+    /// names the replica and it is a primary, then until the old primary replicates from it.
+    /// Returns `false` (skipped) if the replica could not catch up.
+    async fn fail_over(&mut self, cluster: &mut Cluster) -> anyhow::Result<bool> {
+        let api = Arc::clone(&self.api_lock).lock_owned().await;
+        let Some(replication) = cluster.replication.as_mut() else {
+            return Ok(false);
+        };
+        let offset = |info: &str, field: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        let primary_offset = cluster
+            .redis
+            .command("INFO replication")
+            .await
+            .and_then(|i| offset(&i, "master_repl_offset:"));
+        let Some(primary_offset) = primary_offset else {
+            self.note("failover: the primary did not say its replication offset; skipped");
+            return Ok(false);
+        };
+        let started = Instant::now();
+        loop {
+            let info = replication
+                .replica
+                .command("INFO replication")
+                .await
+                .unwrap_or_default();
+            if info.contains("master_link_status:up")
+                && offset(&info, "slave_repl_offset:").is_some_and(|o| o >= primary_offset)
+            {
+                break;
+            }
+            // Not long: other faults wait for their heal meanwhile (a frozen replication link
+            // may be what holds it back).
+            if started.elapsed() > Duration::from_secs(5) {
+                self.note(format!(
+                    "failover: the replica was not in sync up to offset {primary_offset} within 5 s"
+                ));
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let old_port = cluster.redis_proxy.addr().port();
+        let new_port = replication.replica_proxy.addr().port();
+        let reply = replication
+            .sentinel
+            .command(&format!("SENTINEL FAILOVER {SENTINEL_SERVICE}"))
+            .await;
+        if !reply.as_deref().is_some_and(|r| r.starts_with("+OK")) {
+            self.note(format!(
+                "failover: `SENTINEL FAILOVER` answered {reply:?}; skipped"
+            ));
+            return Ok(false);
+        }
+        self.outage_begins("Redis (failover)");
+        self.note(format!(
+            "failover: `SENTINEL FAILOVER` asked (primary behind :{old_port}, replica behind :{new_port})"
+        ));
+        let started = Instant::now();
+        loop {
+            let named = replication.sentinel.primary_port().await;
+            let promoted = replication
+                .replica
+                .command("INFO replication")
+                .await
+                .is_some_and(|i| i.contains("role:master"));
+            if named == Some(new_port) && promoted {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "failover: Sentinel did not promote the replica within 60 s (it names :{named:?}); see {}",
+                    "the run directory's sentinel/sentinel.log"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let promoted_after = started.elapsed();
+        // The roles swap: `redis` and `redis_proxy` are the primary's from now on.
+        std::mem::swap(&mut cluster.redis, &mut replication.replica);
+        std::mem::swap(&mut cluster.redis_proxy, &mut replication.replica_proxy);
+        cluster.redis.replica_of = None;
+        replication.replica.replica_of = Some(new_port);
+        replication.failovers += 1;
+        cluster.follow_primary().await?;
+        self.outage_ends("Redis (failover)");
+        // The API writes to the new primary from now on.
+        drop(api);
+        self.note(format!(
+            "failover: the replica is the primary after {} ms; the API follows it",
+            promoted_after.as_millis()
+        ));
+        // Sentinel turns the old primary into a replica of the new one (and disconnects its
+        // clients) once it has claimed to be a primary for failover-timeout; until then the
+        // replicas still connected to it write there, and lose it.
+        self.pending.push((
+            Instant::now() + DEMOTION_LIMIT,
+            Heal::Demoted(Instant::now()),
+        ));
+        Ok(true)
+    }
+
+    /// Whether the old primary replicates from the new one; if Sentinel has not made it so
+    /// by now, the nemesis does, as Sentinel would.
+    async fn check_demoted(&mut self, cluster: &mut Cluster, since: Instant) -> anyhow::Result<()> {
+        let Some(replication) = cluster.replication.as_mut() else {
+            return Ok(());
+        };
+        let new_port = cluster.redis_proxy.addr().port();
+        let info = replication
+            .replica
+            .command("INFO replication")
+            .await
+            .unwrap_or_default();
+        if info.contains("role:slave") && info.contains(&format!("master_port:{new_port}")) {
+            self.note(format!(
+                "heal: the old primary replicates from the new one (Sentinel reconfigured it within {} ms)",
+                since.elapsed().as_millis()
+            ));
+            return Ok(());
+        }
+        replication.replica.configure_replication().await?;
+        let _ = replication.replica.command("CLIENT KILL TYPE normal").await;
+        self.note(format!(
+            "heal: Sentinel had not reconfigured the old primary within {} ms; the nemesis pointed it at the new one and disconnected its clients",
+            since.elapsed().as_millis()
+        ));
+        Ok(())
+    }
+}
+
+/// How long the nemesis leaves Sentinel to turn an old primary into a replica.
+const DEMOTION_LIMIT: Duration = Duration::from_secs(15);
+
 /// Parses `--faults`: `all`, or names separated by commas.
-pub fn parse_menu(text: &str) -> anyhow::Result<Vec<Kind>> {
+pub(super) fn parse_menu(text: &str) -> anyhow::Result<Vec<Kind>> {
     if text.trim() == "all" {
         return Ok(Kind::ALL.to_vec());
     }
@@ -640,6 +978,35 @@ pub fn parse_menu(text: &str) -> anyhow::Result<Vec<Kind>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exit_69_is_forgiven_only_when_a_server_was_down_during_the_start() {
+        let origin = Instant::now();
+        let at = |s: u64| origin + Duration::from_secs(s);
+        let outages = vec![
+            Outage {
+                what: "Redis",
+                from: at(10),
+                to: Some(at(12)),
+            },
+            Outage {
+                what: "MariaDB",
+                from: at(100),
+                to: None,
+            },
+        ];
+        // Started during the outage, or shortly after it ended (its attempt began before).
+        assert!(outage_during(&outages, origin, at(11), at(11)).is_some());
+        assert!(outage_during(&outages, origin, at(9), at(10)).is_some());
+        let why = outage_during(&outages, origin, at(15), at(15)).unwrap();
+        assert!(why.contains("Redis down 10.000s .. 12.000s"), "{why}");
+        // Every server up during the whole start: not forgiven.
+        assert_eq!(outage_during(&outages, origin, at(30), at(31)), None);
+        assert_eq!(outage_during(&outages, origin, at(5), at(9)), None);
+        // An outage still lasting.
+        let why = outage_during(&outages, origin, at(101), at(101)).unwrap();
+        assert!(why.contains("MariaDB down 100.000s .. still down"), "{why}");
+    }
 
     #[test]
     fn the_menu_parses_names_and_all_and_refuses_unknown_ones() -> anyhow::Result<()> {

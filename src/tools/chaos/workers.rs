@@ -13,18 +13,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::servers::{describe_exit, free_port, kill_child, signal};
+use super::servers::{describe_exit, free_port, kill_child, reap_child, signal};
 
 /// Where the replicas' servers are (directly, or through a fault proxy).
 #[derive(Clone, Debug)]
-pub struct Endpoints {
+pub(super) struct Endpoints {
     pub redis_url: String,
     pub mysql_url: String,
 }
 
 /// The worker settings a chaos run uses: fast schedules and small batches, so that faults land
 /// between many small steps.
-pub fn config_text(endpoints: &Endpoints, http_port: u16) -> String {
+pub(super) fn config_text(endpoints: &Endpoints, http_port: u16) -> String {
     format!(
         r#"# Written by `commerce-worker chaos`.
 [redis]
@@ -65,7 +65,7 @@ timeout_secs = 20
 
 /// What the run believes a replica is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
+pub(super) enum State {
     Running,
     /// SIGSTOPped.
     Stopped,
@@ -73,7 +73,7 @@ pub enum State {
     Down,
 }
 
-pub struct Worker {
+pub(super) struct Worker {
     pub id: usize,
     pub http_port: u16,
     dir: PathBuf,
@@ -85,10 +85,12 @@ pub struct Worker {
     child: Option<Child>,
     pub starts: u32,
     started_at: Instant,
+    /// The log file's length when the replica was last started: what it wrote since is after it.
+    log_offset: u64,
 }
 
 impl Worker {
-    pub fn new(
+    pub(super) fn new(
         id: usize,
         run_dir: &Path,
         binary: &Path,
@@ -107,23 +109,24 @@ impl Worker {
             child: None,
             starts: 0,
             started_at: Instant::now(),
+            log_offset: 0,
         })
     }
 
-    pub fn config_path(&self) -> PathBuf {
+    pub(super) fn config_path(&self) -> PathBuf {
         self.dir.join("worker.toml")
     }
 
-    pub fn log_path(&self) -> PathBuf {
+    pub(super) fn log_path(&self) -> PathBuf {
         self.dir.join("worker.log")
     }
 
-    pub fn pid(&self) -> Option<u32> {
+    pub(super) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
     /// Writes the config and starts `commerce-worker run`; its log is appended to `worker.log`.
-    pub fn start(&mut self) -> anyhow::Result<()> {
+    pub(super) fn start(&mut self) -> anyhow::Result<()> {
         std::fs::write(
             self.config_path(),
             config_text(&self.endpoints, self.http_port),
@@ -132,6 +135,7 @@ impl Worker {
             .create(true)
             .append(true)
             .open(self.log_path())?;
+        self.log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
         let child = Command::new(&self.binary)
             .arg("run")
             .arg("--config")
@@ -151,23 +155,41 @@ impl Worker {
         Ok(())
     }
 
+    /// Whether the replica, ending with `status` during its start, failed because its HTTP port
+    /// was taken (exit 78, "cannot listen on" in what it logged since its start): the port was
+    /// free when chosen, and someone bound it before the worker did.
+    pub(super) fn failed_to_listen(&self, status: ExitStatus, starting: bool) -> bool {
+        if !starting || status.code() != Some(78) {
+            return false;
+        }
+        let text = std::fs::read(self.log_path()).unwrap_or_default();
+        let since = text.get(self.log_offset as usize..).unwrap_or_default();
+        String::from_utf8_lossy(since).contains("cannot listen on")
+    }
+
+    /// Chooses another HTTP port for the next start.
+    pub(super) fn new_http_port(&mut self) -> anyhow::Result<()> {
+        self.http_port = free_port()?;
+        Ok(())
+    }
+
     /// How long ago the replica was last started.
-    pub fn uptime(&self) -> Duration {
+    pub(super) fn uptime(&self) -> Duration {
         self.started_at.elapsed()
     }
 
     /// SIGKILL (also ends a SIGSTOPped replica).
-    pub fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         kill_child(&mut self.child);
         self.state = State::Down;
     }
 
     /// The next start is a replaced pod (a new generation; the worker keeps nothing on disk).
-    pub fn lose_disk(&mut self) {
+    pub(super) fn lose_disk(&mut self) {
         self.generation += 1;
     }
 
-    pub fn stop(&mut self) -> anyhow::Result<()> {
+    pub(super) fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.pid() {
             signal(pid, "STOP")?;
             self.state = State::Stopped;
@@ -175,7 +197,7 @@ impl Worker {
         Ok(())
     }
 
-    pub fn resume(&mut self) -> anyhow::Result<()> {
+    pub(super) fn resume(&mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.pid() {
             signal(pid, "CONT")?;
             self.state = State::Running;
@@ -184,16 +206,15 @@ impl Worker {
     }
 
     /// `Some(status)` if the replica ended without being killed by the run.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        let status = self.child.as_mut()?.try_wait().ok()??;
-        self.child = None;
+    pub(super) fn exited(&mut self) -> Option<ExitStatus> {
+        let status = reap_child(&mut self.child)?;
         self.state = State::Down;
         Some(status)
     }
 
     /// SIGTERM, then waits up to `limit` for the graceful shutdown; the exit, or an error if it
     /// did not come (the replica is then SIGKILLed).
-    pub async fn terminate(&mut self, limit: Duration) -> anyhow::Result<String> {
+    pub(super) async fn terminate(&mut self, limit: Duration) -> anyhow::Result<String> {
         let Some(pid) = self.pid() else {
             bail!("worker {} was not running", self.id);
         };
@@ -222,7 +243,7 @@ impl Worker {
     }
 
     /// `GET path` on the replica's HTTP port: status code and body.
-    pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+    pub(super) async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         http_get(self.http_port, path).await
     }
 }
@@ -240,7 +261,7 @@ impl Drop for Worker {
 
 /// A minimal HTTP/1.1 GET (one request per connection): the worker's endpoints are all the run
 /// reads, and no HTTP client crate is worth adding for them.
-pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+pub(super) async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         stream
@@ -269,7 +290,7 @@ pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
 }
 
 /// The sum of a metric's samples (all label sets) in a Prometheus text exposition.
-pub fn metric_sum(exposition: &str, name: &str) -> f64 {
+pub(super) fn metric_sum(exposition: &str, name: &str) -> f64 {
     exposition
         .lines()
         .filter(|line| !line.starts_with('#'))
@@ -284,6 +305,52 @@ pub fn metric_sum(exposition: &str, name: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker whose HTTP port was taken exits 78 saying so; only that, during its start, is
+    /// taken for a port to change (an exit 78 for another reason, or later, is not).
+    #[test]
+    fn a_taken_http_port_is_told_from_other_exits() -> anyhow::Result<()> {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = tempfile::tempdir()?;
+        let mut worker = Worker::new(
+            1,
+            dir.path(),
+            Path::new("/bin/false"),
+            Endpoints {
+                redis_url: String::new(),
+                mysql_url: String::new(),
+            },
+        )?;
+        std::fs::write(
+            worker.log_path(),
+            "error: cannot listen on 127.0.0.1:1 (an older start)\n",
+        )?;
+        worker.start()?;
+        let config_error = ExitStatus::from_raw(78 << 8);
+        assert!(
+            !worker.failed_to_listen(config_error, true),
+            "an older start's line"
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(worker.log_path())
+            .and_then(|mut f| {
+                std::io::Write::write_all(
+                    &mut f,
+                    b"error: http.listen: cannot listen on 127.0.0.1:1\n",
+                )
+            })?;
+        assert!(worker.failed_to_listen(config_error, true));
+        assert!(
+            !worker.failed_to_listen(config_error, false),
+            "not during its start"
+        );
+        assert!(!worker.failed_to_listen(ExitStatus::from_raw(69 << 8), true));
+        let before = worker.http_port;
+        worker.new_http_port()?;
+        assert_ne!(worker.http_port, before);
+        Ok(())
+    }
 
     #[test]
     fn metric_sum_adds_every_label_set_and_ignores_longer_names() {

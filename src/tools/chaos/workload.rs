@@ -41,7 +41,7 @@ const PRODUCTS: u64 = 200;
 
 /// The sale's shape, derived from the run's length and request rate.
 #[derive(Clone, Debug)]
-pub struct Sale {
+pub(super) struct Sale {
     /// (couponId, initial stock).
     pub coupons: Vec<(i64, i64)>,
     /// Requested but never given a stock key.
@@ -52,7 +52,7 @@ pub struct Sale {
 }
 
 impl Sale {
-    pub fn new(rng: &mut fastrand::Rng, seconds: u64, rate: u64) -> Self {
+    pub(super) fn new(rng: &mut fastrand::Rng, seconds: u64, rate: u64) -> Self {
         let total = (seconds * rate).max(100);
         let coupons: Vec<(i64, i64)> = (1..=4)
             .map(|id| {
@@ -74,7 +74,7 @@ impl Sale {
         }
     }
 
-    pub fn coupon_ids(&self) -> Vec<i64> {
+    pub(super) fn coupon_ids(&self) -> Vec<i64> {
         let mut ids: Vec<i64> = self.coupons.iter().map(|(id, _)| *id).collect();
         ids.push(self.unknown_coupon);
         ids
@@ -83,7 +83,7 @@ impl Sale {
 
 /// Everything Redis acknowledged to the API.
 #[derive(Debug, Default)]
-pub struct Ledger {
+pub(super) struct Ledger {
     /// Well-formed member -> requests accepted (`ZADD NX` added it).
     pub accepted: HashMap<String, u32>,
     /// Malformed members accepted (each sent once).
@@ -98,7 +98,7 @@ pub struct Ledger {
 
 impl Ledger {
     /// Accepted well-formed requests for a coupon.
-    pub fn accepted_for(&self, coupon_id: i64) -> u64 {
+    pub(super) fn accepted_for(&self, coupon_id: i64) -> u64 {
         self.accepted
             .iter()
             .filter(|(member, _)| member_coupon(member) == Some(coupon_id))
@@ -106,12 +106,16 @@ impl Ledger {
             .sum()
     }
 
-    pub fn accepted_total(&self) -> u64 {
+    pub(super) fn accepted_total(&self) -> u64 {
         self.accepted.values().map(|n| u64::from(*n)).sum::<u64>() + self.malformed.len() as u64
     }
 
     /// The ranking the window ending on `day` must hold (all weights 1).
-    pub fn expected_ranking(&self, day: NaiveDate, window_days: u32) -> HashMap<String, f64> {
+    pub(super) fn expected_ranking(
+        &self,
+        day: NaiveDate,
+        window_days: u32,
+    ) -> HashMap<String, f64> {
         let mut sum: HashMap<String, f64> = HashMap::new();
         for back in 0..u64::from(window_days) {
             let Some(d) = day.checked_sub_days(Days::new(back)) else {
@@ -126,7 +130,7 @@ impl Ledger {
 }
 
 /// (userId, couponId) of a well-formed member.
-pub fn member_parts(member: &str) -> Option<(i64, i64)> {
+pub(super) fn member_parts(member: &str) -> Option<(i64, i64)> {
     let (user, coupon) = member.split_once(':')?;
     Some((user.parse().ok()?, coupon.parse().ok()?))
 }
@@ -147,10 +151,41 @@ fn malformed_member(n: u64) -> String {
     }
 }
 
+/// The run's own Redis client (the API's and the checks'), straight to the primary, never
+/// through a fault proxy. A failover replaces it with one to the new primary (under the API
+/// lock), so it is shared and looked up at each use.
+#[derive(Clone)]
+pub(super) struct RedisHandle(Arc<std::sync::Mutex<Client>>);
+
+impl RedisHandle {
+    pub(super) fn new(client: Client) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(client)))
+    }
+
+    /// The client to the primary now.
+    pub(super) fn current(&self) -> Client {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Points at another primary; returns the old client (to be closed).
+    pub(super) fn replace(&self, client: Client) -> Client {
+        std::mem::replace(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            client,
+        )
+    }
+}
+
 /// The API: its Redis client (direct, never through a fault proxy), the lock it shares with the
 /// nemesis, and its ledger.
-pub struct Api {
-    pub redis: Client,
+pub(super) struct Api {
+    pub redis: RedisHandle,
     pub keys: KeyTemplates,
     pub lock: Arc<Mutex<()>>,
     pub sale: Sale,
@@ -160,7 +195,12 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(redis: Client, keys: KeyTemplates, lock: Arc<Mutex<()>>, sale: Sale) -> Self {
+    pub(super) fn new(
+        redis: RedisHandle,
+        keys: KeyTemplates,
+        lock: Arc<Mutex<()>>,
+        sale: Sale,
+    ) -> Self {
         Self {
             redis,
             keys,
@@ -173,7 +213,7 @@ impl Api {
     }
 
     /// Stock for every coupon, and the stale day's orders.
-    pub async fn prepare(
+    pub(super) async fn prepare(
         &mut self,
         rng: &mut fastrand::Rng,
         stale_day: NaiveDate,
@@ -182,6 +222,7 @@ impl Api {
         for (id, stock) in &self.sale.coupons {
             let _: () = self
                 .redis
+                .current()
                 .set(self.keys.stock(*id), *stock, None, None, false)
                 .await?;
         }
@@ -190,7 +231,7 @@ impl Api {
     }
 
     /// One wave of requests (and, with `malformed`, one malformed entry) arriving at `now_ms`.
-    pub async fn requests(
+    pub(super) async fn requests(
         &mut self,
         rng: &mut fastrand::Rng,
         now_ms: i64,
@@ -225,7 +266,7 @@ impl Api {
         let _api = self.lock.lock().await;
         let added: Vec<i64> = self
             .script
-            .evalsha_with_reload(&self.redis, vec![self.keys.queue.clone()], args)
+            .evalsha_with_reload(&self.redis.current(), vec![self.keys.queue.clone()], args)
             .await?;
         drop(_api);
         for (member, added) in members.iter().zip(added) {
@@ -243,7 +284,7 @@ impl Api {
     }
 
     /// `count` orders on `day`: `ZINCRBY product:ranking:<day> <qty> <product>`.
-    pub async fn orders(
+    pub(super) async fn orders(
         &mut self,
         rng: &mut fastrand::Rng,
         day: NaiveDate,
@@ -258,7 +299,11 @@ impl Api {
         }
         let _api = self.lock.lock().await;
         for (product, qty) in &sales {
-            let _: f64 = self.redis.zincrby(&key, *qty, product.as_str()).await?;
+            let _: f64 = self
+                .redis
+                .current()
+                .zincrby(&key, *qty, product.as_str())
+                .await?;
         }
         drop(_api);
         let day_orders = self.ledger.orders.entry(day).or_default();
