@@ -10,7 +10,9 @@
 //! 4. the HTTP server stops.
 //!
 //! Past the deadline, whatever is left stays in Redis (the outbox; log entries are handed back
-//! for the next reader), is logged, and [`run`] returns [`ShutdownTimedOut`].
+//! for the next reader), is logged, and [`run`] returns [`ShutdownTimedOut`]. No step waits
+//! past the deadline: one still waiting on a frozen Redis or MySQL then is dropped, as a crash
+//! would drop it (everything it held is still in Redis), so the process exits on time.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -192,17 +194,22 @@ impl CouponJob {
     pub async fn shutdown(self, deadline: tokio::time::Instant) -> JobShutdown {
         drop(self.drain);
         self.persister_stop.cancel();
-        // The sweeper stops between two chunks of its walk.
-        if tokio::time::timeout_at(deadline, self.sweeper)
+        // The sweeper stops between two chunks of its walk. A task still running at the
+        // deadline is dropped (as a crash would stop it): what it had not done stays in Redis.
+        let mut sweeper = self.sweeper;
+        if tokio::time::timeout_at(deadline, &mut sweeper)
             .await
             .is_err()
         {
+            sweeper.abort();
             tracing::warn!("the coupon registry sweeper did not stop by the deadline");
         }
-        let outbox_flushed = tokio::time::timeout_at(deadline, self.persister)
+        let mut persister = self.persister;
+        let outbox_flushed = tokio::time::timeout_at(deadline, &mut persister)
             .await
             .is_ok();
         if !outbox_flushed {
+            persister.abort();
             tracing::warn!(
                 "issued coupons still in the outbox at the deadline; the next start or another replica persists them"
             );
@@ -406,8 +413,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         "shutting down"
     );
     stop.cancel();
-    if let Err(e) = scheduler.shutdown().await {
-        tracing::warn!(error = %e, "scheduler shutdown reported an error");
+    match tokio::time::timeout_at(deadline, scheduler.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "scheduler shutdown reported an error"),
+        Err(_) => tracing::warn!("the scheduler did not stop by the shutdown deadline"),
     }
     let mut clean = true;
     let jobs_idle = async {
@@ -431,11 +440,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if !stopped.clean() {
         clean = false;
     }
+    // The heartbeat's last write (forgetting this replica) and the HTTP server's in-flight
+    // requests (a `/readyz` waiting on a frozen Redis) get what is left of the deadline: the
+    // process does not outlive it (a heartbeat left behind expires by itself).
+    let last_moment = deadline;
     heartbeat_stop.cancel();
-    let _ = heartbeat.await;
-    let log_report = stopped.log;
     http_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(1), http_task).await;
+    let mut heartbeat = heartbeat;
+    if tokio::time::timeout_at(last_moment, &mut heartbeat)
+        .await
+        .is_err()
+    {
+        heartbeat.abort();
+    }
+    let log_report = stopped.log;
+    let mut http_task = http_task;
+    if tokio::time::timeout_at(last_moment, &mut http_task)
+        .await
+        .is_err()
+    {
+        http_task.abort();
+    }
     if clean {
         tracing::info!(
             log_rows_written = log_report.rows_written,

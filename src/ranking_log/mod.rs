@@ -152,41 +152,65 @@ impl LogPipeline {
         self.stream.backlog(&self.keys).await
     }
 
-    /// Stops reading; writes what was read, giving it until `deadline`. Past the deadline what
-    /// is left is handed back to Redis for the next start or another replica. `true` when
-    /// everything read was written in time.
+    /// Stops reading; writes what was read, and is done by `deadline`, whatever Redis and MySQL
+    /// do. The writer has until shortly before it ([`HAND_BACK_RESERVE`]); then what is left is
+    /// handed back to Redis (marked idle) for the next start or another replica, in what time
+    /// remains. A task still stuck in a call at `deadline` (Redis or MySQL frozen) is dropped
+    /// there: its entries stay pending in Redis and any reader takes them over after
+    /// [`stream::CLAIM_IDLE`] (each entry's batch marker makes a second write nothing), as after
+    /// a crash. `true` when everything read was written in time.
     pub async fn shutdown(self, deadline: tokio::time::Instant) -> (WriterReport, bool) {
         self.stop.cancel();
+        let now = tokio::time::Instant::now();
+        let reserve = HAND_BACK_RESERVE.min(deadline.saturating_duration_since(now) / 4);
+        let writing_ends = deadline - reserve;
         let mut writer = self.writer;
-        let finished = tokio::time::timeout_at(deadline, &mut writer).await;
-        let (report, clean) = match finished {
+        let (report, clean) = match tokio::time::timeout_at(writing_ends, &mut writer).await {
             Ok(report) => (report.unwrap_or_default(), true),
             Err(_) => {
                 self.abort.cancel();
-                // Handing entries back is a few Redis commands.
-                let report = tokio::time::timeout(Duration::from_secs(5), writer)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
+                // The writer stops at its next await on `abort`; one stuck in a call to a frozen
+                // server does not, and is dropped at the deadline (its rows stay in Redis).
+                let report = match tokio::time::timeout_at(deadline, &mut writer).await {
+                    Ok(report) => report.unwrap_or_default(),
+                    Err(_) => {
+                        writer.abort();
+                        WriterReport::default()
+                    }
+                };
                 (report, false)
             }
         };
         self.abort.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.reader).await;
-        // Entries read and not written (the deadline passed, or the reader took some after the
-        // writer stopped): marked idle so the next reader takes them over at once.
-        let released = self.in_hand.release_all(&self.stream).await;
-        if released > 0 {
+        let mut reader = self.reader;
+        if tokio::time::timeout_at(deadline, &mut reader)
+            .await
+            .is_err()
+        {
+            reader.abort();
+        }
+        // Entries read and not written (the deadline came, or the reader took some after the
+        // writer stopped): marked idle so the next reader takes them over at once. Not past the
+        // deadline: left pending, they are taken over once idle all the same.
+        let in_hand = self.in_hand.count();
+        let released = tokio::time::timeout_at(deadline, self.in_hand.release_all(&self.stream))
+            .await
+            .unwrap_or(0);
+        if in_hand > 0 {
             tracing::warn!(
-                entries = released,
+                entries = in_hand,
+                handed_back = released,
                 rows = report.rows_left,
-                "ranking-log rows not written by the deadline; handed back to Redis for the next reader"
+                "ranking-log rows not written by the deadline; they stay in Redis for the next reader (handed back now, or taken over once idle)"
             );
         }
         (report, clean)
     }
 }
+
+/// The last part of the shutdown deadline kept for handing unwritten log entries back to Redis
+/// (a few commands; at most a quarter of the time left).
+const HAND_BACK_RESERVE: Duration = Duration::from_secs(1);
 
 /// Largest rows per INSERT statement: 7 placeholders a row stays far below MySQL's 65 535.
 const MAX_ROWS_PER_STATEMENT: usize = 5000;

@@ -933,6 +933,14 @@ impl LogReader {
 }
 
 impl InHand {
+    /// Entries in hand.
+    pub fn count(&self) -> usize {
+        self.0
+            .lock()
+            .map(|map| map.values().map(HashSet::len).sum())
+            .unwrap_or(0)
+    }
+
     /// Every entry still in hand, handed back to Redis (see [`LogStream::release`]). Returns
     /// how many.
     pub async fn release_all(&self, stream: &LogStream) -> usize {

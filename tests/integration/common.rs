@@ -635,6 +635,26 @@ impl PrivateRedis {
     pub fn stop(&mut self) {
         kill_child(&mut self.child);
     }
+
+    /// SIGSTOP: the server keeps its connections open and answers nothing (a frozen host, a
+    /// long fork or swap storm) until [`Self::thaw`].
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Self::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the private Redis is running");
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal} redis-server");
+    }
 }
 
 impl Drop for PrivateRedis {

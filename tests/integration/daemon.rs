@@ -276,6 +276,100 @@ async fn a_shutdown_that_misses_its_deadline_exits_1_and_a_new_worker_elsewhere_
     drop(db);
 }
 
+/// docs/contract.md §5: `run` stops within `[shutdown] timeout_secs`, whatever the servers do.
+/// Here Redis freezes (SIGSTOP: connections open, no reply) while the ranking-log writer holds
+/// rows it cannot write (MySQL is down): every step of the shutdown — the writer's check of its
+/// entries, the reader, the hand-back of unwritten entries, the heartbeat's last write, the HTTP
+/// server — waits on Redis. The daemon still exits 1 by the deadline (the bound below is the
+/// deadline plus a margin for the process to start its shutdown and be reaped; before this was
+/// fixed it took the deadline + 5 s and more), and nothing is lost: the rows stay in Redis and a
+/// later `drain` writes each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_frozen_a_sigterm_still_exits_1_by_the_shutdown_deadline_and_loses_nothing() {
+    const TIMEOUT_SECS: u64 = 3;
+    let redis = PrivateRedis::start();
+    let mut db = crate::common::PrivateMariadb::start();
+    let env = TestEnv::with_servers(&redis.url(), &db.server_url()).await;
+    let config = env.config_file_with(&format!(
+        "[coupon]\nschedule = \"* * * * * *\"\n[shutdown]\ntimeout_secs = {TIMEOUT_SECS}\n"
+    ));
+    let mut daemon = Daemon::start(&config, &[]);
+    let port = daemon.port;
+    eventually(Duration::from_secs(30), "ready", async || {
+        http_status(port, "/readyz") == 200
+    })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "Redis reconciled at start",
+        async || {
+            env.redis
+                .exists::<u64, _>(env.keys().reconciled_marker())
+                .await
+                .is_ok_and(|n| n == 1)
+        },
+    )
+    .await;
+    db.kill();
+    flash_sale(&env, &[5], 40, 100).await;
+    let malformed = enqueue_malformed(&env, &[5]).await;
+    eventually(
+        Duration::from_secs(20),
+        "the queue is decided",
+        async || {
+            env.redis
+                .zcard::<u64, _>(&env.keys().queue)
+                .await
+                .is_ok_and(|n| n == 0)
+        },
+    )
+    .await;
+    // The reader has handed the rows to the writer, which retries MySQL.
+    eventually(
+        Duration::from_secs(20),
+        "the log rows read by the daemon",
+        async || {
+            env.redis
+                .xpending::<Vec<Value>, _, _, _>(&env.keys().log, "ranking-log", ())
+                .await
+                .ok()
+                .and_then(|summary| summary.first().and_then(Value::as_u64))
+                .is_some_and(|pending| pending > 0)
+        },
+    )
+    .await;
+
+    redis.freeze();
+    let stopping = std::time::Instant::now();
+    sigterm(&daemon.child);
+    let status = wait_exit(
+        &mut daemon.child,
+        Duration::from_secs(60),
+        "no exit within 60 s of SIGTERM",
+    )
+    .await;
+    let took = stopping.elapsed();
+    redis.thaw();
+    assert_eq!(status.code(), Some(1), "a missed deadline exits 1");
+    assert!(
+        took < Duration::from_secs(TIMEOUT_SECS + 2),
+        "the shutdown took {took:?}, past its {TIMEOUT_SECS} s deadline"
+    );
+
+    // Nothing was lost: with Redis and MySQL back, a drain writes every row and coupon once.
+    db.resume();
+    let drained = run_to_exit(
+        &mut drain_command(&config),
+        Duration::from_secs(120),
+        "the drain after the restart did not finish",
+    )
+    .await;
+    assert!(drained.success());
+    assert_every_invariant(&env, &[5], 40, 100, &malformed).await;
+    env.cleanup().await;
+    drop(db);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_running_daemon_several_times_loses_and_duplicates_nothing() {
     let env = TestEnv::new().await;
