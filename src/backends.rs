@@ -18,9 +18,11 @@ use crate::config::{MysqlConfig, RedisConfig};
 /// Applied by `migrate` and checked at `run` start.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./sql");
 
-/// A backend that could not be reached at start: the process exits 69 naming it.
+/// A backend that could not be reached at start: the process exits 69 naming it. Its message
+/// names the service only; the cause is its `source`, which `{:#}` prints after it (putting the
+/// cause in the message too printed it twice).
 #[derive(Debug, thiserror::Error)]
-#[error("{service} is unavailable: {source:#}")]
+#[error("{service} is unavailable")]
 pub struct Unavailable {
     pub service: &'static str,
     #[source]

@@ -70,15 +70,29 @@ pub fn start_logging(config: &Config, prints_a_report: bool) {
         .for_each(|w| tracing::warn!("{w}"));
 }
 
-/// Runs a command on a new runtime; a failure is logged, printed and mapped to its exit code.
-pub fn run_to_exit(command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// Runs a command on a new runtime; a failure is printed on stderr (its whole chain, once) and
+/// mapped to its exit code. With `log_failure` (the daemon, whose log is its record) it is
+/// logged too; a one-shot command's `error:` line is its whole story, not repeated in a log line.
+pub fn run_to_exit(
+    command: impl Future<Output = anyhow::Result<()>>,
+    log_failure: bool,
+) -> ExitCode {
     let result = tokio::runtime::Runtime::new()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
-        .and_then(|runtime| runtime.block_on(command));
+        .and_then(|runtime| {
+            let result = runtime.block_on(command);
+            // Whatever still runs (a call to a frozen server, dropped at the shutdown deadline;
+            // a DNS lookup on a blocking thread) ends with the process: the command is done,
+            // and `run` promised to exit by its deadline.
+            runtime.shutdown_background();
+            result
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "exiting");
+            if log_failure {
+                tracing::error!(error = %format!("{e:#}"), "exiting");
+            }
             eprintln!("error: {e:#}");
             ExitCode::from(code_for(&e))
         }

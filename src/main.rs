@@ -40,7 +40,8 @@ fn main() -> ExitCode {
         return commands::check_config(&config);
     }
     commands::start_logging(&config, cli.command.prints_a_report());
-    commands::run_to_exit(execute(cli.command, config))
+    let daemon = matches!(cli.command, Command::Run);
+    commands::run_to_exit(execute(cli.command, config), daemon)
 }
 
 async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
