@@ -51,6 +51,10 @@ pub(crate) struct Depths {
     pub log_dead_letters: Option<u64>,
     /// The rows those entries hold (counted over the first [`BREAKDOWN_LIMIT`] entries).
     pub log_dead_rows: Option<u64>,
+    /// Why this lane fails (one of its keys has the wrong type, so every drain, persister or
+    /// log reader step on it fails), as `status` found it; `None` when its keys are sound. The
+    /// figures of a key of the wrong type read 0.
+    pub lane_error: Option<String>,
 }
 
 impl Depths {
@@ -106,6 +110,14 @@ pub(crate) struct PauseStatus {
     pub by: Option<String>,
 }
 
+/// A lane that fails with a fault of its own.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct FailingLane {
+    /// `None`: the single queue's lane.
+    pub coupon: Option<i64>,
+    pub error: String,
+}
+
 /// Everything `status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct StatusReport {
@@ -119,6 +131,9 @@ pub(crate) struct StatusReport {
     pub ranking: RankingStatus,
     pub paused: Vec<PauseStatus>,
     pub replicas: Vec<Heartbeat>,
+    /// Lanes whose keys have the wrong type (per coupon: that coupon's requests wait in its
+    /// queue while every other coupon is decided; single queue: the drain stops).
+    pub failing_lanes: Vec<FailingLane>,
     pub thresholds: Thresholds,
     /// What needs a person; empty when healthy.
     pub problems: Vec<String>,
@@ -147,10 +162,13 @@ impl StatusReport {
         );
         let rows = self.coupons.iter().chain(std::iter::once(&self.total));
         for d in rows {
-            let name = d
+            let mut name = d
                 .coupon
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "total".into());
+            if d.coupon.is_some() && d.lane_error.is_some() {
+                name.push_str(" FAILING");
+            }
             let known = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 out,
@@ -170,6 +188,18 @@ impl StatusReport {
                 out,
                 "(per coupon: the oldest {BREAKDOWN_LIMIT} entries of each key; totals are exact)"
             );
+        }
+        if !self.failing_lanes.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nfailing coupon lanes (their requests wait in their queues until the key is repaired):"
+            );
+            for lane in &self.failing_lanes {
+                let name = lane
+                    .coupon
+                    .map_or_else(|| "queue".to_owned(), |c| format!("coupon {c}"));
+                let _ = writeln!(out, "  {name}: {}", lane.error);
+            }
         }
         if let Some(entries @ 1..) = self.total.log_dead_letters {
             let _ = writeln!(
@@ -373,6 +403,26 @@ pub(crate) async fn gather_from(
         })
         .collect();
     let replicas = control::live_replicas(client, keys).await?;
+    let failing_lanes = if keys.per_coupon() {
+        coupons
+            .iter()
+            .filter_map(|d| {
+                Some(FailingLane {
+                    coupon: d.coupon,
+                    error: d.lane_error.clone()?,
+                })
+            })
+            .collect()
+    } else {
+        total
+            .lane_error
+            .iter()
+            .map(|error| FailingLane {
+                coupon: None,
+                error: error.clone(),
+            })
+            .collect()
+    };
     let mut report = StatusReport {
         at,
         layout: if keys.per_coupon() {
@@ -387,6 +437,7 @@ pub(crate) async fn gather_from(
         ranking,
         paused,
         replicas,
+        failing_lanes,
         thresholds,
         problems: Vec::new(),
     };
@@ -394,8 +445,42 @@ pub(crate) async fn gather_from(
     Ok(report)
 }
 
-/// One lane's exact figures (a coupon's own keys, or the shared keys' totals).
+/// The lane's keys that a fault of their own can break (what `decide.lua` and the persister
+/// check before they write), with the type each must have when it exists.
+fn lane_key_types(lane: &KeyTemplates) -> [(String, &'static str); 6] {
+    [
+        (lane.queue.clone(), "zset"),
+        (lane.outbox.clone(), "zset"),
+        (lane.dead.clone(), "stream"),
+        (lane.log.clone(), "stream"),
+        (lane.log_rows(), "string"),
+        (lane.log_dead(), "stream"),
+    ]
+}
+
+/// One lane's exact figures (a coupon's own keys, or the shared keys' totals). A key of the
+/// wrong type — what makes the drain leave a coupon's lane failing — is reported in
+/// [`Depths::lane_error`] and its figures read 0, so one broken lane does not hide the others.
 async fn lane_depths(client: &Client, lane: &KeyTemplates, now_ms: f64) -> anyhow::Result<Depths> {
+    let expected = lane_key_types(lane);
+    let types = futures_util::future::try_join_all(
+        expected
+            .iter()
+            .map(|(key, _)| client.r#type::<String, _>(key.as_str())),
+    )
+    .await?;
+    let mut wrong = Vec::new();
+    for ((key, want), have) in expected.iter().zip(&types) {
+        if have != "none" && have != want {
+            wrong.push(format!("WRONGTYPE {key} is a {have}, expected a {want}"));
+        }
+    }
+    let sound = |key: &str| {
+        expected
+            .iter()
+            .zip(&types)
+            .any(|((k, want), have)| k == key && (have == "none" || have == want))
+    };
     let oldest = |key: String| async move {
         let head: Vec<(String, f64)> = client.zrange(&key, 0, 0, None, false, None, true).await?;
         anyhow::Ok(
@@ -404,30 +489,45 @@ async fn lane_depths(client: &Client, lane: &KeyTemplates, now_ms: f64) -> anyho
         )
     };
     let mut d = Depths {
-        queue_depth: client.zcard(&lane.queue).await?,
-        queue_oldest_age_secs: oldest(lane.queue.clone()).await?,
-        outbox_depth: client.zcard(&lane.outbox).await?,
-        outbox_oldest_age_secs: oldest(lane.outbox.clone()).await?,
-        dead_letters: client.xlen(&lane.dead).await?,
-        // An empty log stream holds no rows, whatever its counter says (entries deleted by
-        // hand leave it behind).
-        log_backlog: Some(if client.xlen::<u64, _>(&lane.log).await? == 0 {
+        lane_error: (!wrong.is_empty()).then(|| wrong.join("; ")),
+        ..Depths::default()
+    };
+    if sound(&lane.queue) {
+        d.queue_depth = client.zcard(&lane.queue).await?;
+        d.queue_oldest_age_secs = oldest(lane.queue.clone()).await?;
+    }
+    if sound(&lane.outbox) {
+        d.outbox_depth = client.zcard(&lane.outbox).await?;
+        d.outbox_oldest_age_secs = oldest(lane.outbox.clone()).await?;
+    }
+    if sound(&lane.dead) {
+        d.dead_letters = client.xlen(&lane.dead).await?;
+        for (_, reason) in dead_entries(client, &lane.dead).await? {
+            *d.dead_by_reason.entry(reason_class(&reason)).or_default() += 1;
+        }
+    }
+    // An empty log stream holds no rows, whatever its counter says (entries deleted by hand
+    // leave it behind).
+    d.log_backlog = Some(
+        if !sound(&lane.log) || client.xlen::<u64, _>(&lane.log).await? == 0 {
             0
-        } else {
+        } else if sound(&lane.log_rows()) {
             client
                 .get::<Option<i64>, _>(lane.log_rows())
                 .await?
                 .unwrap_or(0)
                 .max(0) as u64
-        }),
-        ..Depths::default()
+        } else {
+            0
+        },
+    );
+    let (log_dead, log_dead_rows) = if sound(&lane.log_dead()) {
+        log_dead_letters(client, &lane.log_dead()).await?
+    } else {
+        (0, 0)
     };
-    let (log_dead, log_dead_rows) = log_dead_letters(client, &lane.log_dead()).await?;
     d.log_dead_letters = Some(log_dead);
     d.log_dead_rows = Some(log_dead_rows);
-    for (_, reason) in dead_entries(client, &lane.dead).await? {
-        *d.dead_by_reason.entry(reason_class(&reason)).or_default() += 1;
-    }
     Ok(d)
 }
 
@@ -472,6 +572,10 @@ async fn shared_depths(
 ) -> anyhow::Result<(Vec<Depths>, Depths, bool)> {
     let total = lane_depths(client, keys, now_ms).await?;
     let mut per: BTreeMap<i64, Depths> = BTreeMap::new();
+    if total.lane_error.is_some() {
+        // The shared keys are broken: the exact totals are all there is to show.
+        return Ok((Vec::new(), total, false));
+    }
     for (key, is_queue) in [(&keys.queue, true), (&keys.outbox, false)] {
         let head: Vec<(String, f64)> = client
             .zrange(
@@ -554,6 +658,21 @@ fn judge(report: &StatusReport) -> Vec<String> {
             "{} ranking-log rows MySQL rejected for good, in {entries} entries of the log dead-letter stream(s) (threshold {}): fix the cause (`XRANGE <log>:dead - +` shows each error), then `requeue-log-dead`",
             report.total.log_dead_rows.unwrap_or(0),
             t.log_dead_letters
+        ));
+    }
+    if !report.failing_lanes.is_empty() {
+        let lanes: Vec<String> = report
+            .failing_lanes
+            .iter()
+            .map(|lane| match lane.coupon {
+                Some(c) => format!("coupon {c} ({})", lane.error),
+                None => format!("the queue ({})", lane.error),
+            })
+            .collect();
+        problems.push(format!(
+            "{} coupon lane(s) failing, their requests waiting until the key is repaired: {}",
+            lanes.len(),
+            lanes.join(", ")
         ));
     }
     if let Some(drain) = report.jobs.iter().find(|j| j.job == "coupon_drain") {

@@ -541,6 +541,92 @@ async fn per_coupon_status_walks_every_registered_coupon() {
     env.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_coupon_status_lists_a_failing_lane_with_its_cause_and_goes_on_with_the_others() {
+    let mut env = TestEnv::new().await;
+    env.use_per_coupon_layout();
+    healthy_worker_state(&env).await;
+    let keys = env.keys().clone();
+    env.register([7, 8]).await;
+    let now_ms = chrono::Utc::now().timestamp_millis() as f64;
+    env.zadd(&keys.for_coupon(8).queue, &[(now_ms, "1:8".to_owned())])
+        .await;
+    // Coupon 7's queue is a string: the drain leaves the lane failing (and used to make
+    // `status` itself fail on it), while coupon 8 is decided as usual.
+    let broken = keys.for_coupon(7).queue;
+    env.put_wrong_type(broken.clone()).await;
+
+    let (code, json) = status_json(&env);
+    assert_eq!(code, Some(1), "a failing lane needs a person: {json}");
+    let failing = json["failing_lanes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(failing.len(), 1, "{json}");
+    assert_eq!(failing[0]["coupon"], 7);
+    let error = failing[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("WRONGTYPE") && error.contains(&broken),
+        "{error}"
+    );
+    assert_eq!(json["coupons"][0]["coupon"], 7);
+    assert!(json["coupons"][0]["lane_error"].is_string(), "{json}");
+    assert_eq!(
+        json["coupons"][1]["queue_depth"], 1,
+        "the other lane's figures: {json}"
+    );
+    assert!(
+        json["problems"].to_string().contains("coupon 7"),
+        "{}",
+        json["problems"]
+    );
+
+    let table = stdout(&run_cli(&env, &["status"]));
+    assert!(table.contains("failing coupon lanes"), "{table}");
+    assert!(
+        table.contains(&format!("coupon 7: WRONGTYPE {broken}")),
+        "{table}"
+    );
+    env.cleanup().await;
+}
+
+/// docs/contract.md §5: a service that cannot be reached at start exits 69 naming it. The cause
+/// is printed once (it used to follow the message twice) and no secret of the URL is shown.
+#[test]
+fn status_against_a_closed_port_exits_69_printing_the_cause_once_and_no_secret() {
+    let (_closed, port) = crate::common::closed_port();
+    let out = crate::common::output_within(
+        Command::new(BIN)
+            .args(["status", "--config", "worker.toml"])
+            .env(
+                "REDIS_URL",
+                format!(
+                    "redis://worker:RedisPw0rd@127.0.0.1:{port}/?sentinelPassword=SentinelPw0rd"
+                ),
+            )
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null()),
+        std::time::Duration::from_secs(60),
+        "commerce-worker status",
+    );
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stderr.contains("error: redis is unavailable: "), "{stderr}");
+    let cause = "Connection refused";
+    assert_eq!(
+        stderr.matches(cause).count(),
+        1,
+        "the cause ({cause}) printed once:\n{stderr}"
+    );
+    for secret in ["RedisPw0rd", "SentinelPw0rd"] {
+        assert!(
+            !stderr.contains(secret) && !stdout.contains(secret),
+            "{secret} shown:\n{stdout}\n{stderr}"
+        );
+    }
+}
+
 /// `promtool`, or `None` outside CI when it is not installed (scripts/services.sh installs it).
 fn promtool() -> Option<&'static str> {
     let found = Command::new("promtool")
