@@ -83,6 +83,10 @@ pub(crate) enum Command {
     /// Move ranking-log rows MySQL rejected for good (kept in each log stream's `:dead` stream
     /// with the error) back into the log, to be written again, e.g. after fixing the table.
     RequeueLogDead,
+    /// Move issued coupons user_coupon refused (a unique key other than (user_id, coupon_id);
+    /// kept in each outbox's `:dead` stream with MySQL's error) back into their outbox, to be
+    /// persisted again once the table is fixed.
+    RequeueOutboxDead,
     /// The tools: `demo` and `bench` (built with the `tools` feature, on by default).
     #[cfg(feature = "tools")]
     #[command(flatten)]

@@ -373,3 +373,33 @@ impl fmt::Display for LogRequeued {
         write!(f, "requeued {} dead-lettered ranking-log entries", self.0)
     }
 }
+
+/// `requeue-outbox-dead`: refused issued coupons back into their outbox.
+pub async fn requeue_outbox_dead(config: &Config) -> anyhow::Result<OutboxRequeued> {
+    let redis = backends::connect_redis(&config.redis).await?;
+    Ok(OutboxRequeued(
+        coupon::requeue_outbox_dead(&redis, &config.keys).await?,
+    ))
+}
+
+/// What `requeue-outbox-dead` did.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxRequeued(pub coupon::OutboxRequeued);
+
+impl fmt::Display for OutboxRequeued {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "requeued {} issued coupons user_coupon had refused into their outbox",
+            self.0.moved
+        )?;
+        if self.0.kept > 0 {
+            write!(
+                f,
+                "; {} entries without a member or score left in the outbox dead-letter stream",
+                self.0.kept
+            )?;
+        }
+        Ok(())
+    }
+}

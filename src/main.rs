@@ -72,6 +72,7 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             show_then(reconciled, |r| r.into_result())?
         }
         Command::RequeueLogDead => show(&commands::requeue_log_dead(&config).await?),
+        Command::RequeueOutboxDead => show(&commands::requeue_outbox_dead(&config).await?),
     }
     Ok(())
 }

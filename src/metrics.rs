@@ -71,6 +71,9 @@ pub struct Metrics {
     pub coupon_rows_restored: Counter,
     pub coupon_unexplained_rows: Counter,
     pub coupon_fence_conflicts: Counter,
+    /// Issued coupons `user_coupon` refused (a unique key other than `(user_id, coupon_id)`),
+    /// moved to `<outbox>:dead`.
+    pub coupon_rows_refused: Counter,
     pub coupon_outbox_waiting_replicas: Gauge,
     pub ranking_products: Gauge,
     /// The day the live ranking was built for, as YYYYMMDD (0 until known).
@@ -208,6 +211,12 @@ impl Metrics {
             "coupon_fence_conflicts",
             "Persist attempts refused because MySQL's redis_fence names another Redis than the reconciled live one (restored MySQL, or two deployments on one MySQL): run `reconcile` once understood",
             coupon_fence_conflicts.clone(),
+        );
+        let coupon_rows_refused = Counter::default();
+        registry.register(
+            "coupon_rows_refused",
+            "Issued coupons user_coupon refused because a unique key other than (user_id, coupon_id) holds their value; kept in <outbox>:dead with MySQL's error for a person (requeue-outbox-dead after fixing the table)",
+            coupon_rows_refused.clone(),
         );
         let coupon_outbox_waiting_replicas = Gauge::default();
         registry.register(
@@ -362,6 +371,7 @@ impl Metrics {
             coupon_rows_restored,
             coupon_unexplained_rows,
             coupon_fence_conflicts,
+            coupon_rows_refused,
             coupon_outbox_waiting_replicas,
             ranking_products,
             ranking_built_day,

@@ -51,3 +51,11 @@ where
         }
     }
 }
+
+/// MySQL's ER_DUP_ENTRY (1062): a row's value is already taken in a unique key. Which key it was
+/// matters to every caller (the one that makes its insert idempotent, or another): they tell
+/// them apart by the statement that met it, not by this code alone.
+pub(crate) fn is_duplicate_key(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|e| e.number()) == Some(1062))
+}

@@ -51,6 +51,9 @@ pub(crate) struct Depths {
     pub log_dead_letters: Option<u64>,
     /// The rows those entries hold (counted over the first [`BREAKDOWN_LIMIT`] entries).
     pub log_dead_rows: Option<u64>,
+    /// Issued coupons `user_coupon` refused (a unique key other than `(user_id, coupon_id)`),
+    /// waiting in `<outbox>:dead` for a person.
+    pub outbox_refused: u64,
     /// Why this lane fails (one of its keys has the wrong type, so every drain, persister or
     /// log reader step on it fails), as `status` found it; `None` when its keys are sound. The
     /// figures of a key of the wrong type read 0.
@@ -61,6 +64,7 @@ impl Depths {
     fn add(&mut self, other: &Depths) {
         self.queue_depth += other.queue_depth;
         self.outbox_depth += other.outbox_depth;
+        self.outbox_refused += other.outbox_refused;
         self.dead_letters += other.dead_letters;
         self.log_backlog = add_known(self.log_backlog, other.log_backlog);
         self.log_dead_letters = add_known(self.log_dead_letters, other.log_dead_letters);
@@ -200,6 +204,13 @@ impl StatusReport {
                     .map_or_else(|| "queue".to_owned(), |c| format!("coupon {c}"));
                 let _ = writeln!(out, "  {name}: {}", lane.error);
             }
+        }
+        if self.total.outbox_refused > 0 {
+            let _ = writeln!(
+                out,
+                "\nissued coupons user_coupon refused (a unique key other than (user_id, coupon_id)): {} (`XRANGE <outbox>:dead - +` shows each with MySQL's error; `requeue-outbox-dead` once the table is fixed)",
+                self.total.outbox_refused
+            );
         }
         if let Some(entries @ 1..) = self.total.log_dead_letters {
             let _ = writeln!(
@@ -447,8 +458,9 @@ pub(crate) async fn gather_from(
 
 /// The lane's keys that a fault of their own can break (what `decide.lua` and the persister
 /// check before they write), with the type each must have when it exists.
-fn lane_key_types(lane: &KeyTemplates) -> [(String, &'static str); 6] {
+fn lane_key_types(lane: &KeyTemplates) -> [(String, &'static str); 7] {
     [
+        (crate::coupon::outbox_dead_key(&lane.outbox), "stream"),
         (lane.queue.clone(), "zset"),
         (lane.outbox.clone(), "zset"),
         (lane.dead.clone(), "stream"),
@@ -499,6 +511,10 @@ async fn lane_depths(client: &Client, lane: &KeyTemplates, now_ms: f64) -> anyho
     if sound(&lane.outbox) {
         d.outbox_depth = client.zcard(&lane.outbox).await?;
         d.outbox_oldest_age_secs = oldest(lane.outbox.clone()).await?;
+    }
+    let outbox_dead = crate::coupon::outbox_dead_key(&lane.outbox);
+    if sound(&outbox_dead) {
+        d.outbox_refused = client.xlen(&outbox_dead).await?;
     }
     if sound(&lane.dead) {
         d.dead_letters = client.xlen(&lane.dead).await?;
@@ -635,6 +651,12 @@ fn judge(report: &StatusReport) -> Vec<String> {
         problems.push(format!(
             "an issued coupon has waited {age} for MySQL (threshold {}s)",
             t.outbox_oldest_secs
+        ));
+    }
+    if report.total.outbox_refused > 0 {
+        problems.push(format!(
+            "{} issued coupon(s) user_coupon refused (a unique key other than (user_id, coupon_id) holds their value): `XRANGE <outbox>:dead - +` shows MySQL's error; fix the table, then `requeue-outbox-dead`",
+            report.total.outbox_refused
         ));
     }
     if report.total.dead_letters > t.dead_letters {

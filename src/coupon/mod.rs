@@ -43,7 +43,7 @@ pub use dead::{
 };
 pub use decide::{Decider, Decision};
 pub use follow::{DEFAULT_LEASE, FollowLease, FollowOptions, Following, follow};
-pub use outbox::{Persister, ReplicaWait};
+pub use outbox::{OutboxRequeued, Persister, ReplicaWait, outbox_dead_key, requeue_outbox_dead};
 pub use reconcile::{CouponReport, LaneReport, Reconciler};
 
 use crate::control::Control;

@@ -16,6 +16,18 @@
 //! finds that identity there. A batch read just before Redis restarted from an older snapshot is
 //! therefore either in MySQL before reconciliation reads `user_coupon` (and put back into Redis),
 //! or never inserted at all. Every MySQL call has a deadline ([`crate::mysql`]).
+//!
+//! **A unique key other than `(user_id, coupon_id)`.** `ON DUPLICATE KEY UPDATE` turns a
+//! conflict on *any* unique key into a silent no-op, so a key someone added to `user_coupon`
+//! (say, one coupon per user) used to make an issued coupon vanish: counted as persisted,
+//! removed from the outbox, no row. The batch is therefore first inserted plainly (the usual
+//! case: no row is there yet); only when MySQL answers "duplicate key" (a batch inserted again
+//! after a crash, or such a key) does it go in with `ON DUPLICATE KEY UPDATE`, after which every
+//! `(user_id, coupon_id)` of the batch must be in the table. One that is not was *refused*: its
+//! own plain insert gives MySQL's reason (which key), and it moves, in one atomic step, from the
+//! outbox to `<outbox>:dead` with `member`, `score` and `error` — kept, never retried blindly,
+//! logged at ERROR, counted (`coupon_rows_refused_total`), and shown by `status`, which needs a
+//! person while any is there. After fixing the table, `requeue-outbox-dead` puts them back.
 
 use anyhow::Context;
 use chrono::DateTime;
@@ -23,10 +35,12 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
-use super::member::parse_member;
+use std::collections::{BTreeSet, HashSet};
+
+use super::member::{Request, parse_member};
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
-use crate::mysql::{self, MYSQL_DEADLINE};
+use crate::mysql::{self, MYSQL_DEADLINE, is_duplicate_key};
 
 /// Behind `identity.lua`, which computes the live identity as the reconciliation does.
 const OUTBOX_READ_LUA: &str = concat!(
@@ -102,6 +116,62 @@ impl ReplicaWait {
     }
 }
 
+/// Moves refused outbox entries to the outbox's dead-letter stream, each once: an entry no
+/// longer in the outbox (a resent call) is skipped. KEYS[1] outbox, KEYS[2] `<outbox>:dead`;
+/// ARGV pairs (member, error). The stream's type is checked before anything is written (a
+/// script's error does not undo its earlier writes). Returns the entries moved.
+const OUTBOX_DEAD_LUA: &str = r#"
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'none' and t ~= 'stream' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' is a ' .. t .. ', expected a stream')
+end
+local moved = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score then
+    redis.call('XADD', KEYS[2], '*', 'member', ARGV[i], 'score', score, 'error', ARGV[i + 1])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+"#;
+
+/// Moves up to ARGV[1] entries of `<outbox>:dead` (KEYS[2]) back into the outbox (KEYS[1]) with
+/// their original score (`ZADD NX`: an entry already back keeps its place). Entries without a
+/// member or numeric score stay. Returns `{moved, left without member or score}`.
+const OUTBOX_REQUEUE_LUA: &str = r#"
+for _, spec in ipairs({ { KEYS[1], 'zset' }, { KEYS[2], 'stream' } }) do
+  local t = redis.call('TYPE', spec[1])['ok']
+  if t ~= 'none' and t ~= spec[2] then
+    return redis.error_reply('WRONGTYPE ' .. spec[1] .. ' is a ' .. t .. ', expected a ' .. spec[2])
+  end
+end
+local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', ARGV[1])
+local moved, kept = 0, 0
+for _, entry in ipairs(entries) do
+  local f = {}
+  for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
+  if f['member'] and tonumber(f['score']) then
+    redis.call('ZADD', KEYS[1], 'NX', f['score'], f['member'])
+    redis.call('XDEL', KEYS[2], entry[1])
+    moved = moved + 1
+  else
+    kept = kept + 1
+  end
+end
+return { moved, kept }
+"#;
+
+/// An issued coupon `user_coupon` refused: a unique key other than `(user_id, coupon_id)` holds
+/// its value already.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Refused {
+    pub member: String,
+    /// MySQL's reason (it names the key).
+    pub error: String,
+}
+
 /// Outbox entries per `INSERT`: a flash sale issues tens of thousands of coupons in seconds, and
 /// fewer, larger statements keep up with it (3 placeholders a row, well under MySQL's 65 535).
 const ROWS_PER_INSERT: usize = 5000;
@@ -123,6 +193,7 @@ pub struct Persister {
     marker_key: String,
     metrics: Metrics,
     read_script: Script,
+    dead_script: Script,
     replicas: std::sync::Arc<ReplicaWait>,
 }
 
@@ -142,6 +213,7 @@ impl Persister {
             marker_key: lane.reconciled_marker(),
             metrics,
             read_script: Script::from_lua(OUTBOX_READ_LUA),
+            dead_script: Script::from_lua(OUTBOX_DEAD_LUA),
             replicas,
         }
     }
@@ -204,12 +276,13 @@ impl Persister {
             }
         }
         let row_count = rows.len() as u64;
+        let mut refused: Vec<Refused> = Vec::new();
         if !rows.is_empty() {
             self.replicas
                 .wait(&format!("{}:wait", self.outbox_key))
                 .await?;
             let scope = self.outbox_key.clone();
-            mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
+            refused = mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
                 Box::pin(async move {
                     use sqlx::Connection;
                     let mut tx = conn.begin().await?;
@@ -228,28 +301,32 @@ impl Persister {
                         }
                         .into());
                     }
-                    let mut insert: QueryBuilder<MySql> = QueryBuilder::new(
-                        "INSERT INTO user_coupon (user_id, coupon_id, issued_at) ",
-                    );
-                    insert.push_values(&rows, |mut b, (request, issued_ms)| {
-                        let issued_at = DateTime::from_timestamp_millis(*issued_ms as i64)
-                            .unwrap_or_default()
-                            .naive_utc();
-                        b.push_bind(request.user_id)
-                            .push_bind(request.coupon_id)
-                            .push_bind(issued_at);
-                    });
-                    insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
-                    insert.build().execute(&mut *tx).await?;
+                    let refused = insert_rows(&mut tx, &rows).await?;
                     tx.commit().await?;
-                    Ok(())
+                    Ok(refused)
                 })
             })
             .await
             .context("inserting issued coupons into user_coupon")?;
         }
-        let members: Vec<String> = entries.into_iter().map(|(m, _)| m).collect();
-        let count = members.len();
+        let members: Vec<String> = if refused.is_empty() {
+            entries.into_iter().map(|(m, _)| m).collect()
+        } else {
+            self.refuse(&refused).await?;
+            let gone: std::collections::HashSet<&str> =
+                refused.iter().map(|r| r.member.as_str()).collect();
+            entries
+                .into_iter()
+                .map(|(m, _)| m)
+                .filter(|m| !gone.contains(m.as_str()))
+                .collect()
+        };
+        let row_count = row_count - refused.len() as u64;
+        if members.is_empty() {
+            self.metrics.coupon_rows_persisted.inc_by(row_count);
+            return Ok((refused.len(), None));
+        }
+        let count = members.len() + refused.len();
         let acknowledge = self.client.zrem::<i64, _, _>(&self.outbox_key, members);
         let next = if read_next {
             let (acknowledged, next) = tokio::join!(acknowledge, self.read_batch());
@@ -261,6 +338,31 @@ impl Persister {
         };
         self.metrics.coupon_rows_persisted.inc_by(row_count);
         Ok((count, next))
+    }
+
+    /// Moves `refused` from the outbox to `<outbox>:dead` (atomically, each once), logs each at
+    /// ERROR and counts them.
+    async fn refuse(&self, refused: &[Refused]) -> anyhow::Result<()> {
+        let dead = outbox_dead_key(&self.outbox_key);
+        let args: Vec<String> = refused
+            .iter()
+            .flat_map(|r| [r.member.clone(), r.error.clone()])
+            .collect();
+        let moved: i64 = self
+            .dead_script
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.outbox_key.clone(), dead.clone()],
+                args,
+            )
+            .await
+            .with_context(|| format!("moving issued coupons user_coupon refused to {dead}"))?;
+        self.metrics.coupon_rows_refused.inc_by(moved.max(0) as u64);
+        for r in refused {
+            tracing::error!(member = %r.member, error = %r.error, dead_letters = %dead,
+                "user_coupon refused an issued coupon (a unique key other than (user_id, coupon_id)); kept in the outbox's dead-letter stream: fix the table, then `requeue-outbox-dead`");
+        }
+        Ok(())
     }
 
     /// Entries waiting in the outbox.
@@ -301,4 +403,125 @@ pub struct FenceMismatch {
     pub read: String,
     /// What the fence row names (`None`: no row).
     pub fence: Option<String>,
+}
+
+/// The dead-letter stream of a (resolved) outbox key: `<outbox>:dead`, in the outbox's hash slot
+/// when its template has a hash tag.
+pub fn outbox_dead_key(outbox: &str) -> String {
+    format!("{outbox}:dead")
+}
+
+/// Inserts `rows` into `user_coupon` inside `tx`; returns those a unique key other than
+/// `(user_id, coupon_id)` refused (see the module docs).
+async fn insert_rows(
+    tx: &mut sqlx::Transaction<'_, MySql>,
+    rows: &[(Request, f64)],
+) -> anyhow::Result<Vec<Refused>> {
+    let statement = |rows: &[(Request, f64)], upsert: bool| {
+        let mut insert: QueryBuilder<MySql> =
+            QueryBuilder::new("INSERT INTO user_coupon (user_id, coupon_id, issued_at) ");
+        insert.push_values(rows, |mut b, (request, issued_ms)| {
+            let issued_at = DateTime::from_timestamp_millis(*issued_ms as i64)
+                .unwrap_or_default()
+                .naive_utc();
+            b.push_bind(request.user_id)
+                .push_bind(request.coupon_id)
+                .push_bind(issued_at);
+        });
+        if upsert {
+            insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
+        }
+        insert
+    };
+    // The usual case: none of these rows is there yet. A failed statement is undone on its own;
+    // the transaction goes on.
+    match statement(rows, false).build().execute(&mut **tx).await {
+        Ok(_) => return Ok(Vec::new()),
+        Err(e) if is_duplicate_key(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // Some rows are there (inserted before a crash or a lost reply), or another unique key
+    // refuses some: insert what is new, then look for every pair.
+    statement(rows, true).build().execute(&mut **tx).await?;
+    let mut lookup: QueryBuilder<MySql> =
+        QueryBuilder::new("SELECT user_id, coupon_id FROM user_coupon WHERE user_id IN (");
+    let users: BTreeSet<i64> = rows.iter().map(|(r, _)| r.user_id).collect();
+    let coupons: BTreeSet<i64> = rows.iter().map(|(r, _)| r.coupon_id).collect();
+    let mut list = lookup.separated(", ");
+    for user in &users {
+        list.push_bind(*user);
+    }
+    lookup.push(") AND coupon_id IN (");
+    let mut list = lookup.separated(", ");
+    for coupon in &coupons {
+        list.push_bind(*coupon);
+    }
+    lookup.push(")");
+    let present: HashSet<(i64, i64)> = lookup
+        .build_query_as::<(i64, i64)>()
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+    let mut refused = Vec::new();
+    for row in rows {
+        let (request, _) = row;
+        if present.contains(&(request.user_id, request.coupon_id)) {
+            continue;
+        }
+        // Its own plain insert names the key that refuses it.
+        let error = match statement(std::slice::from_ref(row), false)
+            .build()
+            .execute(&mut **tx)
+            .await
+        {
+            // Inserted after all (the key's conflicting row went meanwhile).
+            Ok(_) => continue,
+            Err(e) if is_duplicate_key(&e) => e.to_string(),
+            Err(e) => return Err(e.into()),
+        };
+        refused.push(Refused {
+            member: format!("{}:{}", request.user_id, request.coupon_id),
+            error,
+        });
+    }
+    Ok(refused)
+}
+
+/// What `requeue-outbox-dead` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxRequeued {
+    /// Issued coupons put back into their outbox, to be persisted again.
+    pub moved: u64,
+    /// Entries left in `<outbox>:dead`: without a member or a numeric score (written by hand).
+    pub kept: u64,
+}
+
+/// `requeue-outbox-dead`: moves every issued coupon `user_coupon` refused back from
+/// `<outbox>:dead` into its outbox with its original score (issue time), for the persister to
+/// insert again — after the table was fixed. Every lane: the single outbox, or each registered
+/// coupon's. Chunks of 100 entries, each atomic: interrupted, it leaves the rest as it was.
+pub async fn requeue_outbox_dead(
+    client: &Client,
+    keys: &KeyTemplates,
+) -> anyhow::Result<OutboxRequeued> {
+    let script = Script::from_lua(OUTBOX_REQUEUE_LUA);
+    let mut done = OutboxRequeued::default();
+    for lane in super::queue_keys(client, keys).await? {
+        let dead = outbox_dead_key(&lane.outbox);
+        // Entries kept back (no member or score) stay at the head: walk at most what is there.
+        let mut left: u64 = client.xlen(&dead).await?;
+        while left > 0 {
+            let (moved, kept): (u64, u64) = script
+                .evalsha_with_reload(client, vec![lane.outbox.clone(), dead.clone()], vec!["100"])
+                .await?;
+            done.moved += moved;
+            if moved == 0 {
+                done.kept += kept;
+                break;
+            }
+            left = left.saturating_sub(moved);
+        }
+    }
+    Ok(done)
 }

@@ -55,7 +55,7 @@ use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 pub use entry::LogEntry;
 pub use stream::{LogReader, LogStream, requeue_log_dead};
-pub use writer::{LogWriter, STATEMENTS_PER_TRANSACTION, insert_entries};
+pub use writer::{InsertError, LogWriter, STATEMENTS_PER_TRANSACTION, insert_entries};
 
 /// One `ranking_logs` row.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,15 +162,16 @@ impl LogPipeline {
     pub async fn shutdown(self, deadline: tokio::time::Instant) -> (WriterReport, bool) {
         self.stop.cancel();
         let now = tokio::time::Instant::now();
-        let reserve = HAND_BACK_RESERVE.min(deadline.saturating_duration_since(now) / 4);
+        let reserve = HAND_BACK_RESERVE.min(deadline.saturating_duration_since(now) / 2);
         let writing_ends = deadline - reserve;
         let mut writer = self.writer;
         let (report, clean) = match tokio::time::timeout_at(writing_ends, &mut writer).await {
             Ok(report) => (report.unwrap_or_default(), true),
             Err(_) => {
                 self.abort.cancel();
-                // The writer stops at its next await on `abort`; one stuck in a call to a frozen
-                // server does not, and is dropped at the deadline (its rows stay in Redis).
+                // The writer stops at once on `abort`, even in the middle of a call to Redis or
+                // MySQL; should it not (acknowledging committed entries to a frozen Redis), it
+                // is dropped at the deadline (its rows stay in Redis).
                 let report = match tokio::time::timeout_at(deadline, &mut writer).await {
                     Ok(report) => report.unwrap_or_default(),
                     Err(_) => {
@@ -209,7 +210,7 @@ impl LogPipeline {
 }
 
 /// The last part of the shutdown deadline kept for handing unwritten log entries back to Redis
-/// (a few commands; at most a quarter of the time left).
+/// (a few commands; at most half the time left).
 const HAND_BACK_RESERVE: Duration = Duration::from_secs(1);
 
 /// Largest rows per INSERT statement: 7 placeholders a row stays far below MySQL's 65 535.

@@ -13,6 +13,7 @@ use super::stream::{Delivered, InHand, LogStream};
 use super::{LogEntry, MAX_ROWS_PER_STATEMENT, WriterReport, insert_statement};
 use crate::config::RankingLogConfig;
 use crate::metrics::Metrics;
+use crate::mysql::is_duplicate_key;
 use crate::retry::{Backoff, is_transient};
 
 /// At most this many `batch_size` statements go in one transaction: a waiting backlog shares
@@ -132,7 +133,15 @@ impl LogWriter {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut rejected_attempts = 0u32;
         loop {
-            if let Err(e) = self.drop_lost(batch).await {
+            // Every wait on Redis or MySQL gives way to `abort` (the shutdown deadline): a frozen
+            // server must not keep the process past it. Dropping a write half-way is what a crash
+            // does, and is as harmless: the entries are still pending in Redis, and one whose
+            // COMMIT did land is found by its marker when read again.
+            let checked = tokio::select! {
+                checked = self.drop_lost(batch) => checked,
+                _ = abort.cancelled() => return Written::Aborted,
+            };
+            if let Err(e) = checked {
                 // Redis does not answer: it could not take the acknowledgement either. The rows
                 // wait in Redis; nothing unconfirmed is written meanwhile.
                 let delay = backoff.next_delay();
@@ -148,7 +157,10 @@ impl LogWriter {
             }
             let started = Instant::now();
             let entries: Vec<&LogEntry> = batch.iter().map(|d| &d.entry).collect();
-            let result = insert_entries(&self.pool, &entries, self.batch_size).await;
+            let result = tokio::select! {
+                result = insert_entries(&self.pool, &entries, self.batch_size) => result,
+                _ = abort.cancelled() => return Written::Aborted,
+            };
             self.metrics
                 .ranking_log_batch_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -170,7 +182,11 @@ impl LogWriter {
                         }
                     }
                     self.metrics.ranking_log_rows_retried.inc_by(rows as u64);
-                    if !is_transient(&e) && !is_duplicate_marker(&e) {
+                    let rejected = match &e {
+                        InsertError::MarkerTaken(_) => false,
+                        InsertError::Sql(sql) => !is_transient(sql),
+                    };
+                    if rejected {
                         rejected_attempts += 1;
                         if rejected_attempts >= self.max_attempts {
                             return self.give_up(batch, &e, abort).await;
@@ -234,7 +250,7 @@ impl LogWriter {
     async fn give_up(
         &mut self,
         batch: &mut Vec<Delivered>,
-        error: &sqlx::Error,
+        error: &InsertError,
         abort: &CancellationToken,
     ) -> Written {
         if batch.len() > 1 {
@@ -271,7 +287,11 @@ impl LogWriter {
             match kept {
                 Ok(true) => {
                     self.metrics.ranking_log_rows_given_up.inc_by(rows as u64);
+                    // A duplicate key in ranking_logs is a unique key someone added to the table
+                    // (the worker's own exactly-once key is the marker's): said so, not retried.
+                    let duplicate_key = matches!(error, InsertError::Sql(e) if is_duplicate_key(e));
                     tracing::error!(rows, stream = %entry.stream, id = %entry.id, error = %error,
+                        duplicate_key,
                         "MySQL keeps rejecting a ranking-log entry; moved to the dead-letter stream");
                 }
                 Ok(false) => {
@@ -328,11 +348,19 @@ fn rows_in(batch: &[Delivered]) -> usize {
     batch.iter().map(|d| d.entry.rows.len()).sum()
 }
 
-/// Another writer inserted the same marker between our check and our insert (two replicas
-/// holding one entry): retrying finds it and skips the entry.
-fn is_duplicate_marker(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db)
-        if db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|e| e.number()) == Some(1062))
+/// Why [`insert_entries`] failed. Which statement met a duplicate key decides what it means: on
+/// the marker insert it is another writer holding the same entry (retried, found, skipped); on
+/// `ranking_logs` itself it is a unique key an operator added refusing the rows, which no retry
+/// changes — a rejection like any other (given up after `max_attempts`, to `<log>:dead`).
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    /// Another writer inserted one of these entries' markers between this one's check and its
+    /// insert (two replicas holding one entry): the retry finds the marker and skips the entry.
+    #[error("another writer is writing the same ranking-log entry")]
+    MarkerTaken(#[source] sqlx::Error),
+    /// Anything else, a duplicate key in `ranking_logs` included.
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
 }
 
 /// Longest `batch_id` the marker table holds.
@@ -358,7 +386,7 @@ pub async fn insert_entries(
     pool: &MySqlPool,
     entries: &[&LogEntry],
     rows_per_statement: usize,
-) -> sqlx::Result<u64> {
+) -> Result<u64, InsertError> {
     if entries.is_empty() {
         return Ok(0);
     }
@@ -393,7 +421,13 @@ pub async fn insert_entries(
     markers.push_values(&fresh, |mut b, (id, _)| {
         b.push_bind(*id);
     });
-    markers.build().execute(&mut *tx).await?;
+    markers.build().execute(&mut *tx).await.map_err(|e| {
+        if is_duplicate_key(&e) {
+            InsertError::MarkerTaken(e)
+        } else {
+            InsertError::Sql(e)
+        }
+    })?;
     let rows: Vec<&super::LogRow> = fresh.iter().flat_map(|(_, e)| &e.rows).collect();
     for chunk in rows.chunks(rows_per_statement.clamp(1, MAX_ROWS_PER_STATEMENT)) {
         insert_statement(chunk.iter().copied())

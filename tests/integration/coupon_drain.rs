@@ -54,6 +54,91 @@ async fn dead_reasons(env: &TestEnv) -> HashMap<String, String> {
         .collect()
 }
 
+/// `ON DUPLICATE KEY UPDATE` makes a conflict on *any* unique key a silent no-op: a key someone
+/// added to `user_coupon` (one coupon per user) made an issued coupon vanish — counted as
+/// persisted, removed from the outbox, no row. It is now refused loudly: moved to
+/// `<outbox>:dead` with MySQL's reason (naming the key), counted, shown by `status` (which needs
+/// a person), and `requeue-outbox-dead` brings it back once the table is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issued_coupon_another_unique_key_refuses_is_kept_with_the_reason_and_lands_once_the_table_is_fixed()
+ {
+    let env = TestEnv::new().await;
+    for sql in [
+        "ALTER TABLE user_coupon ADD UNIQUE KEY one_coupon_per_user (user_id)",
+        "INSERT INTO user_coupon (user_id, coupon_id, issued_at) VALUES (10, 99, NOW(3))",
+    ] {
+        sqlx::query(sql).execute(&env.mysql).await.unwrap();
+    }
+    env.set_stock(1, "5").await;
+    env.enqueue(&[(1.0, member(10, 1)), (2.0, member(11, 1))])
+        .await;
+    let pipeline = env.pipeline();
+    let report = pipeline.drain_within(DRAIN_LIMIT, "the sale").await;
+    assert_eq!(report[Outcome::Issued], 2, "{report:?}");
+    assert_eq!(rows_for(&env, 1).await, vec![11]);
+    let outbox = env.keys().outbox.clone();
+    let dead_key = commerce_worker::coupon::outbox_dead_key(&outbox);
+    let dead: Vec<(String, HashMap<String, String>)> =
+        env.redis.xrange(&dead_key, "-", "+", None).await.unwrap();
+    assert_eq!(
+        dead.len(),
+        1,
+        "the refused coupon is kept, not counted as persisted"
+    );
+    let fields = &dead[0].1;
+    assert_eq!(fields.get("member").map(String::as_str), Some("10:1"));
+    assert!(
+        fields
+            .get("score")
+            .is_some_and(|s| s.parse::<f64>().is_ok())
+    );
+    let error = fields.get("error").cloned().unwrap_or_default();
+    assert!(
+        error.contains("Duplicate entry") && error.contains("one_coupon_per_user"),
+        "MySQL's reason, naming the key: {error}"
+    );
+    assert_eq!(env.redis.zcard::<u64, _>(&outbox).await.unwrap(), 0);
+    let metrics = pipeline.drain.metrics();
+    assert_eq!(
+        (
+            metrics.coupon_rows_refused.get(),
+            metrics.coupon_rows_persisted.get()
+        ),
+        (1, 1)
+    );
+    // `status` shows it and needs a person.
+    let out = crate::common::output_within(
+        std::process::Command::new(crate::common::BIN)
+            .arg("--config")
+            .arg(env.config_file())
+            .args(["status", "--json"])
+            .env("RUST_LOG", "off"),
+        Duration::from_secs(60),
+        "status",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["total"]["outbox_refused"], 1, "{json}");
+    assert!(json["problems"].to_string().contains("refused"), "{json}");
+
+    // The table fixed, the coupon is put back and lands, once.
+    sqlx::query("ALTER TABLE user_coupon DROP INDEX one_coupon_per_user")
+        .execute(&env.mysql)
+        .await
+        .unwrap();
+    let requeued = commerce_worker::coupon::requeue_outbox_dead(&env.redis, env.keys())
+        .await
+        .unwrap();
+    assert_eq!((requeued.moved, requeued.kept), (1, 0));
+    pipeline
+        .drain_within(DRAIN_LIMIT, "the requeued coupon")
+        .await;
+    assert_eq!(rows_for(&env, 1).await, vec![10, 11]);
+    assert_eq!(env.redis.xlen::<u64, _>(&dead_key).await.unwrap(), 0);
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_stock_requests_by_score_get_the_coupon() {
     let env = TestEnv::new().await;

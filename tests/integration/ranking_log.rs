@@ -375,6 +375,56 @@ async fn rows_mysql_rejects_for_good_are_dead_lettered_in_redis_and_can_be_reque
     env.cleanup().await;
 }
 
+/// MySQL's duplicate-key error (1062) means "already written" only for the worker's own batch
+/// marker. From a unique key someone added to `ranking_logs` it is a rejection like any other:
+/// given up after `max_attempts` into `<log>:dead` with MySQL's reason — it used to be taken for
+/// the marker and retried for ever, the rows never landing and nothing saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_another_unique_key_of_ranking_logs_refuses_are_dead_lettered_with_the_reason_not_retried_for_ever()
+ {
+    let mut env = TestEnv::new().await;
+    env.config.ranking_log.max_attempts = 2;
+    // One row per user, user 660 (rank 66 below) has one already.
+    for sql in [
+        "ALTER TABLE ranking_logs ADD UNIQUE KEY one_row_per_user (user_id)",
+        "INSERT INTO ranking_logs (user_id, coupon_type, `rank`, status) VALUES (660, '99', 1, 'FAILED')",
+    ] {
+        sqlx::query(sql).execute(&env.mysql).await.unwrap();
+    }
+    log_entry(&env, &rows(8, 1, 50)).await;
+    log_entry(&env, &rows(8, 51, 50)).await;
+    let metrics = Metrics::new();
+    let log = pipeline(&env, &metrics);
+    eventually(
+        Duration::from_secs(60),
+        "the good entry written, the refused one given up",
+        async || {
+            metrics.ranking_log_rows_written.get() == 50
+                && metrics.ranking_log_rows_given_up.get() == 50
+        },
+    )
+    .await;
+    stop_clean(log).await;
+    assert_eq!(waiting(&env).await, (0, 0));
+    assert_eq!(
+        env.count("SELECT COUNT(*) FROM ranking_logs WHERE coupon_type = '8'")
+            .await,
+        50
+    );
+    let dead: Vec<(String, std::collections::HashMap<String, String>)> = env
+        .redis
+        .xrange(env.keys().log_dead(), "-", "+", None)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    let error = dead[0].1.get("error").cloned().unwrap_or_default();
+    assert!(
+        error.contains("Duplicate entry") && error.contains("one_row_per_user"),
+        "MySQL's reason, naming the key, is kept: {error}"
+    );
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_applied_whose_reply_was_lost_writes_no_row_twice() {
     let env = TestEnv::new().await;
