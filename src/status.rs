@@ -554,12 +554,18 @@ async fn log_dead_letters(client: &Client, stream: &str) -> anyhow::Result<(u64,
     if entries == 0 {
         return Ok((0, 0));
     }
-    let read: Vec<(String, std::collections::HashMap<String, String>)> = client
+    // Values as bytes: an entry kept with fields that are not UTF-8 is counted, not an error.
+    let read: Vec<(String, std::collections::HashMap<String, Value>)> = client
         .xrange(stream, "-", "+", Some(BREAKDOWN_LIMIT as u64))
         .await?;
     let rows = read
         .iter()
-        .map(|(_, fields)| fields.get("o").map_or(0, |o| o.len() as u64))
+        .map(|(_, fields)| {
+            fields
+                .get("o")
+                .and_then(Value::as_bytes)
+                .map_or(0, |o| o.len() as u64)
+        })
         .sum();
     Ok((entries, rows))
 }

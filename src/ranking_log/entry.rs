@@ -10,20 +10,33 @@ use super::LogRow;
 use crate::coupon::member::parse_member;
 use crate::outcome::Outcome;
 
-/// The fields as stored, kept to move an entry to the dead-letter stream unchanged.
+/// The fields as stored, byte for byte, kept to move an entry to the dead-letter stream
+/// unchanged: an entry whose fields are not even UTF-8 (written by hand, damaged) keeps its
+/// bytes there, for a person to see and `requeue-log-dead` to move back as they were.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawFields {
-    pub members: String,
-    pub ranks: String,
-    pub outcomes: String,
+    pub members: Vec<u8>,
+    pub ranks: Vec<u8>,
+    pub outcomes: Vec<u8>,
 }
 
 impl RawFields {
     /// The stream entry's fields as `decide.lua` writes them (for tests and the benchmark, which
     /// `XADD` entries without deciding).
-    pub fn into_fields(self) -> Vec<(&'static str, String)> {
+    pub fn into_fields(self) -> Vec<(&'static str, Vec<u8>)> {
         vec![("m", self.members), ("r", self.ranks), ("o", self.outcomes)]
     }
+}
+
+/// `bytes` as text, or why not (the bytes shown with invalid sequences replaced, for the
+/// dead letter's reason only: the entry itself keeps them).
+fn text<'a>(field: &str, bytes: &'a [u8]) -> Result<&'a str, String> {
+    std::str::from_utf8(bytes).map_err(|_| {
+        format!(
+            "field {field} is not UTF-8: {:?}",
+            String::from_utf8_lossy(bytes)
+        )
+    })
 }
 
 /// A decoded entry.
@@ -58,9 +71,15 @@ impl LogEntry {
             .ok_or_else(|| format!("entry id {id:?} is not <ms>-<seq>"))?;
         let decided_at = DateTime::from_timestamp_millis(ms)
             .ok_or_else(|| format!("entry id {id:?} is not a time"))?;
-        let members: Vec<&str> = raw.members.split(' ').filter(|m| !m.is_empty()).collect();
-        let ranks: Vec<&str> = raw.ranks.split(' ').filter(|r| !r.is_empty()).collect();
-        let codes = raw.outcomes.as_bytes();
+        let members: Vec<&str> = text("m", &raw.members)?
+            .split(' ')
+            .filter(|m| !m.is_empty())
+            .collect();
+        let ranks: Vec<&str> = text("r", &raw.ranks)?
+            .split(' ')
+            .filter(|r| !r.is_empty())
+            .collect();
+        let codes = raw.outcomes.as_slice();
         if members.len() != ranks.len() || members.len() != codes.len() {
             return Err(format!(
                 "{} members, {} ranks and {} outcomes",
@@ -105,13 +124,13 @@ impl LogEntry {
         let mut raw = RawFields::default();
         for (i, row) in rows.iter().enumerate() {
             if i > 0 {
-                raw.members.push(' ');
-                raw.ranks.push(' ');
+                raw.members.push(b' ');
+                raw.ranks.push(b' ');
             }
             raw.members
-                .push_str(&format!("{}:{}", row.user_id, row.coupon_id));
-            raw.ranks.push_str(&row.rank.to_string());
-            raw.outcomes.push(char::from(row.outcome.code()));
+                .extend_from_slice(format!("{}:{}", row.user_id, row.coupon_id).as_bytes());
+            raw.ranks.extend_from_slice(row.rank.to_string().as_bytes());
+            raw.outcomes.push(row.outcome.code());
         }
         raw
     }

@@ -375,15 +375,16 @@ impl LogStream {
         error: &str,
     ) -> anyhow::Result<bool> {
         let keys = vec![stream.to_owned(), rows_key(stream), dead_key(stream)];
-        let args = vec![
-            GROUP.to_owned(),
-            self.consumer.clone(),
-            id.to_owned(),
-            rows.to_string(),
-            raw.members.clone(),
-            raw.ranks.clone(),
-            raw.outcomes.clone(),
-            error.to_owned(),
+        let bytes = |b: &Vec<u8>| Value::Bytes(fred::bytes::Bytes::from(b.clone()));
+        let args: Vec<Value> = vec![
+            GROUP.into(),
+            self.consumer.as_str().into(),
+            id.into(),
+            rows.to_string().into(),
+            bytes(&raw.members),
+            bytes(&raw.ranks),
+            bytes(&raw.outcomes),
+            error.into(),
         ];
         let moved: i64 = self
             .dead
@@ -432,7 +433,9 @@ fn parse_entries(value: Value) -> Vec<(String, Option<RawFields>)> {
                 let mut raw = RawFields::default();
                 for kv in values.chunks(2) {
                     if let [k, v] = kv {
-                        let value = v.as_string().unwrap_or_default();
+                        // Bytes as they are: a value that is not UTF-8 must reach the
+                        // dead-letter stream unchanged, not as an empty string.
+                        let value = v.as_bytes().map(<[u8]>::to_vec).unwrap_or_default();
                         match k.as_str().as_deref() {
                             Some("m") => raw.members = value,
                             Some("r") => raw.ranks = value,

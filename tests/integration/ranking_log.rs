@@ -212,9 +212,9 @@ async fn entries_already_written_are_acknowledged_without_writing_them_again() {
         .unwrap();
     let (id, fields) = &ids[0];
     let raw = commerce_worker::ranking_log::entry::RawFields {
-        members: fields["m"].clone(),
-        ranks: fields["r"].clone(),
-        outcomes: fields["o"].clone(),
+        members: fields["m"].clone().into_bytes(),
+        ranks: fields["r"].clone().into_bytes(),
+        outcomes: fields["o"].clone().into_bytes(),
     };
     let entry = LogEntry::decode(&env.keys().log, id, raw).unwrap();
     let first = commerce_worker::ranking_log::insert_entries(&env.mysql, &[&entry], 100)
@@ -422,6 +422,76 @@ async fn rows_another_unique_key_of_ranking_logs_refuses_are_dead_lettered_with_
         error.contains("Duplicate entry") && error.contains("one_row_per_user"),
         "MySQL's reason, naming the key, is kept: {error}"
     );
+    env.cleanup().await;
+}
+
+/// An entry whose member bytes are not UTF-8 (written by hand, damaged) cannot be decoded and
+/// is dead-lettered — with its bytes as they were, not an empty `m` (they used to be read as
+/// text, and lost). `status` counts it, and `requeue-log-dead` moves the same bytes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_with_member_bytes_that_are_not_utf8_is_dead_lettered_with_its_bytes_kept() {
+    let env = TestEnv::new().await;
+    let keys = env.keys().clone();
+    let members: &[u8] = b"12:7 \xff\xfe:7";
+    let _: String = env
+        .redis
+        .xadd(
+            &keys.log,
+            false,
+            None,
+            "*",
+            vec![
+                ("m", members.to_vec()),
+                ("r", b"1 2".to_vec()),
+                ("o", b"II".to_vec()),
+            ],
+        )
+        .await
+        .unwrap();
+    let _: i64 = env.redis.incr_by(keys.log_rows(), 2).await.unwrap();
+    let metrics = Metrics::new();
+    let log = pipeline(&env, &metrics);
+    eventually(Duration::from_secs(30), "the entry given up", async || {
+        metrics.ranking_log_rows_given_up.get() == 2
+    })
+    .await;
+    stop_clean(log).await;
+    let field = |fields: &std::collections::HashMap<String, Value>, name: &str| {
+        fields
+            .get(name)
+            .and_then(Value::as_bytes)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    };
+    let dead: Vec<(String, std::collections::HashMap<String, Value>)> = env
+        .redis
+        .xrange(keys.log_dead(), "-", "+", None)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(field(&dead[0].1, "m"), members, "the member bytes are kept");
+    assert_eq!(field(&dead[0].1, "o"), b"II");
+    let error = String::from_utf8_lossy(&field(&dead[0].1, "error")).into_owned();
+    assert!(error.contains("not UTF-8"), "{error}");
+
+    let out = crate::common::output_within(
+        std::process::Command::new(crate::common::BIN)
+            .arg("--config")
+            .arg(env.config_file())
+            .args(["status", "--json"])
+            .env("RUST_LOG", "off"),
+        Duration::from_secs(60),
+        "status",
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status reads the entry: {e}: {out:?}"));
+    assert_eq!(json["total"]["log_dead_rows"], 2, "{json}");
+
+    assert_eq!(requeue_log_dead(&env.redis, &keys).await.unwrap(), 1);
+    let back: Vec<(String, std::collections::HashMap<String, Value>)> =
+        env.redis.xrange(&keys.log, "-", "+", None).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(field(&back[0].1, "m"), members, "moved back byte for byte");
     env.cleanup().await;
 }
 
@@ -955,12 +1025,12 @@ async fn requeue_log_dead_with_a_counter_of_the_wrong_type_adds_no_copy() {
             None,
             "*",
             vec![
-                ("stream", keys.log.clone()),
-                ("id", "1-0".to_owned()),
+                ("stream", keys.log.clone().into_bytes()),
+                ("id", b"1-0".to_vec()),
                 ("m", raw.members.clone()),
                 ("r", raw.ranks.clone()),
                 ("o", raw.outcomes.clone()),
-                ("error", "rejected".to_owned()),
+                ("error", b"rejected".to_vec()),
             ],
         )
         .await
