@@ -110,9 +110,10 @@ pub async fn migrate(config: &MysqlConfig) -> anyhow::Result<usize> {
     let url = config.url.expose();
     let exists = sqlx::MySql::database_exists(url)
         .await
+        // sqlx's message already includes its source: `{e}` keeps it from being printed twice.
         .map_err(|e| Unavailable {
             service: "mysql",
-            source: e.into(),
+            source: anyhow::anyhow!("{e}"),
         })?;
     if !exists {
         sqlx::MySql::create_database(url)

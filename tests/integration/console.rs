@@ -591,39 +591,54 @@ async fn per_coupon_status_lists_a_failing_lane_with_its_cause_and_goes_on_with_
 }
 
 /// docs/contract.md §5: a service that cannot be reached at start exits 69 naming it. The cause
-/// is printed once (it used to follow the message twice) and no secret of the URL is shown.
+/// is printed once (it used to follow the message twice) and no secret of the URL is shown:
+/// `status` against a Redis, `migrate` against a MySQL, on a closed port.
 #[test]
-fn status_against_a_closed_port_exits_69_printing_the_cause_once_and_no_secret() {
+fn status_and_migrate_against_a_closed_port_exit_69_printing_the_cause_once_and_no_secret() {
     let (_closed, port) = crate::common::closed_port();
-    let out = crate::common::output_within(
-        Command::new(BIN)
-            .args(["status", "--config", "worker.toml"])
-            .env(
-                "REDIS_URL",
-                format!(
-                    "redis://worker:RedisPw0rd@127.0.0.1:{port}/?sentinelPassword=SentinelPw0rd"
-                ),
-            )
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null()),
-        std::time::Duration::from_secs(60),
-        "commerce-worker status",
-    );
-    assert_eq!(out.status.code(), Some(69), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stderr.contains("error: redis is unavailable: "), "{stderr}");
-    let cause = "Connection refused";
-    assert_eq!(
-        stderr.matches(cause).count(),
-        1,
-        "the cause ({cause}) printed once:\n{stderr}"
-    );
-    for secret in ["RedisPw0rd", "SentinelPw0rd"] {
-        assert!(
-            !stderr.contains(secret) && !stdout.contains(secret),
-            "{secret} shown:\n{stdout}\n{stderr}"
+    let cases = [
+        (
+            "status",
+            "REDIS_URL",
+            format!("redis://worker:RedisPw0rd@127.0.0.1:{port}/?sentinelPassword=SentinelPw0rd"),
+            "redis",
+        ),
+        (
+            "migrate",
+            "DATABASE_URL",
+            format!("mysql://worker:MysqlPw0rd@127.0.0.1:{port}/shop"),
+            "mysql",
+        ),
+    ];
+    for (command, variable, url, service) in cases {
+        let out = crate::common::output_within(
+            Command::new(BIN)
+                .args([command, "--config", "worker.toml"])
+                .env(variable, url)
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null()),
+            std::time::Duration::from_secs(60),
+            command,
         );
+        assert_eq!(out.status.code(), Some(69), "{command}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stderr.contains(&format!("error: {service} is unavailable: ")),
+            "{command}: {stderr}"
+        );
+        let cause = "Connection refused";
+        assert_eq!(
+            stderr.matches(cause).count(),
+            1,
+            "{command}: the cause ({cause}) printed once:\n{stderr}"
+        );
+        for secret in ["RedisPw0rd", "SentinelPw0rd", "MysqlPw0rd"] {
+            assert!(
+                !stderr.contains(secret) && !stdout.contains(secret),
+                "{command}: {secret} shown:\n{stdout}\n{stderr}"
+            );
+        }
     }
 }
 
