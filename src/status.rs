@@ -494,7 +494,9 @@ async fn lane_depths(client: &Client, lane: &KeyTemplates, now_ms: f64) -> anyho
             .any(|((k, want), have)| k == key && (have == "none" || have == want))
     };
     let oldest = |key: String| async move {
-        let head: Vec<(String, f64)> = client.zrange(&key, 0, 0, None, false, None, true).await?;
+        // Members as bytes: the API may have written one that is not UTF-8 (it is malformed
+        // and dead-lettered by the drain; until then it must not fail `status`).
+        let head: Vec<(Value, f64)> = client.zrange(&key, 0, 0, None, false, None, true).await?;
         anyhow::Ok(
             head.first()
                 .map(|(_, score)| age_of_score_ms(now_ms, *score)),
@@ -572,17 +574,16 @@ async fn log_dead_letters(client: &Client, stream: &str) -> anyhow::Result<(u64,
 
 /// (member, reason) of the first [`BREAKDOWN_LIMIT`] dead letters.
 async fn dead_entries(client: &Client, stream: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let entries: Vec<(String, std::collections::HashMap<String, String>)> = client
+    // Values as bytes: a dead letter's member need not be UTF-8 (the API wrote it).
+    let entries: Vec<(String, std::collections::HashMap<String, Value>)> = client
         .xrange(stream, "-", "+", Some(BREAKDOWN_LIMIT as u64))
         .await?;
+    let text = |v: Option<Value>| {
+        crate::coupon::member_text(v.as_ref().and_then(Value::as_bytes).unwrap_or_default())
+    };
     Ok(entries
         .into_iter()
-        .map(|(_, mut f)| {
-            (
-                f.remove("member").unwrap_or_default(),
-                f.remove("reason").unwrap_or_default(),
-            )
-        })
+        .map(|(_, mut f)| (text(f.remove("member")), text(f.remove("reason"))))
         .collect())
 }
 
@@ -599,7 +600,8 @@ async fn shared_depths(
         return Ok((Vec::new(), total, false));
     }
     for (key, is_queue) in [(&keys.queue, true), (&keys.outbox, false)] {
-        let head: Vec<(String, f64)> = client
+        // Members as bytes (see `lane_depths`).
+        let head: Vec<(Value, f64)> = client
             .zrange(
                 key.as_str(),
                 0,
@@ -611,6 +613,7 @@ async fn shared_depths(
             )
             .await?;
         for (member, score) in head {
+            let member = crate::coupon::member_text(member.as_bytes().unwrap_or_default());
             let Some(d) = depths_of(&mut per, &member) else {
                 continue;
             };

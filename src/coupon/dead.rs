@@ -38,6 +38,8 @@ pub struct DeadEntry {
     /// The dead-letter stream it was found in.
     pub stream: String,
     pub id: String,
+    /// As text: a member that is not UTF-8 shows its bytes escaped (`\xff`); the script moves
+    /// the bytes themselves.
     pub member: String,
     pub score: String,
     pub reason: String,
@@ -145,14 +147,15 @@ pub async fn process_dead(
         // The walk ends at the stream's last entry as of now: entries dead-lettered while it runs
         // (a drain deciding what was just requeued, its cause not fixed yet) wait for the next
         // command instead of being requeued again and again by this one.
-        let newest: Vec<(String, HashMap<String, String>)> =
+        // Values as bytes: a dead letter's member need not be UTF-8 (the API wrote it).
+        let newest: Vec<(String, HashMap<String, Value>)> =
             client.xrevrange(&lane.dead, "+", "-", Some(1)).await?;
         let Some((end, _)) = newest.into_iter().next() else {
             continue;
         };
         let mut cursor = "-".to_owned();
         loop {
-            let (seen, last, flat): (u64, String, Vec<String>) = script
+            let (seen, last, flat): (u64, String, Vec<Value>) = script
                 .evalsha_with_reload(
                     client,
                     vec![lane.dead.clone(), lane.queue.clone()],
@@ -171,13 +174,14 @@ pub async fn process_dead(
                 let [id, member, score, reason, done] = chunk else {
                     continue;
                 };
+                let text = |v: &Value| super::decide::member_text(v.as_bytes().unwrap_or_default());
                 let mut entry = DeadEntry {
                     stream: lane.dead.clone(),
-                    id: id.clone(),
-                    member: member.clone(),
-                    score: score.clone(),
-                    reason: reason.clone(),
-                    done: done == "1",
+                    id: text(id),
+                    member: text(member),
+                    score: text(score),
+                    reason: text(reason),
+                    done: text(done) == "1",
                 };
                 if dry_run {
                     entry.done = action == DeadAction::Purge || entry.requeueable();

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use fred::bytes::Bytes;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
@@ -20,6 +21,7 @@ const DECIDE_LUA: &str = include_str!("decide.lua");
 /// One entry's decision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
+    /// As text, for logs (a member that is not UTF-8 shows its bytes escaped, `\xff`).
     pub member: String,
     /// `None` for malformed members.
     pub request: Option<Request>,
@@ -30,8 +32,19 @@ pub struct Decision {
     pub enqueued_ms: f64,
 }
 
-/// Queue entries `(member, score)` in queue order.
-pub(crate) type Head = Vec<(String, f64)>;
+/// Queue entries `(member, score)` in queue order. Members are bytes as the API wrote them: one
+/// that is not UTF-8 is malformed like any other (dead-lettered with its bytes), not a reply
+/// that fails the whole batch — which stalled the queue behind it for good.
+pub(crate) type Head = Vec<(Bytes, f64)>;
+
+/// A member as text for people: itself when it is UTF-8, else its bytes escaped (`\xff`), so
+/// nothing is hidden and nothing fails.
+pub(crate) fn member_text(member: &[u8]) -> String {
+    match std::str::from_utf8(member) {
+        Ok(text) => text.to_owned(),
+        Err(_) => member.escape_ascii().to_string(),
+    }
+}
 
 /// Decides batches from the head of the queue.
 #[derive(Clone)]
@@ -107,16 +120,18 @@ impl Decider {
             self.keys.log.clone(),
             self.keys.log_rows(),
         ];
-        let mut args: Vec<String> = Vec::with_capacity(2 + head.len() * 5);
+        let mut args: Vec<Value> = Vec::with_capacity(2 + head.len() * 5);
         let parsed: Vec<Result<Request, &str>> = head
             .iter()
             .map(|(m, _)| {
-                parse_member(m).and_then(|r| match self.only_coupon {
-                    Some(coupon) if r.coupon_id != coupon => {
-                        Err("request for another coupon in this coupon's queue")
-                    }
-                    _ => Ok(r),
-                })
+                let text = std::str::from_utf8(m).map_err(|_| "malformed member: not UTF-8");
+                text.and_then(parse_member)
+                    .and_then(|r| match self.only_coupon {
+                        Some(coupon) if r.coupon_id != coupon => {
+                            Err("request for another coupon in this coupon's queue")
+                        }
+                        _ => Ok(r),
+                    })
             })
             .collect();
         for request in parsed.iter().flatten() {
@@ -134,19 +149,20 @@ impl Decider {
         }
         // Last, wherever the coupons' keys end: the marker the script checks first.
         keys.push(self.keys.reconciled_marker());
-        args.push(coupon_index.len().to_string());
-        args.push(head.len().to_string());
+        args.push(coupon_index.len().to_string().into());
+        args.push(head.len().to_string().into());
         for ((member, _), request) in head.iter().zip(&parsed) {
-            args.push(member.clone());
+            // The bytes as read: the script removes and dead-letters exactly this member.
+            args.push(Value::Bytes(member.clone()));
             match request {
                 Ok(r) => {
                     let index = coupon_index.get(&r.coupon_id).copied().unwrap_or(0);
-                    args.push(index.to_string());
-                    args.push(r.user_id.to_string());
+                    args.push(index.to_string().into());
+                    args.push(r.user_id.to_string().into());
                 }
                 Err(reason) => {
-                    args.push("0".to_owned());
-                    args.push((*reason).to_owned());
+                    args.push("0".into());
+                    args.push((*reason).into());
                 }
             }
         }
@@ -184,7 +200,7 @@ impl Decider {
                 )
             })?;
             decisions.push(Decision {
-                member,
+                member: member_text(&member),
                 request: request.ok(),
                 outcome,
                 rank: rank.as_i64().unwrap_or(0),

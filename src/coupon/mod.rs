@@ -41,6 +41,7 @@ pub use crate::outcome::Outcome;
 pub use dead::{
     DeadAction, DeadEntry, DeadFilter, DeadReport, RequeueReport, process_dead, requeue_dead,
 };
+pub(crate) use decide::member_text;
 pub use decide::{Decider, Decision};
 pub use follow::{DEFAULT_LEASE, FollowLease, FollowOptions, Following, follow};
 pub use outbox::{OutboxRequeued, Persister, ReplicaWait, outbox_dead_key, requeue_outbox_dead};

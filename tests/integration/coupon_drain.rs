@@ -139,6 +139,89 @@ async fn an_issued_coupon_another_unique_key_refuses_is_kept_with_the_reason_and
     env.cleanup().await;
 }
 
+/// docs/contract.md §2: a malformed member is dead-lettered and the rest of the queue goes on.
+/// A member whose bytes are not UTF-8 is malformed too — it used to fail every batch that read
+/// it ("Parse Error: Could not convert to string"), so the whole queue behind it waited for
+/// ever. Its bytes are kept in the dead-letter stream, `status` and `requeue-dead --dry-run`
+/// show it (escaped), and a requeue puts the same bytes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_is_not_utf8_is_dead_lettered_with_its_bytes_and_the_queue_goes_on() {
+    let env = TestEnv::new().await;
+    env.set_stock(7, "5").await;
+    let bad: &[u8] = b"\xff\xfe:7";
+    let _: i64 = env
+        .redis
+        .zadd(
+            &env.keys().queue,
+            None,
+            None,
+            false,
+            false,
+            vec![
+                (1.0, Value::Bytes(bad.to_vec().into())),
+                (2.0, Value::from(member(5, 7))),
+            ],
+        )
+        .await
+        .unwrap();
+    let pipeline = env.pipeline();
+    let report = pipeline.drain_within(DRAIN_LIMIT, "the queue").await;
+    assert_eq!(
+        (report[Outcome::Issued], report[Outcome::DeadLettered]),
+        (1, 1),
+        "{report:?}"
+    );
+    assert_eq!(
+        env.redis.zcard::<u64, _>(&env.keys().queue).await.unwrap(),
+        0
+    );
+    let dead: Vec<(String, HashMap<String, Value>)> = env
+        .redis
+        .xrange(&env.keys().dead, "-", "+", None)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    let member_bytes = dead[0].1.get("member").and_then(Value::as_bytes);
+    assert_eq!(member_bytes, Some(bad), "the member's bytes are kept");
+
+    let cli = |args: &[&str]| {
+        crate::common::output_within(
+            std::process::Command::new(crate::common::BIN)
+                .arg("--config")
+                .arg(env.config_file())
+                .args(args)
+                .env("RUST_LOG", "off"),
+            Duration::from_secs(60),
+            "commerce-worker",
+        )
+    };
+    let listed = cli(&["requeue-dead", "--dry-run"]);
+    assert_eq!(listed.status.code(), Some(0), "{listed:?}");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    // Printed quoted ({:?}), so the escape's backslash shows doubled.
+    assert!(
+        listed.contains(r#"member="\\xff\\xfe:7""#) && listed.contains("not UTF-8"),
+        "{listed}"
+    );
+    let status = cli(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|e| panic!("status reads the dead letter: {e}: {status:?}"));
+    assert_eq!(json["total"]["dead_letters"], 1, "{json}");
+
+    let requeued = requeue_dead(&env.redis, env.keys()).await.unwrap();
+    assert_eq!(requeued.requeued, 1);
+    let back: Vec<(Value, f64)> = env
+        .redis
+        .zrange(&env.keys().queue, 0, -1, None, false, None, true)
+        .await
+        .unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].0.as_bytes(), Some(bad), "requeued byte for byte");
+    assert_eq!(back[0].1, 1.0, "with its original score");
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_stock_requests_by_score_get_the_coupon() {
     let env = TestEnv::new().await;
