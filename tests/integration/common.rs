@@ -961,6 +961,15 @@ impl TestEnv {
 
     /// A pipeline with its own Redis client (a replica of the worker, in effect).
     pub fn pipeline_on(&self, redis: Client) -> Pipeline {
+        self.pipeline_with(redis, &commerce_worker::metrics::Metrics::new())
+    }
+
+    /// [`Self::pipeline_on`] recording into `metrics`, which the test reads.
+    pub fn pipeline_with(
+        &self,
+        redis: Client,
+        metrics: &commerce_worker::metrics::Metrics,
+    ) -> Pipeline {
         let backends = commerce_worker::app::Backends {
             redis,
             mysql: self.mysql.clone(),
@@ -968,8 +977,18 @@ impl TestEnv {
         Pipeline(commerce_worker::app::CouponJob::start(
             &self.config,
             &backends,
-            &commerce_worker::metrics::Metrics::new(),
+            metrics,
         ))
+    }
+
+    /// A Redis client to `url` with this environment's settings (another server, e.g. a
+    /// promoted replica).
+    pub async fn redis_at(&self, url: &str) -> Client {
+        let mut redis = self.config.redis.clone();
+        redis.url = SecretUrl::new(url);
+        commerce_worker::backends::connect_redis(&redis)
+            .await
+            .unwrap()
     }
 
     /// `ZADD key NX` of `entries`, 1000 at a time, as the API writes; returns how many were new.
@@ -1098,6 +1117,13 @@ impl Pipeline {
             .tick(Duration::from_secs(10), stop)
             .await
             .unwrap()
+    }
+
+    /// Stops the job without waiting for its log rows (they stay in Redis, handed back): for a
+    /// replica whose rows can never be written, such as one left on a demoted primary.
+    pub async fn abandon(self) {
+        let grace = tokio::time::Instant::now() + Duration::from_secs(10);
+        let _ = self.0.shutdown(grace).await;
     }
 
     /// Stops the job once every log row waiting in Redis is written; returns the rows this

@@ -896,3 +896,142 @@ async fn the_workers_mysql_sessions_drop_hung_clients_and_locks_within_a_minute(
     pool.close().await;
     env.cleanup().await;
 }
+
+/// Waits until `replica` holds every write `primary` had taken when this was called.
+fn wait_in_sync(primary: &PrivateRedis, replica: &PrivateRedis) {
+    let offset = |info: &str, field: &str| {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(field))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let target = offset(
+        &primary.cli(&["INFO", "replication"]),
+        "master_repl_offset:",
+    )
+    .expect("the primary's replication offset");
+    let started = std::time::Instant::now();
+    loop {
+        let info = replica.cli(&["INFO", "replication"]);
+        if info.contains("master_link_status:up")
+            && offset(&info, "slave_repl_offset:").is_some_and(|o| o >= target)
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the replica did not catch up with offset {target} within 60 s: {info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A counter's value in the Prometheus text of `metrics` (0 when it is not there).
+fn counter(metrics: &commerce_worker::metrics::Metrics, name: &str) -> f64 {
+    metrics
+        .encode_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Split brain after a failover (chaos seed 20261125): the promoted replica is reconciled and
+/// decides the queued requests, while a replica still connected to the old primary — which keeps
+/// taking writes until Sentinel demotes it — decides the same requests there, with the same
+/// ranks. Those decisions die with the old primary (its outbox is fenced off); their log rows
+/// must not reach ranking_logs either: one row per request, ranks 1..n, whatever the old primary
+/// says.
+async fn an_old_primary_deciding_after_a_failover_logs_nothing(per_coupon: bool) {
+    let old = PrivateRedis::start();
+    let new = PrivateRedis::start();
+    new.cli(&["REPLICAOF", "127.0.0.1", &old.port.to_string()]);
+    let mut env = TestEnv::with_servers(&old.url(), &mysql_server_url()).await;
+    if per_coupon {
+        env.use_per_coupon_layout();
+    }
+    let coupon = 71;
+    env.set_stock(coupon, "100").await;
+    let t0 = now_ms() - 10_000.0;
+    let requests = |users: std::ops::RangeInclusive<i64>| -> Vec<(f64, String)> {
+        users.map(|u| (t0 + u as f64, member(u, coupon))).collect()
+    };
+    enqueue(&env, requests(1..=5)).await;
+    let old_metrics = commerce_worker::metrics::Metrics::new();
+    let on_old = env.pipeline_with(env.redis.clone(), &old_metrics);
+    let report = on_old
+        .drain_within(DRAIN_LIMIT, "users 1-5 on the old primary")
+        .await;
+    assert_eq!(report[Outcome::Issued], 5, "{report:?}");
+    crate::common::eventually(DRAIN_LIMIT, "ranks 1-5 in ranking_logs", async || {
+        logged(&env, coupon).await.len() == 5
+    })
+    .await;
+    // Five more requests reach the replica, undecided; then the replica is promoted while the
+    // old primary stays a primary.
+    enqueue(&env, requests(6..=10)).await;
+    wait_in_sync(&old, &new);
+    new.cli(&["REPLICAOF", "NO", "ONE"]);
+
+    // A replica that reached the new primary reconciles it and decides users 6-10: ranks 6-10.
+    let on_new = env.pipeline_on(env.redis_at(&new.url()).await);
+    let report = on_new
+        .drain_within(DRAIN_LIMIT, "users 6-10 on the new primary")
+        .await;
+    assert_eq!(report[Outcome::Issued], 5, "{report:?}");
+    crate::common::eventually(DRAIN_LIMIT, "ranks 6-10 in ranking_logs", async || {
+        logged(&env, coupon).await.len() == 10
+    })
+    .await;
+
+    // The replica still on the old primary decides the same five requests there.
+    let report = on_old
+        .drain
+        .tick(
+            std::time::Duration::from_secs(10),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        report[Outcome::Issued],
+        5,
+        "decided again on the old primary: {report:?}"
+    );
+    // Its log writer has those rows in hand: written (the defect), or refused by the fence.
+    crate::common::eventually(
+        DRAIN_LIMIT,
+        "the old primary's rows written or refused",
+        async || {
+            logged(&env, coupon).await.len() > 10
+                || counter(
+                    &old_metrics,
+                    "commerce_worker_ranking_log_entries_fenced_total",
+                ) > 0.0
+        },
+    )
+    .await;
+    on_old.abandon().await;
+    on_new.finish().await;
+
+    let rows = logged(&env, coupon).await;
+    assert_eq!(
+        rows.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        (1..=10).map(|u| (u, u)).collect::<Vec<_>>(),
+        "one row per request, ranks 1..10, none from the old primary after the new one was reconciled: {rows:?}"
+    );
+    assert_eq!(
+        mysql_holders(&env, coupon).await,
+        (1..=10).collect::<Vec<_>>()
+    );
+    env.cleanup().await;
+    drop((old, new));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_primary_deciding_after_a_failover_logs_nothing_single_queue() {
+    an_old_primary_deciding_after_a_failover_logs_nothing(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_primary_deciding_after_a_failover_logs_nothing_per_coupon() {
+    an_old_primary_deciding_after_a_failover_logs_nothing(true).await;
+}
