@@ -90,6 +90,9 @@ pub struct Metrics {
     pub ranking_log_dead_letters: Gauge,
     /// Entries this process had read that another reader took over while it was stalled.
     pub ranking_log_entries_taken_over: Counter,
+    /// Entries not written because they are held on a Redis that MySQL's `redis_fence` row of
+    /// their lane does not name (a replaced or demoted primary, or one not reconciled yet).
+    pub ranking_log_entries_fenced: Counter,
     pub ranking_log_batch_duration: Histogram,
     pub job_runs: Family<JobResultLabel, Counter>,
     pub job_duration: HistogramFamily<JobLabel>,
@@ -290,6 +293,12 @@ impl Metrics {
             "Ranking-log entries this replica had read that were no longer pending to it when it came to write them (another replica took them over while this one was stalled, or Redis restarted from an older file); dropped here unwritten",
             ranking_log_entries_taken_over.clone(),
         );
+        let ranking_log_entries_fenced = Counter::default();
+        registry.register(
+            "ranking_log_entries_fenced",
+            "Ranking-log entry writes skipped because the entry is held on a Redis that MySQL's redis_fence row of its lane does not name (an old primary still taking writes after a failover, or a Redis not reconciled yet); the entry stays pending there",
+            ranking_log_entries_fenced.clone(),
+        );
         let ranking_log_batch_duration = duration_histogram();
         registry.register(
             "ranking_log_batch_duration_seconds",
@@ -384,6 +393,7 @@ impl Metrics {
             ranking_log_rows_given_up,
             ranking_log_dead_letters,
             ranking_log_entries_taken_over,
+            ranking_log_entries_fenced,
             ranking_log_batch_duration,
             job_runs,
             job_duration,

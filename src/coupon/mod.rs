@@ -47,6 +47,11 @@ pub use follow::{DEFAULT_LEASE, FollowLease, FollowOptions, Following, follow};
 pub use outbox::{OutboxRequeued, Persister, ReplicaWait, outbox_dead_key, requeue_outbox_dead};
 pub use reconcile::{CouponReport, LaneReport, Reconciler};
 
+/// Lua that computes the identity of the Redis a script runs on (`identity`: run_id and
+/// replication id), as the reconciliation marker and MySQL's `redis_fence` row name it; scripts
+/// elsewhere put it in front of their own to tell which Redis they ran on.
+pub const REDIS_IDENTITY_LUA: &str = include_str!("identity.lua");
+
 use crate::control::Control;
 use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;

@@ -43,11 +43,15 @@
 //! Every Redis step checks the identity, so a restart in the middle restarts the reconciliation.
 //! Every step is safe to run twice and on several replicas at once.
 //!
+//! The ranking-log writer is fenced by the same row (`ranking_log::writer`): rows held on a
+//! Redis other than the one the row names are not written, so step 2 also stops rows of a
+//! replaced Redis — an old primary still taking writes after a failover — from landing after
+//! steps 3-4 read `ranking_logs`.
+//!
 //! Not covered: decisions whose log rows had not reached `ranking_logs` when this runs (still
-//! in Redis' log stream, lost with it, or read by a worker and not yet committed) are not known:
-//! their requests, put back by the rollback, are decided anew (a row still in flight that lands
-//! later is a second row); a row written to `user_coupon` by someone other than the worker after
-//! step 2 is only seen by the next reconciliation.
+//! in Redis' log stream, lost with it) are not known: their requests, put back by the rollback,
+//! are decided anew (the old rows, fenced off, never land); a row written to `user_coupon` by
+//! someone other than the worker after step 2 is only seen by the next reconciliation.
 
 use std::sync::Arc;
 

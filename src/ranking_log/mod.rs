@@ -54,7 +54,7 @@ use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 pub use entry::LogEntry;
-pub use stream::{LogReader, LogStream, requeue_log_dead};
+pub use stream::{Held, LogReader, LogStream, requeue_log_dead};
 pub use writer::{InsertError, LogWriter, STATEMENTS_PER_TRANSACTION, insert_entries};
 
 /// One `ranking_logs` row.
@@ -122,7 +122,15 @@ impl LogPipeline {
             metrics: metrics.clone(),
             work: Default::default(),
         };
-        let writer = LogWriter::new(config, rx, pool, stream.clone(), in_hand.clone(), metrics);
+        let writer = LogWriter::new(
+            config,
+            rx,
+            pool,
+            stream.clone(),
+            in_hand.clone(),
+            keys.clone(),
+            metrics,
+        );
         let reader = tokio::spawn(reader.run(stop.clone(), abort.clone()));
         let writer = tokio::spawn(writer.run(abort.clone()));
         Self {

@@ -72,17 +72,20 @@ end
 
 /// Refreshes (ARGV[3] = 0) or hands back (ARGV[3] = a long idle time) the entries ARGV[4..]
 /// still pending to this consumer; leaves the others to whoever holds them now. KEYS[1] log
-/// stream; ARGV: group, consumer, idle ms, ids. Returns the ids this consumer no longer holds.
+/// stream; ARGV: group, consumer, idle ms, ids. Returns the identity of this Redis (run_id and
+/// replication id, computed by `identity.lua` in front of this script), then the ids this
+/// consumer no longer holds: the writer writes the others only while MySQL's `redis_fence` row
+/// of the lane names this identity (see [`super::writer`]).
 const HOLD_LUA: &str = r#"
-local lost = {}
+local out = { identity }
 for i = 4, #ARGV do
   if owned(ARGV[i]) then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
   else
-    lost[#lost + 1] = ARGV[i]
+    out[#out + 1] = ARGV[i]
   end
 end
-return lost
+return out
 "#;
 
 /// Acknowledges entries whose rows are committed and that are still pending to this consumer:
@@ -179,6 +182,15 @@ impl InHand {
     }
 }
 
+/// What [`LogStream::touch_on`] found: the identity of the Redis the entries are held on (`None`
+/// when the stream's group is gone there: every entry is lost), and the entries this consumer no
+/// longer holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub identity: Option<String>,
+    pub lost: Vec<String>,
+}
+
 /// Commands on the log streams, for one consumer.
 #[derive(Clone)]
 pub struct LogStream {
@@ -198,7 +210,10 @@ impl LogStream {
         Self {
             client,
             consumer: format!("{host}-{}-{}", std::process::id(), &random[..8]),
-            hold: Script::from_lua(format!("{OWNED_LUA}{HOLD_LUA}")),
+            hold: Script::from_lua(format!(
+                "{}{OWNED_LUA}{HOLD_LUA}",
+                crate::coupon::REDIS_IDENTITY_LUA
+            )),
             ack: Script::from_lua(format!("{OWNED_LUA}{ACK_LUA}")),
             dead: Script::from_lua(format!("{OWNED_LUA}{TYPES_LUA}{DEAD_LUA}")),
         }
@@ -303,6 +318,12 @@ impl LogStream {
     /// over while MySQL is slow. Returns the entries another consumer took over meanwhile (this
     /// one was stalled past [`CLAIM_IDLE`]); they are left to it.
     pub async fn touch(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<Vec<String>> {
+        Ok(self.hold(stream, ids, 0).await?.lost)
+    }
+
+    /// [`Self::touch`], also saying which Redis still holds the entries for this consumer (the
+    /// identity the writer checks against the lane's fence before writing their rows).
+    pub async fn touch_on(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<Held> {
         self.hold(stream, ids, 0).await
     }
 
@@ -310,21 +331,18 @@ impl LogStream {
     /// so the next reader (this process restarted, or another replica) takes them over at once.
     /// Returns the entries another consumer had already taken over.
     pub async fn release(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<Vec<String>> {
-        self.hold(stream, ids, CLAIM_IDLE.as_millis() as u64 * 100)
-            .await
+        Ok(self
+            .hold(stream, ids, CLAIM_IDLE.as_millis() as u64 * 100)
+            .await?
+            .lost)
     }
 
     /// Sets the idle time of the entries of `ids` still pending to this consumer; returns the
-    /// others (see [`HOLD_LUA`]). A stream whose group is gone (a Redis restarted from an older
-    /// file) holds nothing for anyone: every id is lost.
-    async fn hold(
-        &self,
-        stream: &str,
-        ids: Vec<String>,
-        idle_ms: u64,
-    ) -> anyhow::Result<Vec<String>> {
-        let mut lost = Vec::new();
-        for chunk in ids.chunks(500) {
+    /// others and the Redis it ran on (see [`HOLD_LUA`]). A stream whose group is gone (a Redis
+    /// restarted from an older file) holds nothing for anyone: every id is lost.
+    async fn hold(&self, stream: &str, ids: Vec<String>, idle_ms: u64) -> anyhow::Result<Held> {
+        let mut held = Held::default();
+        for (n, chunk) in ids.chunks(500).enumerate() {
             let mut args = Vec::with_capacity(3 + chunk.len());
             args.push(GROUP.to_owned());
             args.push(self.consumer.clone());
@@ -335,12 +353,27 @@ impl LogStream {
                 .evalsha_with_reload(&self.client, vec![stream.to_owned()], args)
                 .await;
             match reply {
-                Ok(ids) => lost.extend(ids),
-                Err(e) if e.details().contains("NOGROUP") => lost.extend(chunk.iter().cloned()),
+                Ok(reply) => {
+                    let mut reply = reply.into_iter();
+                    let identity = reply.next();
+                    // Chunks answered by different Redis servers: no single one vouches for the
+                    // entries; the caller tries again.
+                    if n > 0 && held.identity != identity {
+                        anyhow::bail!(
+                            "Redis changed while holding the entries of {stream} ({:?}, then {identity:?})",
+                            held.identity
+                        );
+                    }
+                    held.identity = identity;
+                    held.lost.extend(reply);
+                }
+                Err(e) if e.details().contains("NOGROUP") => {
+                    held.lost.extend(chunk.iter().cloned())
+                }
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(lost)
+        Ok(held)
     }
 
     /// Acknowledges and deletes committed entries `(id, rows)` of one stream that this consumer

@@ -1,7 +1,22 @@
 //! The batching MySQL writer: entries from the channel, rows into `ranking_logs` exactly once,
 //! then the entries acknowledged in Redis.
+//!
+//! **Fenced like the outbox** (`coupon::reconcile`): rows are written only while they come from
+//! the Redis that MySQL's `redis_fence` row of their lane names. Before each attempt the writer
+//! confirms, per stream, that its entries are still pending to it and learns the identity of the
+//! Redis holding them (one script, [`LogStream::touch_on`]); the insert's transaction then
+//! holds the lane's fence row in share mode and skips the entries of a lane whose row names
+//! another Redis. Reconciliation rewrites that row before it reads `ranking_logs` (and waits for
+//! inserts holding it), so a row of a replaced Redis either is in MySQL when reconciliation
+//! reads it — a decision it forgot, put back — or never lands. Without this an old primary that
+//! still takes writes after a failover (until Sentinel demotes it: split brain) logged
+//! decisions the promoted replica, reconciled, made again with the same ranks. Fenced entries
+//! stay pending in their Redis, unacknowledged: a replaced Redis loses them with the rest of
+//! its writes; a Redis not reconciled yet has them delivered again (taken over once idle) and
+//! written after its reconciliation. A lane without a fence row (never reconciled) is written
+//! as before.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -12,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::stream::{Delivered, InHand, LogStream};
 use super::{LogEntry, MAX_ROWS_PER_STATEMENT, WriterReport, insert_statement};
 use crate::config::RankingLogConfig;
+use crate::keys::KeyTemplates;
 use crate::metrics::Metrics;
 use crate::mysql::is_duplicate_key;
 use crate::retry::{Backoff, is_transient};
@@ -26,6 +42,8 @@ pub struct LogWriter {
     pool: MySqlPool,
     stream: LogStream,
     in_hand: InHand,
+    /// To find each stream's lane (its `redis_fence` scope).
+    keys: KeyTemplates,
     metrics: Metrics,
     batch_size: usize,
     flush_interval: Duration,
@@ -47,6 +65,7 @@ impl LogWriter {
         pool: MySqlPool,
         stream: LogStream,
         in_hand: InHand,
+        keys: KeyTemplates,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -54,6 +73,7 @@ impl LogWriter {
             pool,
             stream,
             in_hand,
+            keys,
             metrics,
             batch_size: config.batch_size.get(),
             flush_interval: config.flush_interval,
@@ -128,7 +148,8 @@ impl LogWriter {
 
     /// Writes `batch` exactly once and acknowledges it; retries as the module docs describe.
     /// Before each attempt, entries another reader took over (this process was stalled) are
-    /// dropped from the batch unwritten.
+    /// dropped from the batch unwritten, and entries whose Redis is not the one their lane's
+    /// fence names are left pending, unwritten (module docs).
     async fn write(&mut self, batch: &mut Vec<Delivered>, abort: &CancellationToken) -> Written {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut rejected_attempts = 0u32;
@@ -141,33 +162,56 @@ impl LogWriter {
                 checked = self.drop_lost(batch) => checked,
                 _ = abort.cancelled() => return Written::Aborted,
             };
-            if let Err(e) = checked {
-                // Redis does not answer: it could not take the acknowledgement either. The rows
-                // wait in Redis; nothing unconfirmed is written meanwhile.
-                let delay = backoff.next_delay();
-                tracing::warn!(entries = batch.len(), retry_in_ms = delay.as_millis() as u64,
-                    error = %format!("{e:#}"), "cannot check that this reader still holds its ranking-log entries; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
-                    _ = abort.cancelled() => return Written::Aborted,
+            let held_on = match checked {
+                Ok(held_on) => held_on,
+                Err(e) => {
+                    // Redis does not answer: it could not take the acknowledgement either. The
+                    // rows wait in Redis; nothing unconfirmed is written meanwhile.
+                    let delay = backoff.next_delay();
+                    tracing::warn!(entries = batch.len(), retry_in_ms = delay.as_millis() as u64,
+                        error = %format!("{e:#}"), "cannot check that this reader still holds its ranking-log entries; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = abort.cancelled() => return Written::Aborted,
+                    }
                 }
-            }
+            };
             if batch.is_empty() {
                 return Written::Rows(0);
             }
             let started = Instant::now();
-            let entries: Vec<&LogEntry> = batch.iter().map(|d| &d.entry).collect();
+            let entries: Vec<(&LogEntry, Option<Origin>)> = batch
+                .iter()
+                .map(|d| {
+                    let origin = held_on
+                        .get(&d.entry.stream)
+                        .cloned()
+                        .flatten()
+                        .zip(self.fence_scope(&d.entry.stream))
+                        .map(|(identity, scope)| Origin { scope, identity });
+                    (&d.entry, origin)
+                })
+                .collect();
             let result = tokio::select! {
-                result = insert_entries(&self.pool, &entries, self.batch_size) => result,
+                result = insert_fenced(&self.pool, &entries, self.batch_size) => result,
                 _ = abort.cancelled() => return Written::Aborted,
             };
             self.metrics
                 .ranking_log_batch_duration
                 .observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(inserted) => {
+                Ok(Inserted {
+                    rows: inserted,
+                    fenced,
+                }) => {
                     self.metrics.ranking_log_rows_written.inc_by(inserted);
-                    self.acknowledge(&entries).await;
+                    let (fenced, written): (Vec<_>, Vec<_>) = entries
+                        .iter()
+                        .enumerate()
+                        .partition(|(i, _)| fenced.contains(i));
+                    let written: Vec<&LogEntry> = written.into_iter().map(|(_, e)| e.0).collect();
+                    self.leave_fenced(fenced.into_iter().map(|(_, e)| e));
+                    self.acknowledge(&written).await;
                     self.batches_written += 1;
                     if self.batches_written % 1000 == 1 {
                         self.prune_batch_ids().await;
@@ -204,10 +248,38 @@ impl LogWriter {
         }
     }
 
+    /// The `redis_fence` scope of the lane whose log stream `stream` is: its outbox key (`None`
+    /// for a stream no lane of these templates has).
+    fn fence_scope(&self, stream: &str) -> Option<String> {
+        if !self.keys.per_coupon() {
+            return (stream == self.keys.log).then(|| self.keys.outbox.clone());
+        }
+        let coupon = self.keys.coupon_of_log(stream)?;
+        Some(self.keys.for_coupon(coupon).outbox)
+    }
+
+    /// Entries not written because their lane's fence names another Redis: left pending in the
+    /// Redis they came from (module docs), out of this process' hands.
+    fn leave_fenced<'e>(&self, fenced: impl Iterator<Item = &'e (&'e LogEntry, Option<Origin>)>) {
+        let mut count = 0u64;
+        for (entry, origin) in fenced {
+            count += 1;
+            self.in_hand.remove(&entry.stream, &entry.id);
+            tracing::warn!(stream = %entry.stream, id = %entry.id, rows = entry.rows.len(),
+                redis = origin.as_ref().map(|o| o.identity.as_str()).unwrap_or("?"),
+                "ranking-log entry held on a Redis that MySQL's redis_fence does not name (a replaced or demoted primary, or one not reconciled yet): not written; it stays there, pending");
+        }
+        self.metrics.ranking_log_entries_fenced.inc_by(count);
+    }
+
     /// Drops from `batch` the entries this consumer no longer holds: another reader took them
     /// over while this process was stalled, and writes them itself (also refreshes the others).
-    /// An error when Redis cannot say.
-    async fn drop_lost(&self, batch: &mut Vec<Delivered>) -> anyhow::Result<()> {
+    /// Returns, per stream, the identity of the Redis holding the rest (`None`: the stream's
+    /// group is gone there). An error when Redis cannot say.
+    async fn drop_lost(
+        &self,
+        batch: &mut Vec<Delivered>,
+    ) -> anyhow::Result<HashMap<String, Option<String>>> {
         let mut by_stream: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for delivered in batch.iter() {
             by_stream
@@ -216,15 +288,17 @@ impl LogWriter {
                 .push(delivered.entry.id.clone());
         }
         let checks = by_stream.into_iter().map(|(stream, ids)| async move {
-            (stream.to_owned(), self.stream.touch(stream, ids).await)
+            (stream.to_owned(), self.stream.touch_on(stream, ids).await)
         });
         let mut lost: HashSet<(String, String)> = HashSet::new();
+        let mut held_on = HashMap::new();
         for (stream, result) in futures_util::future::join_all(checks).await {
-            let ids = result.with_context(|| format!("checking the entries of {stream}"))?;
-            lost.extend(ids.into_iter().map(|id| (stream.clone(), id)));
+            let held = result.with_context(|| format!("checking the entries of {stream}"))?;
+            lost.extend(held.lost.into_iter().map(|id| (stream.clone(), id)));
+            held_on.insert(stream, held.identity);
         }
         if lost.is_empty() {
-            return Ok(());
+            return Ok(held_on);
         }
         batch.retain(|delivered| {
             let key = (delivered.entry.stream.clone(), delivered.entry.id.clone());
@@ -242,7 +316,7 @@ impl LogWriter {
             entries = lost.len(),
             "ranking-log entries read here are no longer pending to this reader (another took them over while this process was stalled, or Redis restarted from an older file); dropped unwritten"
         );
-        Ok(())
+        Ok(held_on)
     }
 
     /// MySQL kept rejecting `batch`: entry by entry, what it still rejects goes to the
@@ -381,17 +455,87 @@ fn batch_id(entry: &LogEntry) -> String {
 }
 
 /// Inserts the rows of the entries not written yet, with one marker row each, in one
-/// transaction. Returns the rows inserted (0 when every entry was already in).
+/// transaction, without looking at any fence (the benchmark and tests). Returns the rows
+/// inserted (0 when every entry was already in).
 pub async fn insert_entries(
     pool: &MySqlPool,
     entries: &[&LogEntry],
     rows_per_statement: usize,
 ) -> Result<u64, InsertError> {
+    let entries: Vec<(&LogEntry, Option<Origin>)> = entries.iter().map(|e| (*e, None)).collect();
+    Ok(insert_fenced(pool, &entries, rows_per_statement).await?.rows)
+}
+
+/// The Redis an entry is held on and its lane's `redis_fence` scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Origin {
+    pub scope: String,
+    pub identity: String,
+}
+
+/// What [`insert_fenced`] did.
+#[derive(Debug, Default)]
+pub(super) struct Inserted {
+    pub rows: u64,
+    /// Indexes of the entries not written: their lane's fence names another Redis.
+    pub fenced: HashSet<usize>,
+}
+
+/// [`insert_entries`], fenced: the transaction first holds the `redis_fence` rows of the
+/// entries' lanes in share mode (reconciliation's rewrite of a row waits for it) and leaves out
+/// the entries whose origin is not the Redis their lane's row names. An entry without an
+/// origin, or whose lane has no row, is written.
+pub(super) async fn insert_fenced(
+    pool: &MySqlPool,
+    entries: &[(&LogEntry, Option<Origin>)],
+    rows_per_statement: usize,
+) -> Result<Inserted, InsertError> {
+    let mut done = Inserted::default();
     if entries.is_empty() {
-        return Ok(0);
+        return Ok(done);
+    }
+    let mut tx = pool.begin().await?;
+    let mut scopes: Vec<&str> = entries
+        .iter()
+        .filter_map(|(_, o)| o.as_ref().map(|o| o.scope.as_str()))
+        .collect();
+    scopes.sort_unstable();
+    scopes.dedup();
+    if !scopes.is_empty() {
+        let mut fences: QueryBuilder<MySql> =
+            QueryBuilder::new("SELECT scope, identity FROM redis_fence WHERE scope IN (");
+        let mut list = fences.separated(", ");
+        for scope in &scopes {
+            list.push_bind(*scope);
+        }
+        fences.push(") LOCK IN SHARE MODE");
+        let named: HashMap<String, String> = fences
+            .build_query_as::<(String, String)>()
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        for (i, (_, origin)) in entries.iter().enumerate() {
+            if let Some(origin) = origin
+                && named
+                    .get(&origin.scope)
+                    .is_some_and(|fence| *fence != origin.identity)
+            {
+                done.fenced.insert(i);
+            }
+        }
+    }
+    let entries: Vec<&LogEntry> = entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !done.fenced.contains(i))
+        .map(|(_, (e, _))| *e)
+        .collect();
+    if entries.is_empty() {
+        tx.rollback().await?;
+        return Ok(done);
     }
     let ids: Vec<String> = entries.iter().map(|e| batch_id(e)).collect();
-    let mut tx = pool.begin().await?;
     let mut check: QueryBuilder<MySql> =
         QueryBuilder::new("SELECT batch_id FROM ranking_log_batches WHERE batch_id IN (");
     let mut list = check.separated(", ");
@@ -399,7 +543,7 @@ pub async fn insert_entries(
         list.push_bind(id);
     }
     check.push(")");
-    let done: HashSet<String> = check
+    let landed: HashSet<String> = check
         .build_query_scalar::<String>()
         .fetch_all(&mut *tx)
         .await?
@@ -407,14 +551,14 @@ pub async fn insert_entries(
         .collect();
     let fresh: Vec<(&String, &LogEntry)> = ids
         .iter()
-        .zip(entries)
-        .filter(|(id, _)| !done.contains(*id))
+        .zip(&entries)
+        .filter(|(id, _)| !landed.contains(*id))
         .map(|(id, e)| (id, *e))
         .collect();
     if fresh.is_empty() {
         // Every entry landed before (a lost COMMIT reply, a crash before XACK).
         tx.rollback().await?;
-        return Ok(0);
+        return Ok(done);
     }
     let mut markers: QueryBuilder<MySql> =
         QueryBuilder::new("INSERT INTO ranking_log_batches (batch_id) ");
@@ -436,5 +580,6 @@ pub async fn insert_entries(
             .await?;
     }
     tx.commit().await?;
-    Ok(rows.len() as u64)
+    done.rows = rows.len() as u64;
+    Ok(done)
 }
