@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use fred::prelude::*;
 use sqlx::MySqlPool;
 
-use super::workload::{Ledger, Sale, member_parts};
+use super::workload::{ApiLoss, Ledger, Sale, member_parts};
 use crate::keys::KeyTemplates;
 
 /// A check and whether it held.
@@ -38,6 +38,45 @@ fn examples<T: std::fmt::Debug>(items: &[T]) -> String {
     } else {
         shown.join(", ")
     }
+}
+
+/// What Redis acknowledged to the API and no longer holds (its witness gone with it, see
+/// workload.rs). Not the worker's doing — the contract gives the API no durability rule to keep
+/// to — so it does not fail the run; the other checks count only what Redis still witnesses.
+/// The nemesis is built so that no fault loses an API write (it holds the API lock while it
+/// kills, rolls back or fails over Redis), so anything here is a hole in that: the figures and
+/// when the lost requests were sent say where to look.
+pub(super) fn api_loss(loss: &ApiLoss, sale_start_ms: i64) -> Check {
+    let secs = |ms: i64| (ms - sale_start_ms) as f64 / 1000.0;
+    let mut details = vec![format!(
+        "{} requests ({} members), {} malformed entries, {} order units ({} day/product pairs) acknowledged to the API and no longer in Redis{}",
+        loss.requests.iter().map(|r| u64::from(r.1)).sum::<u64>(),
+        loss.requests.len(),
+        loss.malformed.len(),
+        loss.orders.iter().map(|o| o.2).sum::<f64>(),
+        loss.orders.len(),
+        match loss.sent_between() {
+            Some((from, to)) => format!(
+                "; the lost requests were sent between {:.3}s and {:.3}s",
+                secs(from),
+                secs(to)
+            ),
+            None => String::new(),
+        }
+    )];
+    if !loss.is_empty() {
+        details.push(format!(
+            "requests {}; malformed {}; orders {}",
+            examples(&loss.requests),
+            examples(&loss.malformed),
+            examples(&loss.orders)
+        ));
+    }
+    Check::new(
+        "API writes Redis acknowledged and then lost (Redis' doing, not the worker's: counted here, left out of the checks below)",
+        true,
+        details,
+    )
 }
 
 /// A `ranking_logs` row: user_id, coupon_type, rank, status, reason.

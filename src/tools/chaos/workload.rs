@@ -12,9 +12,17 @@
 //!   that ended is built with `rebuild-ranking --date`. A day before the window (D-3) is written
 //!   at the start and must be pruned.
 //!
-//! Every API write happens under the API lock, and the nemesis takes that lock to kill or roll
-//! back Redis: the API's own acknowledged writes are never what a rollback loses (the API is not
-//! under test), so the ledger is exact and every loss the checks find is the worker's.
+//! Every API write happens under the API lock, and the nemesis takes that lock to kill, roll
+//! back or fail over Redis: the API's own acknowledged writes are not meant to be what a fault
+//! loses (the API is not under test). The contract gives the API no durability rule of its own
+//! (docs/contract.md §1: a `ZADD NX`, a `ZINCRBY`), so should Redis lose an acknowledged API
+//! write anyway, the worker cannot be blamed for it. Each API write therefore carries a
+//! *witness* written by the same script, in keys the worker never touches (`chaos:api:*`): a
+//! script is applied, replicated and appended to the AOF as one unit, so the witness is lost
+//! exactly when the write is. At the end the checks hold the worker to what the witnesses say
+//! survived ([`Ledger::witnessed`]) and report separately, as Redis' doing, what the API was
+//! told and Redis no longer has. A worker fault cannot hide there: the worker never writes the
+//! witnesses, and a request whose witness survived must have its one outcome.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -27,14 +35,35 @@ use tokio::sync::Mutex;
 use crate::keys::KeyTemplates;
 
 /// `ZADD NX` of each (score, member) pair in ARGV into KEYS[1]; one 0/1 per member, so the
-/// ledger knows exactly which requests were accepted.
+/// ledger knows exactly which requests were accepted. Each accepted one is counted in the
+/// witness hash KEYS[2] (member -> times accepted).
 const ENQUEUE_LUA: &str = r#"
 local added = {}
 for i = 1, #ARGV, 2 do
-  added[#added + 1] = redis.call('ZADD', KEYS[1], 'NX', ARGV[i], ARGV[i + 1])
+  local n = redis.call('ZADD', KEYS[1], 'NX', ARGV[i], ARGV[i + 1])
+  if n == 1 then redis.call('HINCRBY', KEYS[2], ARGV[i + 1], 1) end
+  added[#added + 1] = n
 end
 return added
 "#;
+
+/// `ZINCRBY KEYS[1]` of each (units, product) pair in ARGV, each also added to the witness hash
+/// KEYS[2] (product -> units).
+const ORDERS_LUA: &str = r#"
+for i = 1, #ARGV, 2 do
+  redis.call('ZINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[2], ARGV[i + 1], ARGV[i])
+end
+return #ARGV / 2
+"#;
+
+/// The witness of the accepted requests (well-formed and malformed): member -> times accepted.
+const REQUESTS_WITNESS: &str = "chaos:api:accepted";
+
+/// The witness of a day's orders: product -> units.
+fn orders_witness(day: NaiveDate) -> String {
+    format!("chaos:api:orders:{day}")
+}
 
 /// Products in the catalog.
 const PRODUCTS: u64 = 200;
@@ -82,12 +111,16 @@ impl Sale {
 }
 
 /// Everything Redis acknowledged to the API.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct Ledger {
     /// Well-formed member -> requests accepted (`ZADD NX` added it).
     pub accepted: HashMap<String, u32>,
+    /// Well-formed member -> when each of its accepted requests was sent (epoch ms), in order.
+    pub accepted_at: HashMap<String, Vec<i64>>,
     /// Malformed members accepted (each sent once).
     pub malformed: Vec<String>,
+    /// Malformed member -> when it was sent (epoch ms).
+    pub malformed_at: HashMap<String, i64>,
     /// Requests refused by `ZADD NX` (the same request was still waiting).
     pub refused: u64,
     /// Day -> product -> units sold.
@@ -126,6 +159,87 @@ impl Ledger {
             }
         }
         sum
+    }
+}
+
+/// The API writes Redis acknowledged and no longer holds (their witnesses are gone with them).
+#[derive(Debug, Default, Clone)]
+pub(super) struct ApiLoss {
+    /// (member, requests lost, when the lost ones were sent: the latest acceptances).
+    pub requests: Vec<(String, u32, Vec<i64>)>,
+    /// (malformed member, when it was sent).
+    pub malformed: Vec<(String, i64)>,
+    /// (day, product, units lost).
+    pub orders: Vec<(NaiveDate, String, f64)>,
+}
+
+impl ApiLoss {
+    pub(super) fn is_empty(&self) -> bool {
+        self.requests.is_empty() && self.malformed.is_empty() && self.orders.is_empty()
+    }
+
+    /// When the lost requests (well-formed and malformed) were sent: (earliest, latest) epoch ms.
+    pub(super) fn sent_between(&self) -> Option<(i64, i64)> {
+        let times = self
+            .requests
+            .iter()
+            .flat_map(|(_, _, at)| at.iter().copied())
+            .chain(self.malformed.iter().map(|(_, at)| *at));
+        times.fold(None, |span, t| match span {
+            None => Some((t, t)),
+            Some((a, b)) => Some((a.min(t), b.max(t))),
+        })
+    }
+}
+
+impl Ledger {
+    /// The ledger as Redis still witnesses it: each accepted request, malformed entry and order
+    /// only if its witness survived (see the module docs), and what did not. The checks hold
+    /// the worker to the first; the second is Redis' doing.
+    pub(super) async fn witnessed(&self, redis: &Client) -> anyhow::Result<(Ledger, ApiLoss)> {
+        let requests: HashMap<String, u32> = redis.hgetall(REQUESTS_WITNESS).await?;
+        let mut kept = self.clone();
+        let mut loss = ApiLoss::default();
+        for (member, n) in &self.accepted {
+            let witnessed = requests.get(member).copied().unwrap_or(0).min(*n);
+            if witnessed < *n {
+                let at = self.accepted_at.get(member).cloned().unwrap_or_default();
+                let lost_at = at.get(witnessed as usize..).unwrap_or_default().to_vec();
+                loss.requests.push((member.clone(), n - witnessed, lost_at));
+                if witnessed == 0 {
+                    kept.accepted.remove(member);
+                } else {
+                    kept.accepted.insert(member.clone(), witnessed);
+                }
+            }
+        }
+        kept.malformed.retain(|member| {
+            let witnessed = requests.get(member).copied().unwrap_or(0) > 0;
+            if !witnessed {
+                let at = self.malformed_at.get(member).copied().unwrap_or(0);
+                loss.malformed.push((member.clone(), at));
+            }
+            witnessed
+        });
+        for (day, orders) in &self.orders {
+            let witness: HashMap<String, f64> = redis.hgetall(orders_witness(*day)).await?;
+            let kept_day = kept.orders.entry(*day).or_default();
+            for (product, units) in orders {
+                let witnessed = witness.get(product).copied().unwrap_or(0.0).min(*units);
+                if witnessed < *units {
+                    loss.orders.push((*day, product.clone(), units - witnessed));
+                    if witnessed > 0.0 {
+                        kept_day.insert(product.clone(), witnessed);
+                    } else {
+                        kept_day.remove(product);
+                    }
+                }
+            }
+        }
+        loss.requests.sort_by(|a, b| a.0.cmp(&b.0));
+        loss.malformed.sort();
+        loss.orders.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        Ok((kept, loss))
     }
 }
 
@@ -191,6 +305,7 @@ pub(super) struct Api {
     pub sale: Sale,
     pub ledger: Ledger,
     script: Script,
+    orders_script: Script,
     malformed_sent: u64,
 }
 
@@ -208,6 +323,7 @@ impl Api {
             sale,
             ledger: Ledger::default(),
             script: Script::from_lua(ENQUEUE_LUA),
+            orders_script: Script::from_lua(ORDERS_LUA),
             malformed_sent: 0,
         }
     }
@@ -266,15 +382,25 @@ impl Api {
         let _api = self.lock.lock().await;
         let added: Vec<i64> = self
             .script
-            .evalsha_with_reload(&self.redis.current(), vec![self.keys.queue.clone()], args)
+            .evalsha_with_reload(
+                &self.redis.current(),
+                vec![self.keys.queue.clone(), REQUESTS_WITNESS.to_owned()],
+                args,
+            )
             .await?;
         drop(_api);
         for (member, added) in members.iter().zip(added) {
             if added == 1 {
                 if malformed_member_sent.as_ref() == Some(member) {
                     self.ledger.malformed.push(member.clone());
+                    self.ledger.malformed_at.insert(member.clone(), now_ms);
                 } else {
                     *self.ledger.accepted.entry(member.clone()).or_default() += 1;
+                    self.ledger
+                        .accepted_at
+                        .entry(member.clone())
+                        .or_default()
+                        .push(now_ms);
                 }
             } else {
                 self.ledger.refused += 1;
@@ -297,19 +423,85 @@ impl Api {
             let product = (rng.f64().powi(3) * PRODUCTS as f64) as u64 + 1;
             sales.push((product.to_string(), f64::from(rng.u32(1..=3))));
         }
-        let _api = self.lock.lock().await;
+        let mut args: Vec<String> = Vec::with_capacity(sales.len() * 2);
         for (product, qty) in &sales {
-            let _: f64 = self
-                .redis
-                .current()
-                .zincrby(&key, *qty, product.as_str())
-                .await?;
+            args.push(format!("{qty:.0}"));
+            args.push(product.clone());
         }
+        let _api = self.lock.lock().await;
+        let _: i64 = self
+            .orders_script
+            .evalsha_with_reload(&self.redis.current(), vec![key, orders_witness(day)], args)
+            .await?;
         drop(_api);
         let day_orders = self.ledger.orders.entry(day).or_default();
         for (product, qty) in sales {
             *day_orders.entry(product).or_default() += qty;
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::chaos::servers::PrivateRedis;
+
+    /// A Redis that lost part of what it acknowledged to the API (the loss is played by deleting
+    /// a request and an order with their witnesses, as a rollback would): the witnessed ledger
+    /// keeps the rest and names what went, with when it was sent.
+    #[tokio::test]
+    async fn the_witnessed_ledger_leaves_out_and_names_what_redis_lost() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let server = PrivateRedis::start(dir.path()).await?;
+        let mut config =
+            crate::config::Config::from_toml_str("", std::path::Path::new("chaos.toml"), |_| None)?;
+        config.redis.url = crate::config::SecretUrl::new(server.url());
+        let client = crate::backends::connect_redis(&config.redis).await?;
+        let mut rng = fastrand::Rng::with_seed(7);
+        let sale = Sale::new(&mut rng, 10, 100);
+        let keys = KeyTemplates::default();
+        let mut api = Api::new(
+            RedisHandle::new(client.clone()),
+            keys.clone(),
+            Arc::new(Mutex::new(())),
+            sale,
+        );
+        let day = NaiveDate::from_ymd_opt(2026, 11, 24).unwrap_or_default();
+        api.requests(&mut rng, 1000, true).await?;
+        api.requests(&mut rng, 2000, false).await?;
+        api.orders(&mut rng, day, 20).await?;
+        let (kept, loss) = api.ledger.witnessed(&client).await?;
+        assert!(loss.is_empty(), "{loss:?}");
+        assert_eq!(kept.accepted, api.ledger.accepted);
+        assert_eq!(kept.orders, api.ledger.orders);
+
+        // Redis loses one request of the second wave, the malformed entry and one product's
+        // orders, each with its witness.
+        let lost_member = api
+            .ledger
+            .accepted_at
+            .iter()
+            .find(|(_, at)| at == &&vec![2000]);
+        let (lost_member, _) = lost_member.expect("a member accepted once, in the second wave");
+        let malformed = api.ledger.malformed[0].clone();
+        let (product, units) = api.ledger.orders[&day].iter().next().expect("an order");
+        let _: i64 = client
+            .hdel(
+                REQUESTS_WITNESS,
+                vec![lost_member.clone(), malformed.clone()],
+            )
+            .await?;
+        let _: i64 = client.hdel(orders_witness(day), product.as_str()).await?;
+        let (kept, loss) = api.ledger.witnessed(&client).await?;
+        assert_eq!(loss.requests, vec![(lost_member.clone(), 1, vec![2000])]);
+        assert_eq!(loss.malformed, vec![(malformed, 1000)]);
+        assert_eq!(loss.orders, vec![(day, product.clone(), *units)]);
+        assert_eq!(loss.sent_between(), Some((1000, 2000)));
+        assert!(!kept.accepted.contains_key(lost_member));
+        assert_eq!(kept.accepted.len(), api.ledger.accepted.len() - 1);
+        assert!(kept.malformed.is_empty());
+        assert!(!kept.orders[&day].contains_key(product));
         Ok(())
     }
 }
