@@ -257,7 +257,23 @@ enum Heal {
     Resume(&'static [&'static str], u32),
     /// After a failover (at this instant): the old primary must replicate from the new one.
     Demoted(Instant),
+    /// A failover, first step (polled, under the API lock): waiting since `since` until the
+    /// replica holds the primary's writes up to `offset`, then `SENTINEL FAILOVER`.
+    FailoverSync {
+        api: OwnedMutexGuard<()>,
+        offset: u64,
+        since: Instant,
+    },
+    /// A failover, second step (polled, under the API lock): waiting since `since` until
+    /// Sentinel names the replica and it is a primary.
+    FailoverPromotion {
+        api: OwnedMutexGuard<()>,
+        since: Instant,
+    },
 }
+
+/// How often a failover's steps look at the servers.
+const FAILOVER_POLL: Duration = Duration::from_millis(50);
 
 pub(super) struct Nemesis {
     rng: fastrand::Rng,
@@ -468,7 +484,17 @@ impl Nemesis {
             let Some(i) = due else {
                 return Ok(());
             };
-            let (_, heal) = self.pending.remove(i);
+            let (at, heal) = self.pending.remove(i);
+            // Healing everything at once still lets a failover's polled step wait its turn,
+            // instead of asking the servers in a tight loop.
+            if all
+                && matches!(
+                    heal,
+                    Heal::FailoverSync { .. } | Heal::FailoverPromotion { .. }
+                )
+            {
+                tokio::time::sleep_until(at.into()).await;
+            }
             self.heal(cluster, heal).await?;
             if all {
                 return Ok(());
@@ -531,6 +557,12 @@ impl Nemesis {
                 self.note("heal: MariaDB connections thawed");
             }
             Heal::Demoted(since) => self.check_demoted(cluster, since).await?,
+            Heal::FailoverSync { api, offset, since } => {
+                self.failover_sync(cluster, api, offset, since).await?
+            }
+            Heal::FailoverPromotion { api, since } => {
+                self.failover_promotion(cluster, api, since).await?
+            }
             Heal::Resume(flags, attempts) => {
                 let args: Vec<&str> = std::iter::once("resume")
                     .chain(flags.iter().copied())
@@ -560,7 +592,21 @@ impl Nemesis {
         self.pending.iter().any(|(_, h)| {
             matches!(
                 h,
-                Heal::KillForRollback(_) | Heal::RestartRedis { .. } | Heal::Demoted(_)
+                Heal::KillForRollback(_)
+                    | Heal::RestartRedis { .. }
+                    | Heal::Demoted(_)
+                    | Heal::FailoverSync { .. }
+                    | Heal::FailoverPromotion { .. }
+            )
+        })
+    }
+
+    /// Whether a failover is under way (asked for, the old primary not demoted yet counts too).
+    fn failing_over(&self) -> bool {
+        self.pending.iter().any(|(_, h)| {
+            matches!(
+                h,
+                Heal::FailoverSync { .. } | Heal::FailoverPromotion { .. }
             )
         })
     }
@@ -709,7 +755,9 @@ impl Nemesis {
                         (Heal::ThawRedis, true) | (Heal::ThawMysql, false)
                     )
                 });
-                if pending_thaw {
+                // A frozen Sentinel link during a failover would hold the promotion up for as
+                // long as the freeze: not while one is under way.
+                if pending_thaw || (redis && self.failing_over()) {
                     false
                 } else {
                     let (proxy, heal) = if redis {
@@ -758,7 +806,8 @@ impl Nemesis {
                 if self.redis_busy() || cluster.redis.is_down() || cluster.replication.is_none() {
                     false
                 } else {
-                    self.fail_over(cluster).await?
+                    // Counted once `SENTINEL FAILOVER` is asked (or noted as skipped then).
+                    return self.fail_over(cluster).await;
                 }
             }
             Kind::Pause => {
@@ -819,47 +868,63 @@ impl Nemesis {
     /// API was acknowledged (the API is not under test; the workers' later writes to the old
     /// primary are what a failover loses), asks Sentinel to fail over, waits until Sentinel
     /// names the replica and it is a primary, then until the old primary replicates from it.
-    /// Returns `false` (skipped) if the replica could not catch up.
-    async fn fail_over(&mut self, cluster: &mut Cluster) -> anyhow::Result<bool> {
+    /// Each wait is a step polled with the other heals ([`Heal::FailoverSync`],
+    /// [`Heal::FailoverPromotion`], [`Heal::Demoted`]), so the nemesis goes on healing (a
+    /// worker to SIGCONT, MariaDB to restart, connections to thaw) while Redis fails over. The
+    /// replica not in sync within 5 s: skipped.
+    async fn fail_over(&mut self, cluster: &mut Cluster) -> anyhow::Result<()> {
         let api = Arc::clone(&self.api_lock).lock_owned().await;
-        let Some(replication) = cluster.replication.as_mut() else {
-            return Ok(false);
-        };
-        let offset = |info: &str, field: &str| -> Option<u64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().parse().ok())
-        };
         let primary_offset = cluster
             .redis
             .command("INFO replication")
             .await
-            .and_then(|i| offset(&i, "master_repl_offset:"));
-        let Some(primary_offset) = primary_offset else {
+            .and_then(|i| info_number(&i, "master_repl_offset:"));
+        let Some(offset) = primary_offset else {
             self.note("failover: the primary did not say its replication offset; skipped");
-            return Ok(false);
+            return self.skipped(Kind::Failover);
         };
-        let started = Instant::now();
-        loop {
-            let info = replication
-                .replica
-                .command("INFO replication")
-                .await
-                .unwrap_or_default();
-            if info.contains("master_link_status:up")
-                && offset(&info, "slave_repl_offset:").is_some_and(|o| o >= primary_offset)
-            {
-                break;
-            }
-            // Not long: other faults wait for their heal meanwhile (a frozen replication link
-            // may be what holds it back).
-            if started.elapsed() > Duration::from_secs(5) {
+        self.pending.push((
+            Instant::now(),
+            Heal::FailoverSync {
+                api,
+                offset,
+                since: Instant::now(),
+            },
+        ));
+        Ok(())
+    }
+
+    /// [`Heal::FailoverSync`]: the replica in sync, then `SENTINEL FAILOVER`.
+    async fn failover_sync(
+        &mut self,
+        cluster: &mut Cluster,
+        api: OwnedMutexGuard<()>,
+        offset: u64,
+        since: Instant,
+    ) -> anyhow::Result<()> {
+        let Some(replication) = cluster.replication.as_mut() else {
+            return Ok(());
+        };
+        let info = replication
+            .replica
+            .command("INFO replication")
+            .await
+            .unwrap_or_default();
+        let in_sync = info.contains("master_link_status:up")
+            && info_number(&info, "slave_repl_offset:").is_some_and(|o| o >= offset);
+        if !in_sync {
+            // Not long: a frozen replication link may be what holds it back.
+            if since.elapsed() > Duration::from_secs(5) {
                 self.note(format!(
-                    "failover: the replica was not in sync up to offset {primary_offset} within 5 s"
+                    "failover: the replica was not in sync up to offset {offset} within 5 s"
                 ));
-                return Ok(false);
+                return self.skipped(Kind::Failover);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.pending.push((
+                Instant::now() + FAILOVER_POLL,
+                Heal::FailoverSync { api, offset, since },
+            ));
+            return Ok(());
         }
         let old_port = cluster.redis_proxy.addr().port();
         let new_port = replication.replica_proxy.addr().port();
@@ -871,32 +936,56 @@ impl Nemesis {
             self.note(format!(
                 "failover: `SENTINEL FAILOVER` answered {reply:?}; skipped"
             ));
-            return Ok(false);
+            return self.skipped(Kind::Failover);
         }
+        *self.injected.entry(Kind::Failover.name()).or_default() += 1;
         self.outage_begins("Redis (failover)");
         self.note(format!(
             "failover: `SENTINEL FAILOVER` asked (primary behind :{old_port}, replica behind :{new_port})"
         ));
-        let started = Instant::now();
-        loop {
-            let named = replication.sentinel.primary_port().await;
-            let promoted = replication
-                .replica
-                .command("INFO replication")
-                .await
-                .is_some_and(|i| i.contains("role:master"));
-            if named == Some(new_port) && promoted {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(60) {
+        self.pending.push((
+            Instant::now(),
+            Heal::FailoverPromotion {
+                api,
+                since: Instant::now(),
+            },
+        ));
+        Ok(())
+    }
+
+    /// [`Heal::FailoverPromotion`]: once Sentinel names the replica and it is a primary, the
+    /// roles swap, the API follows it (the API lock is released) and the old primary's demotion
+    /// is awaited.
+    async fn failover_promotion(
+        &mut self,
+        cluster: &mut Cluster,
+        api: OwnedMutexGuard<()>,
+        since: Instant,
+    ) -> anyhow::Result<()> {
+        let Some(replication) = cluster.replication.as_mut() else {
+            return Ok(());
+        };
+        let new_port = replication.replica_proxy.addr().port();
+        let named = replication.sentinel.primary_port().await;
+        let promoted = replication
+            .replica
+            .command("INFO replication")
+            .await
+            .is_some_and(|i| i.contains("role:master"));
+        if named != Some(new_port) || !promoted {
+            if since.elapsed() > Duration::from_secs(60) {
                 bail!(
                     "failover: Sentinel did not promote the replica within 60 s (it names :{named:?}); see {}",
                     "the run directory's sentinel/sentinel.log"
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.pending.push((
+                Instant::now() + FAILOVER_POLL,
+                Heal::FailoverPromotion { api, since },
+            ));
+            return Ok(());
         }
-        let promoted_after = started.elapsed();
+        let promoted_after = since.elapsed();
         // The roles swap: `redis` and `redis_proxy` are the primary's from now on.
         std::mem::swap(&mut cluster.redis, &mut replication.replica);
         std::mem::swap(&mut cluster.redis_proxy, &mut replication.replica_proxy);
@@ -912,13 +1001,13 @@ impl Nemesis {
             promoted_after.as_millis()
         ));
         // Sentinel turns the old primary into a replica of the new one (and disconnects its
-        // clients) once it has claimed to be a primary for failover-timeout; until then the
-        // replicas still connected to it write there, and lose it.
+        // clients) once it has claimed to be a primary for a while; until then the replicas
+        // still connected to it write there, and lose it.
         self.pending.push((
             Instant::now() + DEMOTION_LIMIT,
             Heal::Demoted(Instant::now()),
         ));
-        Ok(true)
+        Ok(())
     }
 
     /// Whether the old primary replicates from the new one; if Sentinel has not made it so
@@ -948,6 +1037,13 @@ impl Nemesis {
         ));
         Ok(())
     }
+}
+
+/// A number field (`field` with its colon) of an INFO reply.
+fn info_number(info: &str, field: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// How long the nemesis leaves Sentinel to turn an old primary into a replica.
