@@ -463,7 +463,9 @@ pub async fn insert_entries(
     rows_per_statement: usize,
 ) -> Result<u64, InsertError> {
     let entries: Vec<(&LogEntry, Option<Origin>)> = entries.iter().map(|e| (*e, None)).collect();
-    Ok(insert_fenced(pool, &entries, rows_per_statement).await?.rows)
+    Ok(insert_fenced(pool, &entries, rows_per_statement)
+        .await?
+        .rows)
 }
 
 /// The Redis an entry is held on and its lane's `redis_fence` scope.
