@@ -12,7 +12,10 @@ use commerce_worker::ranking_log::{LogEntry, LogPipeline, LogRow, requeue_log_de
 use commerce_worker::tools::simulated_api::append_log_entry;
 use fred::prelude::*;
 
-use crate::common::{PrivateMariadb, TestEnv, eventually, mysql_addr, redis_addr, redis_url};
+use crate::common::{
+    PrivateMariadb, PrivateRedis, TestEnv, eventually, mysql_addr, mysql_server_url, redis_addr,
+    redis_url,
+};
 
 fn rows(coupon: i64, from: i64, count: i64) -> Vec<LogRow> {
     (from..from + count)
@@ -1065,5 +1068,42 @@ async fn a_row_counter_left_behind_by_deleted_entries_counts_no_backlog() {
         .await
         .unwrap();
     assert_eq!(rows_waiting, 0, "an empty stream holds no rows");
+    env.cleanup().await;
+}
+
+/// Rows a restarted Redis holds — decided before its restart, in its own history — are written
+/// even while nothing has reconciled it yet (nothing to decide: a quiet queue). The split-brain
+/// fence (issue 17) must stop only the rows of a Redis that was reconciled and then replaced;
+/// a first version also held these back, for ever (chaos seed 77: after the run's last rollback
+/// the queue was empty and 30 rows never left the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_held_on_a_restarted_redis_nobody_reconciled_yet_are_written() {
+    let mut redis = PrivateRedis::with_snapshots();
+    let env = TestEnv::with_servers(&redis.url(), &mysql_server_url()).await;
+    // Reconciled: the marker and MySQL's fence name this Redis.
+    let job = env.pipeline();
+    job.drain.reconcile_all(false).await.unwrap();
+    job.finish().await;
+    log_entry(&env, &rows(42, 1, 10)).await;
+    // Restarted with its data: a new identity, which nobody reconciles (no request comes).
+    assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
+    redis.stop();
+    redis.resume();
+    let run_id = redis
+        .cli(&["INFO", "server"])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("run_id:").map(str::to_owned))
+        .unwrap();
+    let metrics = Metrics::new();
+    let log = pipeline(&env, &metrics);
+    until_written(&metrics, 10).await;
+    stop_clean(log).await;
+    assert_eq!(landed(&env).await, (10, 0));
+    let marker: String = env.redis.get(env.keys().reconciled_marker()).await.unwrap();
+    assert!(
+        !marker.starts_with(&run_id),
+        "the restarted Redis was not reconciled meanwhile: marker {marker}, run_id {run_id}"
+    );
+    assert_eq!(waiting(&env).await, (0, 0));
     env.cleanup().await;
 }
