@@ -90,8 +90,8 @@ pub struct Metrics {
     pub ranking_log_dead_letters: Gauge,
     /// Entries this process had read that another reader took over while it was stalled.
     pub ranking_log_entries_taken_over: Counter,
-    /// Entries not written because they are held on a Redis that MySQL's `redis_fence` row of
-    /// their lane does not name (a replaced or demoted primary, or one not reconciled yet).
+    /// Entries not written because they are held on a reconciled Redis that MySQL's
+    /// `redis_fence` row of their lane no longer names (an old primary after a failover).
     pub ranking_log_entries_fenced: Counter,
     pub ranking_log_batch_duration: Histogram,
     pub job_runs: Family<JobResultLabel, Counter>,
@@ -296,7 +296,7 @@ impl Metrics {
         let ranking_log_entries_fenced = Counter::default();
         registry.register(
             "ranking_log_entries_fenced",
-            "Ranking-log entry writes skipped because the entry is held on a Redis that MySQL's redis_fence row of its lane does not name (an old primary still taking writes after a failover, or a Redis not reconciled yet); the entry stays pending there",
+            "Ranking-log entry writes skipped because the entry is held on a reconciled Redis that MySQL's redis_fence row of its lane no longer names (an old primary still taking writes after a failover); the entry stays pending there",
             ranking_log_entries_fenced.clone(),
         );
         let ranking_log_batch_duration = duration_histogram();

@@ -43,10 +43,10 @@
 //! Every Redis step checks the identity, so a restart in the middle restarts the reconciliation.
 //! Every step is safe to run twice and on several replicas at once.
 //!
-//! The ranking-log writer is fenced by the same row (`ranking_log::writer`): rows held on a
-//! Redis other than the one the row names are not written, so step 2 also stops rows of a
-//! replaced Redis — an old primary still taking writes after a failover — from landing after
-//! steps 3-4 read `ranking_logs`.
+//! The ranking-log writer is fenced by the same row (`ranking_log::writer`): rows confirmed on
+//! a reconciled Redis other than the one the row names are not written, so step 2 also stops
+//! rows of a replaced Redis — an old primary still taking writes after a failover, a row in
+//! flight when Redis rolled back — from landing after steps 3-4 read `ranking_logs`.
 //!
 //! Not covered: decisions whose log rows had not reached `ranking_logs` when this runs (still
 //! in Redis' log stream, lost with it) are not known: their requests, put back by the rollback,

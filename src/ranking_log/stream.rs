@@ -72,12 +72,16 @@ end
 
 /// Refreshes (ARGV[3] = 0) or hands back (ARGV[3] = a long idle time) the entries ARGV[4..]
 /// still pending to this consumer; leaves the others to whoever holds them now. KEYS[1] log
-/// stream; ARGV: group, consumer, idle ms, ids. Returns the identity of this Redis (run_id and
-/// replication id, computed by `identity.lua` in front of this script), then the ids this
-/// consumer no longer holds: the writer writes the others only while MySQL's `redis_fence` row
-/// of the lane names this identity (see [`super::writer`]).
+/// stream, KEYS[2] (optional) the lane's reconciliation marker; ARGV: group, consumer, idle ms,
+/// ids. Returns the identity of this Redis (run_id and replication id, computed by
+/// `identity.lua` in front of this script), '1' if the marker names it (this Redis is the one
+/// last reconciled for the lane) else '0', then the ids this consumer no longer holds. The writer
+/// writes the rows of a reconciled Redis only while MySQL's `redis_fence` row of the lane names
+/// it (see [`super::writer`]).
 const HOLD_LUA: &str = r#"
-local out = { identity }
+local reconciled = '0'
+if KEYS[2] and redis.call('GET', KEYS[2]) == identity then reconciled = '1' end
+local out = { identity, reconciled }
 for i = 4, #ARGV do
   if owned(ARGV[i]) then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
@@ -183,11 +187,13 @@ impl InHand {
 }
 
 /// What [`LogStream::touch_on`] found: the identity of the Redis the entries are held on (`None`
-/// when the stream's group is gone there: every entry is lost), and the entries this consumer no
+/// when the stream's group is gone there: every entry is lost), whether the lane's marker names
+/// that Redis (it is the one last reconciled for the lane), and the entries this consumer no
 /// longer holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Held {
     pub identity: Option<String>,
+    pub reconciled: bool,
     pub lost: Vec<String>,
 }
 
@@ -318,13 +324,19 @@ impl LogStream {
     /// over while MySQL is slow. Returns the entries another consumer took over meanwhile (this
     /// one was stalled past [`CLAIM_IDLE`]); they are left to it.
     pub async fn touch(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<Vec<String>> {
-        Ok(self.hold(stream, ids, 0).await?.lost)
+        Ok(self.hold(stream, ids, 0, None).await?.lost)
     }
 
-    /// [`Self::touch`], also saying which Redis still holds the entries for this consumer (the
-    /// identity the writer checks against the lane's fence before writing their rows).
-    pub async fn touch_on(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<Held> {
-        self.hold(stream, ids, 0).await
+    /// [`Self::touch`], also saying which Redis still holds the entries for this consumer and
+    /// whether it is the one last reconciled for the lane whose marker is `marker` (what the
+    /// writer checks against the lane's fence before writing their rows).
+    pub async fn touch_on(
+        &self,
+        stream: &str,
+        ids: Vec<String>,
+        marker: Option<&str>,
+    ) -> anyhow::Result<Held> {
+        self.hold(stream, ids, 0, marker).await
     }
 
     /// Hands entries this consumer could not write back: marks those it still holds long idle,
@@ -332,7 +344,7 @@ impl LogStream {
     /// Returns the entries another consumer had already taken over.
     pub async fn release(&self, stream: &str, ids: Vec<String>) -> anyhow::Result<Vec<String>> {
         Ok(self
-            .hold(stream, ids, CLAIM_IDLE.as_millis() as u64 * 100)
+            .hold(stream, ids, CLAIM_IDLE.as_millis() as u64 * 100, None)
             .await?
             .lost)
     }
@@ -340,8 +352,16 @@ impl LogStream {
     /// Sets the idle time of the entries of `ids` still pending to this consumer; returns the
     /// others and the Redis it ran on (see [`HOLD_LUA`]). A stream whose group is gone (a Redis
     /// restarted from an older file) holds nothing for anyone: every id is lost.
-    async fn hold(&self, stream: &str, ids: Vec<String>, idle_ms: u64) -> anyhow::Result<Held> {
+    async fn hold(
+        &self,
+        stream: &str,
+        ids: Vec<String>,
+        idle_ms: u64,
+        marker: Option<&str>,
+    ) -> anyhow::Result<Held> {
         let mut held = Held::default();
+        let mut keys = vec![stream.to_owned()];
+        keys.extend(marker.map(str::to_owned));
         for (n, chunk) in ids.chunks(500).enumerate() {
             let mut args = Vec::with_capacity(3 + chunk.len());
             args.push(GROUP.to_owned());
@@ -350,12 +370,13 @@ impl LogStream {
             args.extend(chunk.iter().cloned());
             let reply: Result<Vec<String>, Error> = self
                 .hold
-                .evalsha_with_reload(&self.client, vec![stream.to_owned()], args)
+                .evalsha_with_reload(&self.client, keys.clone(), args)
                 .await;
             match reply {
                 Ok(reply) => {
                     let mut reply = reply.into_iter();
                     let identity = reply.next();
+                    let reconciled = reply.next().as_deref() == Some("1");
                     // Chunks answered by different Redis servers: no single one vouches for the
                     // entries; the caller tries again.
                     if n > 0 && held.identity != identity {
@@ -365,6 +386,7 @@ impl LogStream {
                         );
                     }
                     held.identity = identity;
+                    held.reconciled = (n == 0 || held.reconciled) && reconciled;
                     held.lost.extend(reply);
                 }
                 Err(e) if e.details().contains("NOGROUP") => {

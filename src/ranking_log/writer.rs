@@ -1,20 +1,21 @@
 //! The batching MySQL writer: entries from the channel, rows into `ranking_logs` exactly once,
 //! then the entries acknowledged in Redis.
 //!
-//! **Fenced like the outbox** (`coupon::reconcile`): rows are written only while they come from
-//! the Redis that MySQL's `redis_fence` row of their lane names. Before each attempt the writer
-//! confirms, per stream, that its entries are still pending to it and learns the identity of the
-//! Redis holding them (one script, [`LogStream::touch_on`]); the insert's transaction then
-//! holds the lane's fence row in share mode and skips the entries of a lane whose row names
-//! another Redis. Reconciliation rewrites that row before it reads `ranking_logs` (and waits for
-//! inserts holding it), so a row of a replaced Redis either is in MySQL when reconciliation
-//! reads it — a decision it forgot, put back — or never lands. Without this an old primary that
-//! still takes writes after a failover (until Sentinel demotes it: split brain) logged
-//! decisions the promoted replica, reconciled, made again with the same ranks. Fenced entries
-//! stay pending in their Redis, unacknowledged: a replaced Redis loses them with the rest of
-//! its writes; a Redis not reconciled yet has them delivered again (taken over once idle) and
-//! written after its reconciliation. A lane without a fence row (never reconciled) is written
-//! as before.
+//! **Fenced like the outbox** (`coupon::reconcile`): the rows of a Redis that was reconciled
+//! and then replaced are never written. Before each attempt the writer confirms, per stream,
+//! that its entries are still pending to it and learns, in the same script
+//! ([`LogStream::touch_on`]), the identity of the Redis holding them and whether the lane's
+//! marker names it. The insert's transaction then holds the lane's `redis_fence` row in share
+//! mode and skips the entries held on a *reconciled* Redis the row does not name: another Redis
+//! was reconciled for the lane since — this one is an old primary still taking writes after a
+//! failover, until Sentinel demotes it (split brain), whose decisions the promoted replica,
+//! reconciled, makes again with the same ranks. Reconciliation rewrites the row before it
+//! reads `ranking_logs` (and waits for inserts holding it), so such a row either is in MySQL
+//! when reconciliation reads it — a decision it forgot, put back — or never lands. Fenced
+//! entries stay pending there, unacknowledged, and are lost with the rest of that Redis'
+//! writes. Entries held on a Redis not reconciled yet (restarted, rolled back, just promoted:
+//! its decisions come before its restart, in its own history, ranked at most its seq) are
+//! written as before, as are those of a lane with no fence row.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -187,8 +188,11 @@ impl LogWriter {
                         .get(&d.entry.stream)
                         .cloned()
                         .flatten()
-                        .zip(self.fence_scope(&d.entry.stream))
-                        .map(|(identity, scope)| Origin { scope, identity });
+                        .zip(self.lane_of(&d.entry.stream))
+                        .map(|(identity, lane)| Origin {
+                            scope: lane.outbox,
+                            identity,
+                        });
                     (&d.entry, origin)
                 })
                 .collect();
@@ -248,18 +252,18 @@ impl LogWriter {
         }
     }
 
-    /// The `redis_fence` scope of the lane whose log stream `stream` is: its outbox key (`None`
-    /// for a stream no lane of these templates has).
-    fn fence_scope(&self, stream: &str) -> Option<String> {
+    /// The lane whose log stream `stream` is (`None` for a stream no lane of these templates
+    /// has): its keys, whose outbox is the lane's `redis_fence` scope.
+    fn lane_of(&self, stream: &str) -> Option<KeyTemplates> {
         if !self.keys.per_coupon() {
-            return (stream == self.keys.log).then(|| self.keys.outbox.clone());
+            return (stream == self.keys.log).then(|| self.keys.clone());
         }
         let coupon = self.keys.coupon_of_log(stream)?;
-        Some(self.keys.for_coupon(coupon).outbox)
+        Some(self.keys.for_coupon(coupon))
     }
 
-    /// Entries not written because their lane's fence names another Redis: left pending in the
-    /// Redis they came from (module docs), out of this process' hands.
+    /// Entries not written because their lane's fence names another Redis than the reconciled
+    /// one holding them: left pending there (module docs), out of this process' hands.
     fn leave_fenced<'e>(&self, fenced: impl Iterator<Item = &'e (&'e LogEntry, Option<Origin>)>) {
         let mut count = 0u64;
         for (entry, origin) in fenced {
@@ -267,15 +271,16 @@ impl LogWriter {
             self.in_hand.remove(&entry.stream, &entry.id);
             tracing::warn!(stream = %entry.stream, id = %entry.id, rows = entry.rows.len(),
                 redis = origin.as_ref().map(|o| o.identity.as_str()).unwrap_or("?"),
-                "ranking-log entry held on a Redis that MySQL's redis_fence does not name (a replaced or demoted primary, or one not reconciled yet): not written; it stays there, pending");
+                "ranking-log entry held on a reconciled Redis that MySQL's redis_fence no longer names (another Redis was reconciled since: an old primary after a failover): not written; it stays there, pending");
         }
         self.metrics.ranking_log_entries_fenced.inc_by(count);
     }
 
     /// Drops from `batch` the entries this consumer no longer holds: another reader took them
     /// over while this process was stalled, and writes them itself (also refreshes the others).
-    /// Returns, per stream, the identity of the Redis holding the rest (`None`: the stream's
-    /// group is gone there). An error when Redis cannot say.
+    /// Returns, per stream, the identity of the Redis holding the rest when the lane's marker
+    /// names it (`None`: not reconciled yet, or the stream's group is gone there). An error when
+    /// Redis cannot say.
     async fn drop_lost(
         &self,
         batch: &mut Vec<Delivered>,
@@ -288,14 +293,16 @@ impl LogWriter {
                 .push(delivered.entry.id.clone());
         }
         let checks = by_stream.into_iter().map(|(stream, ids)| async move {
-            (stream.to_owned(), self.stream.touch_on(stream, ids).await)
+            let marker = self.lane_of(stream).map(|lane| lane.reconciled_marker());
+            let held = self.stream.touch_on(stream, ids, marker.as_deref()).await;
+            (stream.to_owned(), held)
         });
         let mut lost: HashSet<(String, String)> = HashSet::new();
         let mut held_on = HashMap::new();
         for (stream, result) in futures_util::future::join_all(checks).await {
             let held = result.with_context(|| format!("checking the entries of {stream}"))?;
             lost.extend(held.lost.into_iter().map(|id| (stream.clone(), id)));
-            held_on.insert(stream, held.identity);
+            held_on.insert(stream, held.identity.filter(|_| held.reconciled));
         }
         if lost.is_empty() {
             return Ok(held_on);
