@@ -158,41 +158,52 @@ local function wrong_type(key)
   return 'wrong type: ' .. key .. ' is a ' .. key_type(key)
 end
 
--- Raises a coupon's seq by its `n` requests. Returns the value before, or nil and why the coupon
--- cannot be decided (then seq is as it was).
-local function raise_seq(seq_key, n)
-  local after = redis.pcall('INCRBY', seq_key, n)
-  if failed(after) then
-    if string.find(after['err'], 'WRONGTYPE', 1, true) then return nil, wrong_type(seq_key) end
-    return nil, 'seq is not an integer: ' .. shorten(redis.call('GET', seq_key))
-  end
-  local before = after - n
-  if before < 0 or before >= 1e18 then
-    redis.call('DECRBY', seq_key, n)
-    return nil, 'seq is not an integer: ' .. shorten(redis.call('GET', seq_key))
-  end
-  return before
-end
--- Puts back a seq raised by `n` to `after` (a key that did not exist goes again).
-local function restore_seq(seq_key, n, after)
-  if after == n then redis.call('DEL', seq_key) else redis.call('DECRBY', seq_key, n) end
+-- `s + n` for a count `s` (at most 18 digits) and 0 < n < 1e9, as a string, exactly: Lua numbers
+-- are doubles, exact only below 2^53, so a long count is added in two halves of 9 digits.
+local function add(s, n)
+  if #s <= 15 then return string.format('%.0f', tonumber(s) + n) end
+  local hi, lo = tonumber(string.sub(s, 1, -10)), tonumber(string.sub(s, -9)) + n
+  if lo >= 1e9 then hi, lo = hi + 1, lo - 1e9 end
+  return string.format('%.0f%09.0f', hi, lo)
 end
 
--- Every live coupon's stock in one read.
-local stock_keys = {}
-for k, c in ipairs(live) do stock_keys[k] = KEYS[FIRST_COUPON_KEY + (c - 1) * 4 + 1] end
-local stocks = bulk('MGET', nil, nil, stock_keys, 1)
+-- Every live coupon's stock and seq in one read (stock at 2k - 1, seq at 2k).
+local read_keys = {}
+for k, c in ipairs(live) do
+  local base = FIRST_COUPON_KEY + (c - 1) * 4
+  read_keys[2 * k - 1], read_keys[2 * k] = KEYS[base + 1], KEYS[base + 3]
+end
+local values = bulk('MGET', nil, nil, read_keys, 1)
+-- MGET answers nil for a missing key and for one that is not a string. One EXISTS over all of
+-- those says whether any exists at all (usually none: new coupons' seq, unknown coupons' stock);
+-- only then is TYPE asked, key by key.
+local absent = {}
+for j = 1, #read_keys do
+  if values[j] == false then absent[#absent + 1] = read_keys[j] end
+end
+local some_absent_exist = false
+for first = 1, #absent, SLICE do
+  if redis.call('EXISTS', unpack(absent, first, math.min(first + SLICE - 1, #absent))) > 0 then
+    some_absent_exist = true
+    break
+  end
+end
+local function absent_type(key)
+  if some_absent_exist then return key_type(key) end
+  return 'none'
+end
 
 -- Decide and write coupon by coupon. codes[i] and ranks[i] are set for each decided entry; a
--- coupon that cannot be decided gets its reason in undecidable[c] and nothing written.
-local codes, ranks, undecidable = {}, {}, {}
+-- coupon that cannot be decided gets its reason in undecidable[c] and nothing written. The
+-- decided coupons' new seq values are written together at the end (`seq_writes`, one MSET:
+-- seq is the worker's own key, a string whose value was just read).
+local codes, ranks, undecidable, seq_writes = {}, {}, {}, {}
 for k, c in ipairs(live) do
   local base = FIRST_COUPON_KEY + (c - 1) * 4
   local stock_key, issued_key, seq_key, result_key = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4]
-  local stock, n, i, reason, unknown = stocks[k], count[c], first[c], nil, false
+  local stock, seq, n, i, reason, unknown = values[2 * k - 1], values[2 * k], count[c], first[c], nil, false
   if stock == false then
-    -- MGET answers nil for a missing key and for a key that is not a string.
-    local t = key_type(stock_key)
+    local t = absent_type(stock_key)
     if t == 'none' then
       unknown = true
     else
@@ -203,63 +214,84 @@ for k, c in ipairs(live) do
   else
     stock = tonumber(stock)
   end
+  if reason ~= nil then
+    -- The stock's reason comes first.
+  elseif seq == false then
+    local t = absent_type(seq_key)
+    if t == 'none' then
+      seq = '0'
+    else
+      reason = 'wrong type: ' .. seq_key .. ' is a ' .. t
+    end
+  elseif not is_count(seq) or #add(seq, n) > 18 then
+    reason = 'seq is not an integer: ' .. shorten(seq)
+  end
+  local before = 0
+  if reason == nil then before = tonumber(seq) end
 
-  if reason == nil and n == 1 and not unknown and stock > 0 then
+  if reason ~= nil then
+    -- Nothing to write.
+  elseif n == 1 and not unknown and stock > 0 then
     -- One request and stock left: SADD answers whether the user already held the coupon.
     local user = user_or_reason[i]
     local added = redis.pcall('SADD', issued_key, user)
     if failed(added) then
       reason = wrong_type(issued_key)
     else
-      local before
-      before, reason = raise_seq(seq_key, 1)
-      if reason == nil then
-        -- A holder's result is ISSUED (written with the SADD that made them one) and ISSUED is
-        -- never overwritten; HSETNX covers holders added by other means, who have none.
-        local written
-        if added == 1 then
-          written = redis.pcall('HSET', result_key, user, 'ISSUED')
-        else
-          written = redis.pcall('HSETNX', result_key, user, 'DUPLICATE')
-        end
-        if failed(written) then
-          reason = wrong_type(result_key)
-          restore_seq(seq_key, 1, before + 1)
-        else
-          ranks[i] = before + 1
-          if added == 1 then
-            codes[i] = 'I'
-            redis.call('DECRBY', stock_key, 1)
-          else
-            codes[i] = 'D'
-          end
-        end
+      -- A holder's result is ISSUED (written with the SADD that made them one) and ISSUED is
+      -- never overwritten; HSETNX covers holders added by other means, who have none.
+      local written
+      if added == 1 then
+        written = redis.pcall('HSET', result_key, user, 'ISSUED')
+      else
+        written = redis.pcall('HSETNX', result_key, user, 'DUPLICATE')
       end
-      if reason ~= nil and added == 1 then redis.call('SREM', issued_key, user) end
+      if failed(written) then
+        reason = wrong_type(result_key)
+        if added == 1 then redis.call('SREM', issued_key, user) end
+      elseif added == 1 then
+        codes[i] = 'I'
+        redis.call('DECRBY', stock_key, 1)
+      else
+        codes[i] = 'D'
+      end
+      if codes[i] then ranks[i] = before + 1 end
     end
-  elseif reason == nil then
-    -- Several requests, none left to issue, or an unknown coupon: who holds it already.
+  elseif n == 1 then
+    -- One request, none left to issue or an unknown coupon: who holds it already.
+    local user = user_or_reason[i]
+    local held = redis.pcall('SISMEMBER', issued_key, user)
+    if failed(held) then
+      reason = wrong_type(issued_key)
+    else
+      local code, written
+      if held == 1 then
+        code = 'D'
+        if unknown then code = 'U' end
+        written = redis.pcall('HSETNX', result_key, user, unknown and 'UNKNOWN_COUPON' or 'DUPLICATE')
+      else
+        code = 'S'
+        if unknown then code = 'U' end
+        written = redis.pcall('HSET', result_key, user, unknown and 'UNKNOWN_COUPON' or 'SOLD_OUT')
+      end
+      if failed(written) then
+        reason = wrong_type(result_key)
+      else
+        codes[i], ranks[i] = code, before + 1
+      end
+    end
+  else
+    -- Several requests: who holds it already, one SMISMEMBER.
     local users, m, j = {}, 0, i
     while j do
       m = m + 1
       users[m] = user_or_reason[j]
       j = nxt[j]
     end
-    local held
-    if m == 1 then
-      local reply = redis.pcall('SISMEMBER', issued_key, users[1])
-      if not failed(reply) then held = { reply } end
-    else
-      local ok, reply = pcall(bulk, 'SMISMEMBER', issued_key, nil, users, 1)
-      if ok then held = reply end
-    end
-    local before
-    if held == nil then
+    local ok, held = pcall(bulk, 'SMISMEMBER', issued_key, nil, users, 1)
+    if not ok then
       reason = wrong_type(issued_key)
     else
-      before, reason = raise_seq(seq_key, m)
-    end
-    if reason == nil then
       local taken, results, holders, new_holders = 0, {}, {}, {}
       local d = 0
       j = i
@@ -285,7 +317,7 @@ for k, c in ipairs(live) do
         j = nxt[j]
       end
       -- The first write to the result hash checks its type: on failure nothing was written to it.
-      local ok = true
+      ok = true
       if #results > 0 then ok = pcall(bulk, 'HSET', result_key, nil, results, 2) end
       for h = 1, #holders, 2 do
         if not ok then break end
@@ -296,7 +328,6 @@ for k, c in ipairs(live) do
         if taken > 0 then redis.call('DECRBY', stock_key, taken) end
       else
         reason = wrong_type(result_key)
-        restore_seq(seq_key, m, before + m)
         j = i
         while j do
           codes[j], ranks[j] = nil, nil
@@ -305,8 +336,13 @@ for k, c in ipairs(live) do
       end
     end
   end
+  if reason == nil then
+    seq_writes[#seq_writes + 1] = seq_key
+    seq_writes[#seq_writes + 1] = add(seq, n)
+  end
   undecidable[c] = reason
 end
+bulk('MSET', nil, nil, seq_writes, 2)
 
 -- In queue order: the claimed entries, dead letters, outbox and log rows.
 local out_codes, claimed, outbox_adds = {}, {}, {}

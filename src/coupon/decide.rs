@@ -13,7 +13,7 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 
 use super::member::{Request, parse_member};
-use crate::keys::KeyTemplates;
+use crate::keys::{COUPON_ID, KeyTemplates};
 use crate::outcome::Outcome;
 
 const DECIDE_LUA: &str = include_str!("decide.lua");
@@ -56,6 +56,48 @@ pub struct Decider {
     /// In the per-coupon layout, the queue's coupon: a request for another coupon there is
     /// dead-lettered (its keys would live in another cluster slot).
     only_coupon: Option<i64>,
+    /// The stock, issued, seq and result templates cut at `{couponId}`.
+    coupon_keys: CouponKeys,
+}
+
+/// A coupon's four key templates (stock, issued, seq, result, the script's order) cut at
+/// `{couponId}`, so that naming a coupon's keys is concatenation: a batch can span a thousand
+/// coupons (issue 19), and `str::replace` searching each template for each of them showed in
+/// profiles. Gives what [`KeyTemplates::stock`] and the others give.
+#[derive(Clone)]
+struct CouponKeys {
+    pieces: [Vec<String>; 4],
+}
+
+impl CouponKeys {
+    fn new(keys: &KeyTemplates) -> Self {
+        let cut = |template: &str| template.split(COUPON_ID).map(str::to_owned).collect();
+        Self {
+            pieces: [
+                cut(&keys.stock),
+                cut(&keys.issued),
+                cut(&keys.seq),
+                cut(&keys.result),
+            ],
+        }
+    }
+
+    /// Appends `coupon_id`'s four keys to `keys`.
+    fn push(&self, coupon_id: i64, keys: &mut Vec<String>) {
+        let id = coupon_id.to_string();
+        for pieces in &self.pieces {
+            let length = pieces.iter().map(String::len).sum::<usize>()
+                + id.len() * pieces.len().saturating_sub(1);
+            let mut key = String::with_capacity(length);
+            for (n, piece) in pieces.iter().enumerate() {
+                if n > 0 {
+                    key.push_str(&id);
+                }
+                key.push_str(piece);
+            }
+            keys.push(key);
+        }
+    }
 }
 
 impl Decider {
@@ -68,6 +110,7 @@ impl Decider {
         only_coupon: Option<i64>,
     ) -> Self {
         Self {
+            coupon_keys: CouponKeys::new(&keys),
             client,
             keys,
             script: Script::from_lua(DECIDE_LUA),
@@ -113,13 +156,14 @@ impl Decider {
 
         // Coupons in first-seen order; the script gets their keys in that order.
         let mut coupon_index: HashMap<i64, usize> = HashMap::new();
-        let mut keys = vec![
+        let mut keys = Vec::with_capacity(6 + 4 * head.len());
+        keys.extend([
             self.keys.queue.clone(),
             self.keys.dead.clone(),
             self.keys.outbox.clone(),
             self.keys.log.clone(),
             self.keys.log_rows(),
-        ];
+        ]);
         let mut args: Vec<Value> = Vec::with_capacity(2 + head.len() * 5);
         let parsed: Vec<Result<Request, &str>> = head
             .iter()
@@ -137,13 +181,7 @@ impl Decider {
         for request in parsed.iter().flatten() {
             let next = coupon_index.len() + 1;
             coupon_index.entry(request.coupon_id).or_insert_with(|| {
-                let c = request.coupon_id;
-                keys.extend([
-                    self.keys.stock(c),
-                    self.keys.issued(c),
-                    self.keys.seq(c),
-                    self.keys.result(c),
-                ]);
+                self.coupon_keys.push(request.coupon_id, &mut keys);
                 next
             });
         }
@@ -208,5 +246,36 @@ impl Decider {
             });
         }
         Ok((decisions, next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cut templates name exactly the keys the templates resolve to, in both layouts and
+    /// with a template that names the coupon twice or not at all.
+    #[test]
+    fn coupon_keys_are_the_templates_resolved() {
+        let mut odd = KeyTemplates::default();
+        odd.stock = "s:{couponId}:x:{couponId}".into();
+        odd.result = "{couponId}".into();
+        odd.issued = "issued".into();
+        for keys in [KeyTemplates::default(), KeyTemplates::per_coupon_layout(), odd] {
+            let cut = CouponKeys::new(&keys);
+            for coupon in [1, 7, 20_000, i64::MAX] {
+                let mut named = Vec::new();
+                cut.push(coupon, &mut named);
+                assert_eq!(
+                    named,
+                    [
+                        keys.stock(coupon),
+                        keys.issued(coupon),
+                        keys.seq(coupon),
+                        keys.result(coupon)
+                    ]
+                );
+            }
+        }
     }
 }
