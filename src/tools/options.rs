@@ -105,6 +105,9 @@ pub struct CouponBenchOptions {
     /// 20 000 registered coupons, 10 with traffic (per coupon), printing decided/s and ratios.
     #[arg(long)]
     pub catalog: bool,
+    /// With `--catalog`: only the drains, not the idle daemon's 30 s measurement after them.
+    #[arg(long, requires = "catalog")]
+    pub no_idle: bool,
 }
 
 /// `bench coupon --workload`.

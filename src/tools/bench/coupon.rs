@@ -56,6 +56,10 @@ use crate::tools::simulated_api::{FlashSale, enqueue_members};
 pub(crate) struct WorkerFigures {
     pub report: DrainReport,
     pub decide_elapsed: Duration,
+    /// CPU this process (the worker's tasks, and the benchmark's, which mostly wait) used while
+    /// the queue drained; the same for Redis (INFO cpu: every client of that Redis counts).
+    pub drain_cpu: Duration,
+    pub drain_redis_cpu: Duration,
     /// Until the last coupon was issued (in Redis).
     pub issue_elapsed: Duration,
     /// Until the last issued coupon was committed in MySQL.
@@ -81,7 +85,7 @@ const PERSIST_DEADLINE: Duration = Duration::from_secs(600);
 
 pub(crate) async fn run(config: &Config, options: &CouponBenchOptions) -> anyhow::Result<Summary> {
     if options.catalog {
-        return catalog(config, options.requests).await;
+        return catalog(config, options).await;
     }
     let sale = options.sale();
     println!(
@@ -105,8 +109,14 @@ pub(crate) async fn run(config: &Config, options: &CouponBenchOptions) -> anyhow
 /// `--catalog` (issue 19): the same sale decided over few and many coupons, in both layouts, in
 /// one run. Every case issues the same number of coupons (half the requests: stock is split over
 /// the coupons with traffic), so the ratios measure the cost of distinct coupons and of the
-/// registry's size, not of issuing more.
-async fn catalog(config: &Config, requests: u64) -> anyhow::Result<Summary> {
+/// registry's size, not of issuing more. With `--runs N` the cases take turns (every case once,
+/// N times over), so a machine that slows down or speeds up meanwhile weighs on every case alike;
+/// each run prints its ratios and the summary their medians. Beside each rate: the CPU the worker
+/// process and Redis used while the queue drained, per 1 000 requests (the rest of the machine's
+/// two cores went to MySQL, the benchmark's other clients and whatever else runs there).
+async fn catalog(config: &Config, options: &CouponBenchOptions) -> anyhow::Result<Summary> {
+    let requests = options.requests;
+    let runs = options.runs.max(1);
     let mut summary = Summary::default();
     // (label, layout is per coupon, coupons with traffic, coupons registered)
     let cases: [(&str, bool, u64, u64); 5] = [
@@ -122,47 +132,67 @@ async fn catalog(config: &Config, requests: u64) -> anyhow::Result<Summary> {
         ),
     ];
     println!(
-        "coupon catalog: {} requests, half of them issued, per case",
-        group(requests as f64)
+        "coupon catalog: {} requests, half of them issued, per case; batch_size {}",
+        group(requests as f64),
+        config.coupon.batch_size
     );
-    let mut rates = Vec::new();
-    for (label, per_coupon, coupons, registered) in cases {
-        let sale = FlashSale {
-            coupons,
-            stock: (requests / 2).div_ceil(coupons),
-            requests,
-        };
-        let mut case_config = config.clone();
-        if per_coupon {
-            case_config.keys = KeyTemplates::per_coupon_layout();
+    for run in 1..=runs {
+        if runs > 1 {
+            println!("  run {run}/{runs}");
         }
-        let worker = in_sandbox(&case_config, async |sandbox| {
-            let keys = &sandbox.config.keys;
-            if registered > coupons {
-                let extra: Vec<u64> = (coupons + 1..=registered).collect();
-                for chunk in extra.chunks(5000) {
-                    let _: u64 = sandbox
-                        .redis
-                        .sadd(&keys.coupon_registry, chunk.to_vec())
-                        .await?;
-                }
+        let mut rates = Vec::new();
+        for (label, per_coupon, coupons, registered) in cases {
+            let sale = FlashSale {
+                coupons,
+                stock: (requests / 2).div_ceil(coupons),
+                requests,
+            };
+            let mut case_config = config.clone();
+            if per_coupon {
+                case_config.keys = KeyTemplates::per_coupon_layout();
             }
-            run_worker(sandbox, sale, false).await
-        })
-        .await?;
-        let decided = rate(worker.report.decided(), worker.decide_elapsed);
-        println!("  {label}: {} decided/s", group(decided));
-        summary.record(label, "decided/s", decided);
-        rates.push(decided);
+            let worker = in_sandbox(&case_config, async |sandbox| {
+                let keys = &sandbox.config.keys;
+                if registered > coupons {
+                    let extra: Vec<u64> = (coupons + 1..=registered).collect();
+                    for chunk in extra.chunks(5000) {
+                        let _: u64 = sandbox
+                            .redis
+                            .sadd(&keys.coupon_registry, chunk.to_vec())
+                            .await?;
+                    }
+                }
+                run_worker(sandbox, sale, false).await
+            })
+            .await?;
+            let decided = rate(worker.report.decided(), worker.decide_elapsed);
+            let per_thousand = |cpu: Duration| {
+                cpu.as_secs_f64() * 1000.0 * 1000.0 / worker.report.decided().max(1) as f64
+            };
+            println!(
+                "  {label}: {} decided/s (CPU while draining, per 1 000 requests: worker {:.1} ms, Redis {:.1} ms)",
+                group(decided),
+                per_thousand(worker.drain_cpu),
+                per_thousand(worker.drain_redis_cpu)
+            );
+            summary.record(label, "decided/s", decided);
+            rates.push(decided);
+        }
+        let ratio = |a: usize, b: usize| rates[a] / rates[b].max(1e-9);
+        println!(
+            "  ratios: single queue 1 000 / 10 coupons = {:.2}x (target >= 0.8), 20 000 / 10 = {:.2}x (target >= 0.6); per coupon 20 000 / 10 registered = {:.2}x (target >= 0.8)",
+            ratio(1, 0),
+            ratio(2, 0),
+            ratio(4, 3)
+        );
+        summary.record("ratio, single queue 1 000 / 10 coupons", "x", ratio(1, 0));
+        summary.record("ratio, single queue 20 000 / 10 coupons", "x", ratio(2, 0));
+        summary.record("ratio, per coupon 20 000 / 10 registered", "x", ratio(4, 3));
     }
-    let ratio = |a: usize, b: usize| rates[a] / rates[b].max(1e-9);
-    println!(
-        "  ratios: single queue 1 000 / 10 coupons = {:.2}x (target >= 0.8), 20 000 / 10 = {:.2}x (target >= 0.6); per coupon 20 000 / 10 registered = {:.2}x (target >= 0.8)",
-        ratio(1, 0),
-        ratio(2, 0),
-        ratio(4, 3)
-    );
-    idle_catalog(config, &mut summary).await?;
+    if !options.no_idle {
+        idle_catalog(config, &mut summary).await?;
+    }
+    summary.print(runs);
     Ok(summary)
 }
 
@@ -504,6 +534,7 @@ async fn run_worker(
     }
 
     let metrics = Metrics::new();
+    let (cpu_before, redis_cpu_before) = (process_cpu()?, redis_cpu(&sandbox.redis).await?);
     let started = Instant::now();
     let job = CouponJob::start(config, &sandbox.backends(), &metrics);
     // The persister runs beside the drain: watch its counter (and the issued one) from the
@@ -540,6 +571,10 @@ async fn run_worker(
         );
     }
     let decide_elapsed = started.elapsed();
+    let drain_cpu = process_cpu()?.saturating_sub(cpu_before);
+    let drain_redis_cpu = redis_cpu(&sandbox.redis)
+        .await?
+        .saturating_sub(redis_cpu_before);
     if let Some(api) = api {
         model.absorb(api.await??);
     }
@@ -595,6 +630,8 @@ async fn run_worker(
     Ok(WorkerFigures {
         report,
         decide_elapsed,
+        drain_cpu,
+        drain_redis_cpu,
         issue_elapsed,
         persist_elapsed,
         log_elapsed,
