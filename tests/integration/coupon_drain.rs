@@ -453,6 +453,194 @@ async fn drain_to_empty_decides_queues_not_marked_active_each_time_it_runs() {
     env.cleanup().await;
 }
 
+/// Issue 19: batches spanning thousands of distinct coupons decide each coupon as if it were
+/// alone, in both layouts: 2 000 coupons with 2 in stock, three users asking for each (ISSUED,
+/// ISSUED, SOLD_OUT in arrival order), and 500 coupons without stock (UNKNOWN_COUPON). In the
+/// single queue the first batch names a new coupon with nearly every entry and later ones repeat
+/// them, so the batches also grow past `batch_size` (see the next test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_spanning_thousands_of_coupons_decide_each_coupon_in_both_layouts() {
+    for per_coupon in [false, true] {
+        let mut env = TestEnv::new().await;
+        if per_coupon {
+            env.use_per_coupon_layout();
+        }
+        let coupons: Vec<i64> = (1..=2000).collect();
+        crate::invariants::flash_sale(&env, &coupons, 2, 3).await;
+        let unknown: Vec<(f64, String)> = (3001..=3500)
+            .map(|c| (5.0 + c as f64, member(1, c)))
+            .collect();
+        commerce_worker::tools::simulated_api::enqueue_members(&env.redis, env.keys(), unknown)
+            .await
+            .unwrap();
+        let pipeline = env.pipeline();
+        let report = pipeline
+            .drain_within(DRAIN_LIMIT, "8 000 requests over 2 500 coupons")
+            .await;
+        assert_eq!(
+            (
+                report[Outcome::Issued],
+                report[Outcome::SoldOut],
+                report[Outcome::UnknownCoupon],
+                report[Outcome::DeadLettered]
+            ),
+            (4000, 2000, 500, 0),
+            "per coupon: {per_coupon}, {report:?}"
+        );
+        pipeline.finish().await;
+        crate::invariants::assert_invariants(&env, &coupons, 2, 3).await;
+        crate::invariants::assert_ranking_log(&env, &coupons).await;
+        for c in [1, 777, 2000] {
+            assert_eq!(
+                results(&env, c).await,
+                HashMap::from([
+                    ("1".to_owned(), "ISSUED".to_owned()),
+                    ("2".to_owned(), "ISSUED".to_owned()),
+                    ("3".to_owned(), "SOLD_OUT".to_owned())
+                ]),
+                "coupon {c}: first come, first served"
+            );
+        }
+        for c in [3001, 3500] {
+            assert_eq!(
+                results(&env, c).await,
+                HashMap::from([("1".to_owned(), "UNKNOWN_COUPON".to_owned())])
+            );
+            assert_eq!(crate::invariants::seq(&env, c).await, 1);
+        }
+        env.cleanup().await;
+    }
+}
+
+/// Issue 19: when a batch's entries name many coupons and the entries after them repeat those
+/// coupons, the batch grows past `batch_size` (up to four times it), so each coupon's fixed cost
+/// in the script is shared by several requests; over few coupons a batch stays `batch_size` long.
+/// Either way every request is decided in arrival order per coupon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_many_coupons_grows_while_they_repeat_and_decides_them_in_order() {
+    let mut env = TestEnv::new().await;
+    env.config.coupon.batch_size =
+        std::num::NonZeroUsize::new(100).unwrap_or(std::num::NonZeroUsize::MIN);
+    // 100 coupons in turn, 5 users each (500 entries), stock 3: ISSUED ×3, SOLD_OUT ×2.
+    let many: Vec<i64> = (1..=100).collect();
+    env_sale_in_turn(&env, &many, 3, 5).await;
+    let pipeline = env.pipeline();
+    let report = pipeline.tick(&CancellationToken::new()).await;
+    // The first head read is batch_size long: 100 coupons in 100 entries. The next read looks
+    // four times as far, and those 400 entries all repeat them: one batch.
+    assert_eq!(
+        (
+            report.batches,
+            report[Outcome::Issued],
+            report[Outcome::SoldOut]
+        ),
+        (2, 300, 200),
+        "{report:?}"
+    );
+    for c in [1, 50, 100] {
+        let res = results(&env, c).await;
+        for (user, outcome) in [
+            (1, "ISSUED"),
+            (3, "ISSUED"),
+            (4, "SOLD_OUT"),
+            (5, "SOLD_OUT"),
+        ] {
+            assert_eq!(
+                res.get(&user.to_string()).map(String::as_str),
+                Some(outcome),
+                "coupon {c}"
+            );
+        }
+    }
+    pipeline.finish().await;
+    crate::invariants::assert_invariants(&env, &many, 3, 5).await;
+    crate::invariants::assert_ranking_log(&env, &many).await;
+
+    // Few coupons: 5 coupons in turn, 100 users (500 entries): five batches of 100.
+    let few: Vec<i64> = (201..=205).collect();
+    env_sale_in_turn(&env, &few, 60, 100).await;
+    let pipeline = env.pipeline();
+    let report = pipeline.tick(&CancellationToken::new()).await;
+    assert_eq!(
+        (
+            report.batches,
+            report[Outcome::Issued],
+            report[Outcome::SoldOut]
+        ),
+        (5, 300, 200),
+        "{report:?}"
+    );
+    pipeline.finish().await;
+    crate::invariants::assert_invariants(&env, &few, 60, 100).await;
+    env.cleanup().await;
+}
+
+/// decide.lua is safe to run twice (a client resends a batch whose reply was lost): the second
+/// run of a batch over many coupons finds every entry gone and writes nothing more — no stock,
+/// holder, result, seq (written for all the batch's coupons at once) or log row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_many_coupons_sent_twice_is_decided_once() {
+    let env = TestEnv::new().await;
+    let pipeline = env.pipeline();
+    // A first request through the drain, which reconciles this Redis (the script refuses one
+    // that was never reconciled).
+    env.set_stock(999, "1").await;
+    env.enqueue(&[(1.0, member(1, 999))]).await;
+    let first = pipeline.tick(&CancellationToken::new()).await;
+    assert_eq!(first[Outcome::Issued], 1);
+
+    let coupons: Vec<i64> = (1..=300).collect();
+    crate::invariants::flash_sale(&env, &coupons, 1, 2).await;
+    let decider =
+        commerce_worker::coupon::Decider::new(env.redis.clone(), env.keys().clone(), 1000, None);
+    let head = decider.read_head().await.unwrap();
+    assert_eq!(head.len(), 600);
+    let (once, _) = decider.decide_head(head.clone(), false).await.unwrap();
+    let count = |decisions: &[commerce_worker::coupon::Decision], outcome: Outcome| {
+        decisions.iter().filter(|d| d.outcome == outcome).count()
+    };
+    assert_eq!(
+        (
+            count(&once, Outcome::Issued),
+            count(&once, Outcome::SoldOut)
+        ),
+        (300, 300)
+    );
+    let log_entries: u64 = env.redis.xlen(&env.keys().log).await.unwrap();
+    let (twice, _) = decider.decide_head(head, false).await.unwrap();
+    assert_eq!(count(&twice, Outcome::Gone), 600, "{twice:?}");
+    let log_entries_after: u64 = env.redis.xlen(&env.keys().log).await.unwrap();
+    assert_eq!(
+        log_entries_after, log_entries,
+        "no log row for a gone entry"
+    );
+
+    pipeline
+        .drain_within(DRAIN_LIMIT, "the outbox of the batch")
+        .await;
+    pipeline.finish().await;
+    crate::invariants::assert_invariants(&env, &coupons, 1, 2).await;
+    crate::invariants::assert_ranking_log(&env, &coupons).await;
+    env.cleanup().await;
+}
+
+/// `users` users ask in turn for each of `coupons` (each coupon once per round, user by user),
+/// each coupon with `stock` in stock.
+async fn env_sale_in_turn(env: &TestEnv, coupons: &[i64], stock: i64, users: i64) {
+    for &c in coupons {
+        env.set_stock(c, &stock.to_string()).await;
+    }
+    let mut entries = Vec::new();
+    for u in 1..=users {
+        for &c in coupons {
+            entries.push((entries.len() as f64 + 1.0, member(u, c)));
+        }
+    }
+    commerce_worker::tools::simulated_api::enqueue_members(&env.redis, env.keys(), entries)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_coupon_lanes_are_drained_strays_dead_lettered_and_requeue_dead_walks_every_lane() {
     let mut env = TestEnv::new().await;
