@@ -606,19 +606,16 @@ async fn a_batch_over_many_coupons_sent_twice_is_decided_once() {
         ),
         (300, 300)
     );
-    let log_entries: u64 = env.redis.xlen(&env.keys().log).await.unwrap();
     let (twice, _) = decider.decide_head(head, false).await.unwrap();
     assert_eq!(count(&twice, Outcome::Gone), 600, "{twice:?}");
-    let log_entries_after: u64 = env.redis.xlen(&env.keys().log).await.unwrap();
-    assert_eq!(
-        log_entries_after, log_entries,
-        "no log row for a gone entry"
-    );
 
     pipeline
         .drain_within(DRAIN_LIMIT, "the outbox of the batch")
         .await;
     pipeline.finish().await;
+    // seq counts each request once, and ranking_logs holds ranks 1..=seq, none twice (a second
+    // run that logged its entries again would show here; the log stream itself is being read
+    // and trimmed meanwhile, so its length proves nothing).
     crate::invariants::assert_invariants(&env, &coupons, 1, 2).await;
     crate::invariants::assert_ranking_log(&env, &coupons).await;
     env.cleanup().await;
