@@ -167,19 +167,20 @@ impl CouponJob {
         report
     }
 
-    /// Waits until no log row waits in Redis, or `stop`.
+    /// Waits until no log row waits in Redis, or `stop`. The reader walks every log stream once
+    /// (rows other processes left in streams it never heard of join its work set); after that,
+    /// each look counts the rows of the streams known to have entries only, so waiting costs
+    /// the same with 10 registered coupons or 20 000.
     pub async fn wait_for_log(&self, stop: &CancellationToken) {
-        for look in 0u64.. {
-            if let Ok((0, _)) = self.log.backlog().await {
+        let waker = self.log.waker();
+        let ask = waker.sweep_now();
+        loop {
+            if waker.sweeps_done() >= ask
+                && let Ok((0, _)) = self.log.known_backlog().await
+            {
                 return;
             }
-            // The reader looks at the streams it knows to have rows; every 2 s it walks all of
-            // them, for rows other processes left in streams it never heard of.
-            if look % 40 == 0 {
-                self.log.waker().sweep_now();
-            } else {
-                self.log.waker().notify_one();
-            }
+            waker.notify_one();
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 _ = stop.cancelled() => return,

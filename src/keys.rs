@@ -242,6 +242,14 @@ impl KeyTemplates {
         }
     }
 
+    /// Per-coupon layout: the lease that lets one replica at a time run the periodic walks of the
+    /// whole registry (the drain's queue sweep, the log reader's stream sweep, the outbox and
+    /// log-stream SCANs, reconciling lanes ahead of their first request): beside the registry,
+    /// `<coupon_registry>:sweeper`.
+    pub fn sweep_lease(&self) -> String {
+        format!("{}:sweeper", self.coupon_registry)
+    }
+
     /// The default `log` template for a `queue` template: its trailing `queue` replaced by
     /// `log` (`coupon:queue` → `coupon:log`, `{coupon:{couponId}}:queue` →
     /// `{coupon:{couponId}}:log`), or `:log` appended. Either way in the queue's hash slot.

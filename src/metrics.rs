@@ -66,6 +66,7 @@ pub struct Metrics {
     pub coupon_taken_by_others: Counter,
     pub coupon_lane_failures: Counter,
     pub coupon_lanes_failing: Gauge,
+    pub coupon_sweeper: Gauge,
     pub coupon_rows_persisted: Counter,
     pub coupon_reconciliations: Counter,
     pub coupon_rows_restored: Counter,
@@ -184,6 +185,12 @@ impl Metrics {
             "coupon_lanes_failing",
             "Per-coupon layout: coupon lanes left alone after a failure of their own, retried after 1 s doubling to 30 s",
             coupon_lanes_failing.clone(),
+        );
+        let coupon_sweeper = Gauge::default();
+        registry.register(
+            "coupon_sweeper",
+            "Per-coupon layout: 1 while this replica holds the sweep lease and runs the periodic walks of the whole registry (one replica at a time)",
+            coupon_sweeper.clone(),
         );
         let coupon_rows_persisted = Counter::default();
         registry.register(
@@ -375,6 +382,7 @@ impl Metrics {
             coupon_taken_by_others,
             coupon_lane_failures,
             coupon_lanes_failing,
+            coupon_sweeper,
             coupon_rows_persisted,
             coupon_reconciliations,
             coupon_rows_restored,

@@ -24,115 +24,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
-use fred::types::scripts::Script;
 use tokio_util::sync::CancellationToken;
 
+use super::lease::Lease;
 use super::{CouponDrain, DrainReport, StopReason};
 use crate::control;
-
-/// Renews the lease if this holder (`ARGV[1]` = its token) has it, else takes it if free, for
-/// `ARGV[2]` ms. Returns 1 when held afterwards. One command whoever holds the lease; sent twice
-/// after a reconnect it gives the same answer.
-const HOLD_LUA: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-     return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
-     if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end \
-     return 0";
-/// Releasing at shutdown: only by its holder, so a successor's lease is never deleted.
-const RELEASE_LUA: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-     return redis.call('DEL', KEYS[1]) else return 0 end";
 
 /// The default lease: long enough that renewing it costs little, short enough that a dead
 /// follower's successor takes over within about three seconds.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
 
-/// The right to follow the queue(s), held by one replica at a time.
-pub struct FollowLease {
-    client: Client,
-    key: String,
-    token: String,
-    ttl: Duration,
-    hold: Script,
-    /// While held: when to renew. While not: when to try to take it again.
-    next_check: Option<Instant>,
-    /// When Redis last confirmed this holder (taken or renewed), while held.
-    confirmed_at: Option<Instant>,
-}
-
-impl FollowLease {
-    pub fn new(client: Client, key: String, ttl: Duration) -> Self {
-        Self {
-            client,
-            key,
-            token: uuid::Uuid::new_v4().to_string(),
-            ttl,
-            hold: Script::from_lua(HOLD_LUA),
-            next_check: None,
-            confirmed_at: None,
-        }
-    }
-
-    /// Whether this replica follows now. Asks Redis only every third of the lease (to renew
-    /// it, or to try to take it), so it costs ~1.5 commands a second whoever holds it.
-    pub async fn hold(&mut self) -> anyhow::Result<bool> {
-        let now = Instant::now();
-        if self.next_check.is_some_and(|at| now < at) {
-            return Ok(self.confirmed_at.is_some());
-        }
-        let was_held = self.confirmed_at.is_some();
-        let ttl_ms = self.ttl.as_millis().max(1) as i64;
-        let held: i64 = match self
-            .hold
-            .evalsha_with_reload(
-                &self.client,
-                vec![self.key.clone()],
-                vec![self.token.clone(), ttl_ms.to_string()],
-            )
-            .await
-        {
-            Ok(held) => held,
-            Err(e) => {
-                // Unknown: the lease may lapse meanwhile; stop following until Redis confirms.
-                self.confirmed_at = None;
-                self.next_check = None;
-                return Err(e.into());
-            }
-        };
-        self.confirmed_at = (held == 1).then_some(now);
-        if held == 1 && !was_held {
-            tracing::info!(lease = %self.key, "this replica now follows the coupon queue");
-        }
-        self.next_check = Some(now + self.ttl / 3);
-        Ok(held == 1)
-    }
-
-    /// [`Self::hold`] asking Redis now, whenever it last asked.
-    pub async fn hold_now(&mut self) -> anyhow::Result<bool> {
-        self.next_check = None;
-        self.hold().await
-    }
-
-    /// Until when the lease is this holder's for sure (none when not held).
-    pub fn held_until(&self) -> Option<Instant> {
-        self.confirmed_at.map(|at| at + self.ttl)
-    }
-
-    /// Gives the lease up (at shutdown), so another replica takes over at once.
-    pub async fn release(&mut self) {
-        if self.confirmed_at.take().is_none() {
-            return;
-        }
-        let released: Result<i64, _> = Script::from_lua(RELEASE_LUA)
-            .evalsha_with_reload(
-                &self.client,
-                vec![self.key.clone()],
-                vec![self.token.clone()],
-            )
-            .await;
-        if let Err(e) = released {
-            tracing::debug!(error = %format!("{e:#}"), "follow lease not released; it lapses by itself");
-        }
-    }
-}
+/// The follow lease: the right to follow the queue(s), held by one replica at a time.
+pub type FollowLease = Lease;
 
 /// How often following logs what it decided.
 const SUMMARY_EVERY: Duration = Duration::from_secs(5);
@@ -285,10 +188,11 @@ impl Following {
         stop: CancellationToken,
     ) {
         let options = self.options;
-        let mut lease = FollowLease::new(
+        let mut lease = Lease::new(
             drain.client().clone(),
             self.lease_key.clone(),
             options.lease,
+            "follows the coupon queue",
         );
         let metrics = drain.metrics().clone();
         let mut failures = 0u32;
@@ -412,7 +316,7 @@ impl Following {
     }
 
     /// [`FollowLease::hold`], publishing the answer to this replica's scheduled ticks.
-    async fn hold(&self, lease: &mut FollowLease) -> anyhow::Result<bool> {
+    async fn hold(&self, lease: &mut Lease) -> anyhow::Result<bool> {
         let held = lease.hold().await;
         self.set_held_until(lease.held_until());
         held

@@ -21,13 +21,14 @@
 mod dead;
 mod decide;
 mod follow;
+mod lease;
 pub(crate) mod member;
 mod outbox;
 mod reconcile;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -44,6 +45,7 @@ pub use dead::{
 pub(crate) use decide::member_text;
 pub use decide::{Decider, Decision};
 pub use follow::{DEFAULT_LEASE, FollowLease, FollowOptions, Following, follow};
+pub use lease::Lease;
 pub use outbox::{OutboxRequeued, Persister, ReplicaWait, outbox_dead_key, requeue_outbox_dead};
 pub use reconcile::{CouponReport, LaneReport, Reconciler};
 
@@ -252,6 +254,10 @@ struct PerCoupon {
     outboxes: std::sync::Mutex<BTreeSet<i64>>,
     /// Lanes that failed with a fault of their own, left alone until their retry time.
     failing: std::sync::Mutex<BTreeMap<i64, LaneFailure>>,
+    /// Coupons whose lane this process saw marked reconciled for the live Redis (the sweeper
+    /// reconciles the others ahead of their first request, [`CouponDrain::reconcile_ahead`]);
+    /// forgotten when Redis turns out to have changed.
+    verified: std::sync::Mutex<BTreeSet<i64>>,
 }
 
 /// A lane left alone after a failure of its own.
@@ -288,6 +294,7 @@ impl Default for PerCoupon {
             outboxes_swept: Default::default(),
             outboxes: Default::default(),
             failing: Default::default(),
+            verified: Default::default(),
         }
     }
 }
@@ -296,12 +303,31 @@ impl Default for PerCoupon {
 /// batch just appended to (the decide script wrote the rows), with a wake-up, so the reader looks
 /// only at streams with work instead of walking the registry. In-process only: streams written by
 /// other processes or commands are found by the reader's slower sweep of every stream.
+///
+/// It also carries which process runs the periodic walks of every log stream: the one whose
+/// drain holds the sweep lease ([`SweepTurn`]).
 #[derive(Default)]
 pub struct LogReady {
     wake: Notify,
     /// Coupons (per-coupon layout) whose log stream got rows; `None` is the single queue's.
     lanes: std::sync::Mutex<BTreeSet<Option<i64>>>,
-    sweep: AtomicBool,
+    /// Walks of every log stream asked for so far ([`Self::sweep_now`]); the reader takes the
+    /// asks before a walk and, once it finishes, records the last ask it took.
+    sweeps_asked: AtomicU64,
+    sweeps_taken: AtomicU64,
+    sweeps_done: AtomicU64,
+    turn: SweepTurn,
+}
+
+/// Whether this process runs the periodic walks of the whole registry now (per-coupon layout).
+/// The drain's sweeper ([`CouponDrain::run_sweeper`]) holds the sweep lease
+/// ([`KeyTemplates::sweep_lease`]) and publishes here until when it holds it, for the log reader
+/// and the persister's outbox SCAN. Until a sweeper manages it (a log pipeline started on its
+/// own, the single-queue layout) every walk runs, as without a lease.
+#[derive(Default)]
+struct SweepTurn {
+    managed: AtomicBool,
+    held_until: std::sync::Mutex<Option<Instant>>,
 }
 
 impl LogReady {
@@ -318,10 +344,13 @@ impl LogReady {
         self.wake.notify_one();
     }
 
-    /// Asks the reader to look at every log stream at its next look (rows another process left).
-    pub fn sweep_now(&self) {
-        self.sweep.store(true, Ordering::Relaxed);
+    /// Asks the reader to look at every log stream at its next look (rows another process
+    /// left). Returns the ask's number: [`Self::sweeps_done`] reaches it once a walk that
+    /// started after this call has finished.
+    pub fn sweep_now(&self) -> u64 {
+        let ask = self.sweeps_asked.fetch_add(1, Ordering::SeqCst) + 1;
         self.wake.notify_one();
+        ask
     }
 
     /// The lanes named since the last call.
@@ -332,19 +361,61 @@ impl LogReady {
             .unwrap_or_default()
     }
 
-    /// Whether a sweep was asked for since the last call.
+    /// Whether a sweep was asked for since the last call (the reader calls it before a walk).
     pub fn take_sweep(&self) -> bool {
-        self.sweep.swap(false, Ordering::Relaxed)
+        let asked = self.sweeps_asked.load(Ordering::SeqCst);
+        self.sweeps_taken.swap(asked, Ordering::SeqCst) < asked
     }
 
     /// Until the next wake-up.
     pub async fn notified(&self) {
         self.wake.notified().await;
     }
+
+    /// The reader finished a walk of every log stream, started after the asks it took.
+    pub fn swept(&self) {
+        self.sweeps_done
+            .fetch_max(self.sweeps_taken.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// The last ask ([`Self::sweep_now`]) a finished walk answered.
+    pub fn sweeps_done(&self) -> u64 {
+        self.sweeps_done.load(Ordering::SeqCst)
+    }
+
+    /// Whether this process runs the periodic walks of the whole registry now: it holds the
+    /// sweep lease, or no sweeper manages the turn (see [`SweepTurn`]).
+    pub fn sweeps_here(&self) -> bool {
+        if !self.turn.managed.load(Ordering::Relaxed) {
+            return true;
+        }
+        self.turn
+            .held_until
+            .lock()
+            .ok()
+            .and_then(|held| *held)
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// The sweeper holds the sweep lease until `until` (`None`: not held).
+    fn set_sweep_turn(&self, until: Option<Instant>) {
+        self.turn.managed.store(true, Ordering::Relaxed);
+        if let Ok(mut held) = self.turn.held_until.lock() {
+            *held = until;
+        }
+    }
 }
 
 /// Keys looked at concurrently in one go by a sweep (fred pipelines them on its connections).
 const SWEEP_CHUNK: usize = 1000;
+
+/// How long the sweep lease ([`KeyTemplates::sweep_lease`]) lasts from each renewal; its holder
+/// renews it every third of that, so a dead or stopped sweeper is replaced within ~20 s.
+pub const SWEEP_LEASE: Duration = Duration::from_secs(15);
+
+/// Lanes reconciled ahead of their first request at once: a few MySQL connections of the pool
+/// shared with the persister and the log writer.
+const PARALLEL_RECONCILES: usize = 4;
 
 /// The persister looks for outbox keys with SCAN every this many `sweep_interval`s (60 s by
 /// default): SCAN walks the whole keyspace (~0.1 s of Redis for 100 000 keys), the safety net
@@ -540,12 +611,17 @@ impl CouponDrain {
 
     /// Whether a sweep last done at `*last` is due, and if so marks it done now (a failed
     /// sweep is retried at the next look: see [`Self::undo_sweep`]).
+    /// The first sweep, or one asked for ([`Self::sweep_at_next_look`]), runs whoever holds the
+    /// sweep lease; the periodic ones only on the replica that holds it.
     fn sweep_due(&self, last: &std::sync::Mutex<Option<Instant>>) -> bool {
         let Ok(mut last) = last.lock() else {
             return true;
         };
         let every = self.sweep_interval.saturating_mul(OUTBOX_SCAN_EVERY_SWEEPS);
-        let due = last.is_none_or(|at| at.elapsed() >= every);
+        let due = match *last {
+            None => true,
+            Some(at) => at.elapsed() >= every && self.log_ready.sweeps_here(),
+        };
         if due {
             *last = Some(Instant::now());
         }
@@ -618,59 +694,265 @@ impl CouponDrain {
 
     /// Per-coupon layout: looks at the queue of every registered coupon, [`SWEEP_CHUNK`] at a
     /// time, and remembers those with entries that the active set does not show, for the next
-    /// steps. Returns how many it found (0 in the single-queue layout, or when `stop` fired
-    /// before the end).
+    /// steps; it also marks them in the active set, so that whichever replica follows the queues
+    /// drains them (the sweep runs on the replica holding the sweep lease). Returns how many it
+    /// found (0 in the single-queue layout, or when `stop` fired before the end).
     pub async fn sweep_queues(&self, stop: &CancellationToken) -> anyhow::Result<usize> {
+        Ok(self.sweep_registry(stop).await?.1)
+    }
+
+    /// [`Self::sweep_queues`], also returning the registered coupons it read.
+    async fn sweep_registry(&self, stop: &CancellationToken) -> anyhow::Result<(Vec<i64>, usize)> {
         let Layout::PerCoupon(state) = &self.layout else {
-            return Ok(0);
+            return Ok((Vec::new(), 0));
         };
         let swept = async {
             let active: BTreeSet<i64> = self.active_coupons(true).await?.into_iter().collect();
-            let registered: Vec<i64> = registered_coupons(&self.client, &self.keys)
-                .await?
-                .into_iter()
+            let registered = registered_coupons(&self.client, &self.keys).await?;
+            let unmarked: Vec<i64> = registered
+                .iter()
+                .copied()
                 .filter(|id| !active.contains(id))
                 .collect();
-            let queues: Vec<String> = registered
-                .iter()
-                .map(|&id| self.keys.queue_of(id))
-                .collect();
+            let queues: Vec<String> = unmarked.iter().map(|&id| self.keys.queue_of(id)).collect();
             let with_entries = self.non_empty(&queues, stop).await?;
-            anyhow::Ok(with_entries.map(|found| {
-                found
-                    .into_iter()
-                    .map(|i| registered[i])
-                    .collect::<Vec<i64>>()
-            }))
+            anyhow::Ok((
+                with_entries
+                    .map(|found| found.into_iter().map(|i| unmarked[i]).collect::<Vec<i64>>())
+                    .unwrap_or_default(),
+                registered,
+            ))
         };
-        let found = swept
+        let (found, registered) = swept
             .await
-            .context("sweeping the coupon registry for queues with entries")?
-            .unwrap_or_default();
+            .context("sweeping the coupon registry for queues with entries")?;
         if !found.is_empty() {
             tracing::info!(coupons = ?found, "sweep found queues with entries that were not marked active");
             if let Ok(mut known) = state.found.lock() {
                 known.extend(found.iter().copied());
             }
+            // The follower may be another replica: the mark is how it learns. A damaged active
+            // set (wrong type) is left as it is; this replica's steps drain what it found.
+            let marked: Result<u64, _> = self
+                .client
+                .sadd(&self.keys.coupon_active, found.clone())
+                .await;
+            if let Err(e) = marked {
+                tracing::debug!(error = %e, "could not mark the swept lanes in the active set");
+            }
         }
-        Ok(found.len())
+        Ok((registered, found.len()))
     }
 
-    /// The sweeper task (per-coupon layout): every `sweep_interval` a [`sweep_queues`](Self::sweep_queues),
-    /// off the steps that follow the queue, so a step never waits for a walk of the registry.
-    /// Returns at once in the single-queue layout; stops between two chunks when `stop` fires.
+    /// The sweeper task (per-coupon layout; returns at once in the single-queue layout). One
+    /// replica at a time sweeps: the holder of the sweep lease ([`KeyTemplates::sweep_lease`],
+    /// [`SWEEP_LEASE`], renewed every third of it; a dead or stopped holder's lapses and another
+    /// replica takes it at its next check). The holder, every `sweep_interval` (and at once when
+    /// it takes the lease): [`Self::sweep_queues`], then [`Self::reconcile_ahead`]; the log
+    /// reader and the persister of this process run their periodic walks only while it holds the
+    /// lease ([`LogReady::sweeps_here`]). Steps that follow the queue never wait for it; it stops
+    /// between two chunks when `stop` fires, and gives the lease up.
     pub async fn run_sweeper(&self, stop: CancellationToken) {
-        if !self.keys.per_coupon() {
+        let Layout::PerCoupon(state) = &self.layout else {
             return;
-        }
-        loop {
+        };
+        let mut lease = Lease::new(
+            self.client.clone(),
+            self.keys.sweep_lease(),
+            SWEEP_LEASE,
+            "sweeps the coupon registry",
+        );
+        // While held: when this replica last swept.
+        let mut last_sweep: Option<Instant> = None;
+        let mut failures = 0u32;
+        while !stop.is_cancelled() {
+            let held = match lease.hold().await {
+                Ok(held) => {
+                    failures = 0;
+                    held
+                }
+                Err(e) => {
+                    if failures == 0 {
+                        tracing::warn!(error = %format!("{e:#}"), "checking the sweep lease failed; retrying");
+                    }
+                    failures = failures.saturating_add(1);
+                    false
+                }
+            };
+            self.log_ready.set_sweep_turn(lease.held_until());
+            self.metrics.coupon_sweeper.set(i64::from(held));
+            if !held {
+                last_sweep = None;
+            } else if last_sweep.is_none_or(|at| at.elapsed() >= self.sweep_interval) {
+                last_sweep = Some(Instant::now());
+                match self.sweep_registry(&stop).await {
+                    Ok((registered, _)) if !stop.is_cancelled() => {
+                        if let Err(e) = self.reconcile_ahead(state, &registered, &stop).await {
+                            tracing::warn!(error = %format!("{e:#}"), "reconciling lanes ahead of their first request failed; retrying at the next sweep");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "sweeping the coupon registry failed; retrying at the next interval");
+                    }
+                }
+            }
+            // Renew in time, and sweep on time.
+            let mut wait = SWEEP_LEASE / 3;
+            if let Some(at) = last_sweep {
+                wait = wait.min(self.sweep_interval.saturating_sub(at.elapsed()));
+            }
             tokio::select! {
-                _ = tokio::time::sleep(self.sweep_interval) => {}
-                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+                _ = stop.cancelled() => {}
             }
-            if let Err(e) = self.sweep_queues(&stop).await {
-                tracing::warn!(error = %format!("{e:#}"), "sweeping the coupon registry failed; retrying at the next interval");
+        }
+        self.log_ready.set_sweep_turn(None);
+        self.metrics.coupon_sweeper.set(0);
+        lease.release().await;
+    }
+
+    /// Per-coupon layout, on the sweeping replica: reconciles, ahead of their first request, the
+    /// lanes of `registered` coupons not marked reconciled for the live Redis — a coupon never
+    /// used, or every coupon after Redis restarted, was restored or failed over — so that a lone
+    /// request in any lane is decided within a poll interval instead of paying the lane's
+    /// reconciliation from MySQL first. The reconciliation is the one the decide script's
+    /// `UNRECONCILED` refusal starts ([`Reconciler::ensure`]); the refusal stays the guard, so a
+    /// lane this misses (a coupon registered since the last sweep) is reconciled on its first
+    /// request as before.
+    ///
+    /// Cost: one look at the marker per coupon the first time (pipelined GETs, [`SWEEP_CHUNK`]
+    /// at a time; a live identity is asked for only for a marker naming a Redis not seen yet),
+    /// then only for coupons registered since; one probe per sweep of a lane seen reconciled
+    /// notices a Redis that changed (then every marker is looked at again). Returns the lanes
+    /// reconciled.
+    async fn reconcile_ahead(
+        &self,
+        state: &PerCoupon,
+        registered: &[i64],
+        stop: &CancellationToken,
+    ) -> anyhow::Result<usize> {
+        use futures_util::StreamExt;
+        // A changed Redis (on a cluster: the probed lane's shard) invalidates what was seen.
+        let probe = state
+            .verified
+            .lock()
+            .map_err(|_| anyhow::anyhow!("reconciled coupons poisoned"))?
+            .first()
+            .copied();
+        if let Some(coupon) = probe {
+            let lane = self.lanes_of(state, &[coupon])?.remove(0);
+            let (live, marker) = lane.reconciler.identity().await?;
+            if live != marker {
+                self.forget_reconciled();
             }
+        }
+        let todo: Vec<i64> = {
+            let verified = state
+                .verified
+                .lock()
+                .map_err(|_| anyhow::anyhow!("reconciled coupons poisoned"))?;
+            registered
+                .iter()
+                .copied()
+                .filter(|id| !verified.contains(id))
+                .collect()
+        };
+        // Identities seen live, and seen replaced (a marker naming one is stale).
+        let mut live_ids: BTreeSet<String> = BTreeSet::new();
+        let mut stale_ids: BTreeSet<String> = BTreeSet::new();
+        let mut unreconciled: Vec<(i64, Lane)> = Vec::new();
+        let (mut fresh, mut stale) = (0usize, 0usize);
+        for chunk in todo.chunks(SWEEP_CHUNK) {
+            if stop.is_cancelled() {
+                return Ok(0);
+            }
+            let lanes = self.lanes_of(state, chunk)?;
+            let markers = futures_util::future::join_all(lanes.iter().map(|lane| {
+                self.client
+                    .get::<Option<String>, _>(lane.reconciler.marker_key())
+            }))
+            .await;
+            let mut seen = Vec::new();
+            for ((&coupon, lane), marker) in chunk.iter().zip(lanes).zip(markers) {
+                // A key of the wrong type is the lane's to report, at its first request.
+                let Ok(marker) = marker else { continue };
+                match marker {
+                    None => {
+                        fresh += 1;
+                        unreconciled.push((coupon, lane));
+                    }
+                    Some(m) if live_ids.contains(&m) => seen.push(coupon),
+                    Some(m) if stale_ids.contains(&m) => {
+                        stale += 1;
+                        unreconciled.push((coupon, lane));
+                    }
+                    Some(_) => {
+                        let (live, marker) = lane.reconciler.identity().await?;
+                        if live == marker {
+                            seen.push(coupon);
+                        } else {
+                            stale_ids.insert(marker);
+                            stale += 1;
+                            unreconciled.push((coupon, lane));
+                        }
+                        live_ids.insert(live);
+                    }
+                }
+            }
+            if let Ok(mut verified) = state.verified.lock() {
+                verified.extend(seen);
+            }
+        }
+        if unreconciled.is_empty() {
+            return Ok(0);
+        }
+        if stale > 0 {
+            tracing::warn!(
+                lanes = stale,
+                "Redis is not the one these lanes were last reconciled with (restart, restore or failover); reconciling them from MySQL ahead of their next request"
+            );
+        } else {
+            tracing::info!(
+                lanes = fresh,
+                "reconciling lanes never reconciled on this Redis (new coupons, or a new Redis) ahead of their first request"
+            );
+        }
+        let total = unreconciled.len();
+        let reconciled = futures_util::stream::iter(unreconciled)
+            .take_while(|_| std::future::ready(!stop.is_cancelled()))
+            .map(|(coupon, lane)| async move {
+                match lane.reconciler.ensure_ahead().await {
+                    Ok(_) => Some(coupon),
+                    Err(e) => {
+                        tracing::debug!(coupon, error = %format!("{e:#}"), "reconciling a lane ahead of time failed; its first request reconciles it");
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(PARALLEL_RECONCILES)
+            .filter_map(std::future::ready)
+            .collect::<Vec<i64>>()
+            .await;
+        let done = reconciled.len();
+        if let Ok(mut verified) = state.verified.lock() {
+            verified.extend(reconciled);
+        }
+        tracing::info!(
+            lanes = done,
+            failed_or_stopped = total - done,
+            "lanes reconciled ahead of their first request"
+        );
+        Ok(done)
+    }
+
+    /// Redis changed (a script refused as `UNRECONCILED`, or the sweeper's probe): no lane is
+    /// known to be reconciled any more; the next sweep looks at every marker again.
+    fn forget_reconciled(&self) {
+        if let Layout::PerCoupon(state) = &self.layout
+            && let Ok(mut verified) = state.verified.lock()
+        {
+            verified.clear();
         }
     }
 
@@ -1169,6 +1451,7 @@ impl CouponDrain {
                 // MySQL and read the head again.
                 Err(e) if reconcile::is_unreconciled(&e) && reconciles < RECONCILES_PER_TICK => {
                     reconciles += 1;
+                    self.forget_reconciled();
                     if let Err(e) = lane.reconciler.ensure().await {
                         break Err(e.context("reconciling Redis from MySQL"));
                     }

@@ -261,16 +261,28 @@ impl Reconciler {
         Ok((live, marker))
     }
 
+    /// The lane's marker key (the identity of the Redis last reconciled).
+    pub fn marker_key(&self) -> String {
+        self.keys.reconciled_marker()
+    }
+
     /// Reconciles the lane unless its marker already names the live Redis (the daemon's way,
     /// after a script refused with `UNRECONCILED`).
     pub async fn ensure(&self) -> anyhow::Result<LaneReport> {
-        self.run(false, false).await
+        self.run(false, false, false).await
+    }
+
+    /// [`Self::ensure`] ahead of the lane's first request (the sweeper's way): the same work,
+    /// logged per lane at DEBUG only — the sweeper logs one line for all the lanes it
+    /// reconciles; what a coupon's reconciliation found is logged as always.
+    pub async fn ensure_ahead(&self) -> anyhow::Result<LaneReport> {
+        self.run(false, false, true).await
     }
 
     /// Compares every coupon of the lane with MySQL whatever the marker says and, unless
     /// `dry_run`, repairs Redis and sets the marker (the `reconcile` command).
     pub async fn reconcile(&self, dry_run: bool) -> anyhow::Result<LaneReport> {
-        self.run(true, dry_run).await
+        self.run(true, dry_run, false).await
     }
 
     /// What a persist refused by the fence (`mismatch`) means, and what is done about it:
@@ -314,11 +326,12 @@ impl Reconciler {
         }
     }
 
-    async fn run(&self, always: bool, dry_run: bool) -> anyhow::Result<LaneReport> {
+    /// `quiet`: the per-lane "not the one last reconciled" and "reconciled" lines at DEBUG.
+    async fn run(&self, always: bool, dry_run: bool, quiet: bool) -> anyhow::Result<LaneReport> {
         let _one_at_a_time = self.running.lock().await;
         let mut last_error = None;
         for _ in 0..ATTEMPTS {
-            match self.attempt(always, dry_run).await {
+            match self.attempt(always, dry_run, quiet).await {
                 Ok(report) => return Ok(report),
                 Err(e) if is_redis_changed(&e) => {
                     tracing::warn!(scope = %self.keys.outbox, error = %format!("{e:#}"),
@@ -333,7 +346,12 @@ impl Reconciler {
             .context(format!("Redis kept changing during {ATTEMPTS} attempts")))
     }
 
-    async fn attempt(&self, always: bool, dry_run: bool) -> anyhow::Result<LaneReport> {
+    async fn attempt(
+        &self,
+        always: bool,
+        dry_run: bool,
+        quiet: bool,
+    ) -> anyhow::Result<LaneReport> {
         let scope = self.keys.outbox.clone();
         let (identity, marker) = self.identity().await?;
         let mut report = LaneReport {
@@ -363,8 +381,13 @@ impl Reconciler {
             tracing::error!(%scope, %identity, fence = ?report.fence, dry_run,
                 "MySQL's redis_fence does not name the live Redis although it is marked reconciled (MySQL restored or failed over, or two deployments sharing one Redis or MySQL); a reconcile that is not a dry run rewrites it");
         }
-        tracing::warn!(%scope, %identity, previous = %marker, dry_run,
-            "Redis is not the one last reconciled (restart, restore, failover or a new Redis); reconciling from MySQL before deciding again");
+        if quiet {
+            tracing::debug!(%scope, %identity, previous = %marker,
+                "lane not reconciled for this Redis; reconciling it from MySQL ahead of its first request");
+        } else {
+            tracing::warn!(%scope, %identity, previous = %marker, dry_run,
+                "Redis is not the one last reconciled (restart, restore, failover or a new Redis); reconciling from MySQL before deciding again");
+        }
         if !dry_run {
             mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
                 let (scope, identity) = (scope.clone(), identity.clone());
@@ -434,9 +457,13 @@ impl Reconciler {
                 )
                 .await?;
             self.metrics.coupon_reconciliations.inc();
-            tracing::info!(%scope, %identity, coupons = report.coupons.len(),
-                restored = report.coupons.iter().map(|c| c.missing).sum::<u64>(),
-                "Redis reconciled from MySQL; deciding again");
+            let restored = report.coupons.iter().map(|c| c.missing).sum::<u64>();
+            if quiet {
+                tracing::debug!(%scope, %identity, restored, "lane reconciled from MySQL");
+            } else {
+                tracing::info!(%scope, %identity, coupons = report.coupons.len(), restored,
+                    "Redis reconciled from MySQL; deciding again");
+            }
         }
         Ok(report)
     }

@@ -90,6 +90,8 @@ pub struct LogPipeline {
     stream: LogStream,
     in_hand: stream::InHand,
     keys: KeyTemplates,
+    /// The reader's work set: the streams it knows to have entries.
+    work: stream::WorkSet,
 }
 
 impl LogPipeline {
@@ -110,6 +112,7 @@ impl LogPipeline {
         let abort = CancellationToken::new();
         let wake = Arc::new(LogReady::default());
         let in_hand = stream::InHand::default();
+        let work = stream::WorkSet::default();
         let reader = LogReader {
             stream: stream.clone(),
             keys: keys.clone(),
@@ -120,7 +123,7 @@ impl LogPipeline {
             wake: wake.clone(),
             poll: config.flush_interval.max(Duration::from_millis(20)) * 4,
             metrics: metrics.clone(),
-            work: Default::default(),
+            work: work.clone(),
         };
         let writer = LogWriter::new(
             config,
@@ -142,6 +145,7 @@ impl LogPipeline {
             stream,
             in_hand,
             keys: keys.clone(),
+            work,
         }
     }
 
@@ -155,9 +159,19 @@ impl LogPipeline {
         self.wake.clone()
     }
 
-    /// Rows waiting in Redis (all lanes), and the age of the oldest entry.
+    /// Rows waiting in Redis (all lanes), and the age of the oldest entry. Walks every lane
+    /// (per coupon: every registered coupon's log stream, and a SCAN for those of coupons no
+    /// longer registered); [`Self::known_backlog`] is the cheap one.
     pub async fn backlog(&self) -> anyhow::Result<(u64, Duration)> {
         self.stream.backlog(&self.keys).await
+    }
+
+    /// Rows waiting in the log streams the reader knows to have entries, and the age of the
+    /// oldest entry: once the reader has finished a walk of every stream since some moment
+    /// ([`LogReady::sweeps_done`]), every row that waited in Redis then and was not written yet,
+    /// and every row this process's drain decided since — without walking every lane.
+    pub async fn known_backlog(&self) -> anyhow::Result<(u64, Duration)> {
+        stream::known_backlog(self.stream.client(), &self.work).await
     }
 
     /// Stops reading; writes what was read, and is done by `deadline`, whatever Redis and MySQL

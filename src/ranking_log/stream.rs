@@ -225,6 +225,11 @@ impl LogStream {
         }
     }
 
+    /// The Redis client the commands go to.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// This reader's consumer name in the group.
     pub fn consumer(&self) -> &str {
         &self.consumer
@@ -629,6 +634,21 @@ pub struct Delivered {
     _permit: OwnedSemaphorePermit,
 }
 
+/// The reader's work set (log stream key → its lane), shared with [`super::LogPipeline`] for
+/// the backlog of the streams known to have entries.
+pub type WorkSet = Arc<Mutex<BTreeMap<String, KeyTemplates>>>;
+
+/// Rows waiting in the streams of the work set `work`, and the age of the oldest entry: after a
+/// finished walk of every stream ([`LogReady::sweeps_done`]), every row waiting in Redis, at
+/// the cost of the streams with entries only.
+pub async fn known_backlog(client: &Client, work: &WorkSet) -> anyhow::Result<(u64, Duration)> {
+    let lanes: Vec<KeyTemplates> = work
+        .lock()
+        .map(|work| work.values().cloned().collect())
+        .unwrap_or_default();
+    backlog_of(client, &lanes).await
+}
+
 /// The reader task: moves entries from the log streams into the bounded channel.
 ///
 /// It reads only the streams it knows to have entries (its *work set*): the lanes the drain of
@@ -646,7 +666,7 @@ pub struct LogReader {
     pub(super) poll: Duration,
     pub(super) metrics: Metrics,
     /// The work set: log stream key → its lane. A std mutex, never held across an await.
-    pub(super) work: Mutex<BTreeMap<String, KeyTemplates>>,
+    pub(super) work: WorkSet,
 }
 
 impl LogReader {
@@ -673,7 +693,16 @@ impl LogReader {
                 .collect();
             self.know(named);
             let asked = self.wake.take_sweep();
-            if asked || last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+            let first = last_sweep.is_none();
+            let due = last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+            // The periodic walk runs on the replica holding the sweep lease (per coupon); the
+            // first one and those asked for run here whoever holds it.
+            if due && !asked && !first && !self.wake.sweeps_here() {
+                last_sweep = Some(tokio::time::Instant::now());
+                // Another replica walks every stream and counts the dead letters: this one's
+                // count would only grow stale (the alert takes the largest over replicas).
+                self.metrics.ranking_log_dead_letters.set(0);
+            } else if asked || due {
                 last_sweep = Some(tokio::time::Instant::now());
                 let scan = asked || last_scan.is_none_or(|t| t.elapsed() >= SCAN_EVERY);
                 if scan {
@@ -682,6 +711,10 @@ impl LogReader {
                 if let Err(e) = self.sweep(&stop, scan, &mut unregistered).await {
                     if scan {
                         last_scan = None;
+                    }
+                    if asked {
+                        // Whoever asked is waiting for a finished walk: the next look tries again.
+                        self.wake.sweep_now();
                     }
                     self.failed(&mut errors, &e);
                 }
@@ -833,6 +866,7 @@ impl LogReader {
             );
         }
         self.metrics.ranking_log_dead_letters.set(dead as i64);
+        self.wake.swept();
         Ok(())
     }
 
