@@ -191,8 +191,13 @@ async fn shutdown_while_following_a_long_queue_stops_cleanly_within_the_deadline
 async fn one_replica_holds_the_follow_lease_until_it_gives_it_up() {
     let env = TestEnv::new().await;
     let key = env.keys().follow_lease();
-    let mut first = FollowLease::new(env.redis.clone(), key.clone(), Duration::from_secs(30));
-    let mut second = FollowLease::new(env.redis.clone(), key, Duration::from_secs(30));
+    let mut first = FollowLease::new(
+        env.redis.clone(),
+        key.clone(),
+        Duration::from_secs(30),
+        "follows",
+    );
+    let mut second = FollowLease::new(env.redis.clone(), key, Duration::from_secs(30), "follows");
     let ok = |r: anyhow::Result<bool>| r.unwrap();
     assert!(
         ok(first.hold_now().await),
@@ -545,6 +550,7 @@ async fn a_scheduled_tick_gives_way_while_any_replica_follows_and_runs_when_none
         env.redis.clone(),
         env.keys().follow_lease(),
         Duration::from_secs(30),
+        "follows",
     );
     assert!(other.hold_now().await.unwrap());
     assert_eq!(
@@ -606,6 +612,7 @@ async fn a_tick_that_started_while_nobody_followed_hands_over_when_a_follower_ap
             env.redis.clone(),
             env.keys().follow_lease(),
             Duration::from_secs(30),
+            "follows",
         );
         assert!(
             other.hold_now().await.unwrap(),

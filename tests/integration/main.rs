@@ -21,3 +21,4 @@ mod invariants;
 mod ranking;
 mod ranking_log;
 mod reconcile;
+mod sweeps;

@@ -198,10 +198,12 @@ async fn catalog(config: &Config, options: &CouponBenchOptions) -> anyhow::Resul
 
 /// Registered coupons in the idle part of `--catalog`.
 const IDLE_REGISTRY: i64 = 20_000;
-/// How long the idle daemon's cost is measured.
+/// How long the idle daemons' cost is measured, per number of replicas.
 const IDLE_WINDOW: Duration = Duration::from_secs(30);
-/// Lone requests sent after the window, one every [`LONE_EVERY`]: together they span more than
-/// one registry sweep (`sweep_interval_secs`, 10 s).
+/// Replicas in the idle part: 1, then 2, then 3 (each measured with the ones before running).
+const IDLE_REPLICAS: usize = 3;
+/// Lone requests sent after each window, one every [`LONE_EVERY`], each in a lane never used
+/// before: together they span more than one registry sweep (`sweep_interval_secs`, 10 s).
 const LONE_REQUESTS: i64 = 25;
 const LONE_EVERY: Duration = Duration::from_millis(500);
 
@@ -238,12 +240,47 @@ async fn redis_cpu(redis: &Client) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-/// `--catalog`, idle (issue 19): the daemon (in-process, following at the configured interval)
-/// over 20 000 registered coupons whose queues are all empty. Measures over 30 s the process's
-/// CPU (the benchmark itself sleeps meanwhile) and Redis' busy time (INFO cpu: on a shared Redis
-/// other clients count too), then the enqueue-to-outcome time of lone requests in lanes spread
-/// over the registry (as the API does: ZADD, SADD active; then HGET of the result every
-/// millisecond), then how long the daemon takes to stop.
+/// Waits until every lane of `coupons` is marked reconciled (the sweeping replica reconciles
+/// them ahead of their first request); returns how long that took.
+async fn wait_reconciled_ahead(
+    redis: &Client,
+    keys: &KeyTemplates,
+    coupons: &[i64],
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let mut missing = 0usize;
+        for chunk in coupons.chunks(1000) {
+            let markers = futures_util::future::join_all(chunk.iter().map(|&id| {
+                redis.get::<Option<String>, _>(keys.for_coupon(id).reconciled_marker())
+            }))
+            .await;
+            for marker in markers {
+                if marker?.is_none() {
+                    missing += 1;
+                }
+            }
+        }
+        if missing == 0 {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "{missing} lanes still not reconciled after 600 s"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `--catalog`, idle (issue 19): daemons (in-process, following at the configured interval) over
+/// 20 000 registered coupons whose queues are all empty, one replica, then two, then three.
+/// First waits until the sweeping replica has reconciled every lane ahead of its first request
+/// (a one-off per Redis, printed). For each number of replicas, measures over 30 s this
+/// process's CPU (the replicas' together; the benchmark itself sleeps meanwhile) and Redis' busy
+/// time (INFO cpu: on a shared Redis other clients count too), then the enqueue-to-outcome time
+/// of lone requests in lanes never used before, spread over the registry (as the API does: ZADD,
+/// SADD active; then HGET of the result every millisecond); at the end, how long the replicas
+/// take to stop.
 async fn idle_catalog(config: &Config, summary: &mut Summary) -> anyhow::Result<()> {
     let mut case_config = config.clone();
     case_config.keys = KeyTemplates::per_coupon_layout();
@@ -254,9 +291,10 @@ async fn idle_catalog(config: &Config, summary: &mut Summary) -> anyhow::Result<
         for chunk in registry.chunks(5000) {
             let _: u64 = redis.sadd(&keys.coupon_registry, chunk.to_vec()).await?;
         }
-        // The lone requests' coupons, spread over the registry.
+        // The lone requests' coupons, spread over the registry, different for each phase.
         let lane = |n: i64| 1 + (n * 7_919) % IDLE_REGISTRY;
-        for n in 0..LONE_REQUESTS {
+        let lone_total = LONE_REQUESTS * IDLE_REPLICAS as i64;
+        for n in 0..lone_total {
             let _: () = redis.set(keys.stock(lane(n)), 1, None, None, false).await?;
         }
         let mut daemon_config = sandbox.config.clone();
@@ -264,92 +302,123 @@ async fn idle_catalog(config: &Config, summary: &mut Summary) -> anyhow::Result<
             daemon_config.coupon.poll_interval = Duration::from_millis(30);
         }
         daemon_config.http.listen = "127.0.0.1:0".parse()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let daemon = tokio::spawn(crate::app::run(daemon_config, async move {
-            let _ = stopped.await;
-        }));
+        let (mut stops, mut daemons) = (Vec::new(), Vec::new());
         let measured = async {
-            let settle = Instant::now();
-            loop {
-                let lease: u64 = redis.exists(keys.follow_lease()).await?;
-                if lease == 1 {
-                    break;
-                }
-                ensure!(
-                    settle.elapsed() < Duration::from_secs(60),
-                    "the daemon did not take the follow lease within 60 s"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            // The first looks sweep the registry; let them pass.
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            let (cpu0, redis0) = (process_cpu()?, redis_cpu(redis).await?);
-            tokio::time::sleep(IDLE_WINDOW).await;
-            let (cpu1, redis1) = (process_cpu()?, redis_cpu(redis).await?);
-            let window = IDLE_WINDOW.as_secs_f64();
-            let core = (cpu1 - cpu0).as_secs_f64() / window * 100.0;
-            let busy_ms = (redis1 - redis0).as_secs_f64() / window * 1000.0;
-            println!(
-                "  idle, per coupon, {} registered coupons, every queue empty, over {} s: the daemon {core:.1} % of a core (target <= 5), Redis {busy_ms:.1} ms busy per second (target <= 10; every client of this Redis counts)",
-                group(IDLE_REGISTRY as f64),
-                IDLE_WINDOW.as_secs()
-            );
-            summary.record("idle, 20 000 registered: daemon CPU", "% of a core", core);
-            summary.record("idle, 20 000 registered: Redis busy", "ms/s", busy_ms);
-
-            let mut lone = Latencies::default();
-            for n in 0..LONE_REQUESTS {
-                let coupon = lane(n);
-                let user = 1_000 + n;
-                let started = Instant::now();
-                enqueue_members(
-                    redis,
-                    &keys,
-                    vec![(
-                        chrono::Utc::now().timestamp_millis() as f64,
-                        format!("{user}:{coupon}"),
-                    )],
-                )
-                .await?;
-                loop {
-                    let outcome: Option<String> =
-                        redis.hget(keys.result(coupon), user.to_string()).await?;
-                    if outcome.is_some() {
-                        break;
+            for replicas in 1..=IDLE_REPLICAS {
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let daemon = tokio::spawn(crate::app::run(daemon_config.clone(), async move {
+                    let _ = stopped.await;
+                }));
+                stops.push(stop);
+                daemons.push(daemon);
+                if replicas == 1 {
+                    let settle = Instant::now();
+                    loop {
+                        let lease: u64 = redis.exists(keys.follow_lease()).await?;
+                        if lease == 1 {
+                            break;
+                        }
+                        ensure!(
+                            settle.elapsed() < Duration::from_secs(60),
+                            "the daemon did not take the follow lease within 60 s"
+                        );
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    ensure!(
-                        started.elapsed() < Duration::from_secs(60),
-                        "a lone request in coupon {coupon}'s lane had no outcome after 60 s"
+                    let took = wait_reconciled_ahead(redis, &keys, &registry).await?;
+                    println!(
+                        "  {} lanes reconciled ahead of their first request in {:.1} s (once per Redis)",
+                        group(IDLE_REGISTRY as f64),
+                        took.as_secs_f64()
                     );
-                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                lone.record(started.elapsed());
-                tokio::time::sleep(LONE_EVERY).await;
+                // A new replica's first looks walk the registry once; let them pass.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let (cpu0, redis0) = (process_cpu()?, redis_cpu(redis).await?);
+                tokio::time::sleep(IDLE_WINDOW).await;
+                let (cpu1, redis1) = (process_cpu()?, redis_cpu(redis).await?);
+                let window = IDLE_WINDOW.as_secs_f64();
+                let core = (cpu1 - cpu0).as_secs_f64() / window * 100.0;
+                let per_replica = core / replicas as f64;
+                let busy_ms = (redis1 - redis0).as_secs_f64() / window * 1000.0;
+                println!(
+                    "  idle, per coupon, {} registered coupons, every queue empty, {replicas} replica(s), over {} s: the replicas {core:.1} % of a core together, {per_replica:.1} % each (target <= 5), Redis {busy_ms:.1} ms busy per second (target <= 10; every client of this Redis counts)",
+                    group(IDLE_REGISTRY as f64),
+                    IDLE_WINDOW.as_secs()
+                );
+                summary.record(
+                    &format!("idle, 20 000 registered, {replicas} replica(s): daemon CPU each"),
+                    "% of a core",
+                    per_replica,
+                );
+                summary.record(
+                    &format!("idle, 20 000 registered, {replicas} replica(s): Redis busy"),
+                    "ms/s",
+                    busy_ms,
+                );
+
+                let mut lone = Latencies::default();
+                let phase = (replicas as i64 - 1) * LONE_REQUESTS;
+                for n in phase..phase + LONE_REQUESTS {
+                    let coupon = lane(n);
+                    let user = 1_000 + n;
+                    let started = Instant::now();
+                    enqueue_members(
+                        redis,
+                        &keys,
+                        vec![(
+                            chrono::Utc::now().timestamp_millis() as f64,
+                            format!("{user}:{coupon}"),
+                        )],
+                    )
+                    .await?;
+                    loop {
+                        let outcome: Option<String> =
+                            redis.hget(keys.result(coupon), user.to_string()).await?;
+                        if outcome.is_some() {
+                            break;
+                        }
+                        ensure!(
+                            started.elapsed() < Duration::from_secs(60),
+                            "a lone request in coupon {coupon}'s lane had no outcome after 60 s"
+                        );
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    lone.record(started.elapsed());
+                    tokio::time::sleep(LONE_EVERY).await;
+                }
+                println!(
+                    "  lone request in a never-used one of {} registered lanes, {replicas} replica(s) ({LONE_REQUESTS} times, {} ms apart): p50 {} / max {} to its outcome (target <= 100 ms)",
+                    group(IDLE_REGISTRY as f64),
+                    LONE_EVERY.as_millis(),
+                    millis(lone.percentile(50.0)),
+                    millis(lone.max())
+                );
+                summary.record(
+                    &format!("lone request, 20 000 registered, {replicas} replica(s): max"),
+                    "ms",
+                    lone.max().as_secs_f64() * 1000.0,
+                );
             }
-            println!(
-                "  lone request in one of {} registered lanes ({LONE_REQUESTS} times, {} ms apart): p50 {} / max {} to its outcome (target <= 100 ms)",
-                group(IDLE_REGISTRY as f64),
-                LONE_EVERY.as_millis(),
-                millis(lone.percentile(50.0)),
-                millis(lone.max())
-            );
-            summary.record(
-                "lone request, 20 000 registered: max",
-                "ms",
-                lone.max().as_secs_f64() * 1000.0,
-            );
             anyhow::Ok(())
         }
         .await;
         let stopping = Instant::now();
-        let _ = stop.send(());
-        daemon.await??;
+        let mut stopped = Ok(());
+        for stop in stops {
+            let _ = stop.send(());
+        }
+        for daemon in daemons {
+            if let Err(e) = daemon.await? {
+                stopped = Err(e);
+            }
+        }
         println!(
-            "  shutdown with {} registered coupons: {:.2} s",
+            "  shutdown of {IDLE_REPLICAS} replicas with {} registered coupons: {:.2} s",
             group(IDLE_REGISTRY as f64),
             stopping.elapsed().as_secs_f64()
         );
-        measured
+        measured?;
+        stopped
     })
     .await
 }
