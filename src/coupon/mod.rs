@@ -756,60 +756,75 @@ impl CouponDrain {
         let Layout::PerCoupon(state) = &self.layout else {
             return;
         };
-        let mut lease = Lease::new(
-            self.client.clone(),
-            self.keys.sweep_lease(),
-            SWEEP_LEASE,
-            "sweeps the coupon registry",
-        );
-        // While held: when this replica last swept.
-        let mut last_sweep: Option<Instant> = None;
-        let mut failures = 0u32;
-        while !stop.is_cancelled() {
-            let held = match lease.hold().await {
-                Ok(held) => {
-                    failures = 0;
-                    held
-                }
-                Err(e) => {
-                    if failures == 0 {
-                        tracing::warn!(error = %format!("{e:#}"), "checking the sweep lease failed; retrying");
+        // Managed from now on: nothing sweeps periodically here until the lease is held.
+        self.log_ready.set_sweep_turn(None);
+        // The lease is kept on its own pace, so that a long walk (the first reconciliation
+        // ahead of 20 000 lanes) never lets it lapse.
+        let keep = async {
+            let mut lease = Lease::new(
+                self.client.clone(),
+                self.keys.sweep_lease(),
+                SWEEP_LEASE,
+                "sweeps the coupon registry",
+            );
+            let mut failures = 0u32;
+            while !stop.is_cancelled() {
+                let held = match lease.hold().await {
+                    Ok(held) => {
+                        failures = 0;
+                        held
                     }
-                    failures = failures.saturating_add(1);
-                    false
+                    Err(e) => {
+                        if failures == 0 {
+                            tracing::warn!(error = %format!("{e:#}"), "checking the sweep lease failed; retrying");
+                        }
+                        failures = failures.saturating_add(1);
+                        false
+                    }
+                };
+                self.log_ready.set_sweep_turn(lease.held_until());
+                self.metrics.coupon_sweeper.set(i64::from(held));
+                tokio::select! {
+                    _ = tokio::time::sleep(SWEEP_LEASE / 3) => {}
+                    _ = stop.cancelled() => {}
                 }
-            };
-            self.log_ready.set_sweep_turn(lease.held_until());
-            self.metrics.coupon_sweeper.set(i64::from(held));
-            if !held {
-                last_sweep = None;
-            } else if last_sweep.is_none_or(|at| at.elapsed() >= self.sweep_interval) {
-                last_sweep = Some(Instant::now());
-                match self.sweep_registry(&stop).await {
-                    Ok((registered, _)) if !stop.is_cancelled() => {
-                        if let Err(e) = self.reconcile_ahead(state, &registered, &stop).await {
-                            tracing::warn!(error = %format!("{e:#}"), "reconciling lanes ahead of their first request failed; retrying at the next sweep");
+            }
+            self.log_ready.set_sweep_turn(None);
+            self.metrics.coupon_sweeper.set(0);
+            lease.release().await;
+        };
+        let sweep = async {
+            // While held: when this replica last swept (it sweeps at once when it takes over).
+            let mut last_sweep: Option<Instant> = None;
+            while !stop.is_cancelled() {
+                if !self.log_ready.sweeps_here() {
+                    last_sweep = None;
+                } else if last_sweep.is_none_or(|at| at.elapsed() >= self.sweep_interval) {
+                    last_sweep = Some(Instant::now());
+                    match self.sweep_registry(&stop).await {
+                        Ok((registered, _)) if !stop.is_cancelled() => {
+                            if let Err(e) = self.reconcile_ahead(state, &registered, &stop).await {
+                                tracing::warn!(error = %format!("{e:#}"), "reconciling lanes ahead of their first request failed; retrying at the next sweep");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "sweeping the coupon registry failed; retrying at the next interval");
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "sweeping the coupon registry failed; retrying at the next interval");
-                    }
+                }
+                // No Redis call here: looking at the turn every second is free.
+                let mut wait = Duration::from_secs(1);
+                if let Some(at) = last_sweep {
+                    wait = wait.min(self.sweep_interval.saturating_sub(at.elapsed()));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+                    _ = stop.cancelled() => {}
                 }
             }
-            // Renew in time, and sweep on time.
-            let mut wait = SWEEP_LEASE / 3;
-            if let Some(at) = last_sweep {
-                wait = wait.min(self.sweep_interval.saturating_sub(at.elapsed()));
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
-                _ = stop.cancelled() => {}
-            }
-        }
-        self.log_ready.set_sweep_turn(None);
-        self.metrics.coupon_sweeper.set(0);
-        lease.release().await;
+        };
+        tokio::join!(keep, sweep);
     }
 
     /// Per-coupon layout, on the sweeping replica: reconciles, ahead of their first request, the
@@ -920,7 +935,8 @@ impl CouponDrain {
         }
         let total = unreconciled.len();
         let reconciled = futures_util::stream::iter(unreconciled)
-            .take_while(|_| std::future::ready(!stop.is_cancelled()))
+            // Another replica takes over where this one lost the lease.
+            .take_while(|_| std::future::ready(!stop.is_cancelled() && self.log_ready.sweeps_here()))
             .map(|(coupon, lane)| async move {
                 match lane.reconciler.ensure_ahead().await {
                     Ok(_) => Some(coupon),

@@ -518,7 +518,10 @@ fn parse_entries(value: Value) -> Vec<(String, Option<RawFields>)> {
 /// safety net for rows no [`LogReady`] named (written by a process that died before reading
 /// them, put back by `requeue-log-dead`, left pending by a dead reader), and the dead-letter
 /// gauge. Between sweeps the reader looks only at the streams it knows to have entries, so an
-/// idle reader costs nothing however many coupons are registered (issue 19).
+/// idle reader costs nothing however many coupons are registered (issue 19). Per coupon, the
+/// periodic sweep runs only in the process holding the sweep lease
+/// ([`LogReady::sweeps_here`]): one replica walks the streams, whatever their number; each
+/// reader's first sweep and those asked for ([`LogReady::sweep_now`]) run anywhere.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// How often the sweep also looks with SCAN (the whole keyspace, every primary) for log streams

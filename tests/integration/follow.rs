@@ -440,6 +440,27 @@ async fn idle_commands_per_second(env: &TestEnv, redis: &PrivateRedis) -> (f64, 
         },
     )
     .await;
+    if keys.per_coupon() {
+        // The sweeping replica reconciles every registered lane ahead of its first request, once
+        // per Redis: settled means done.
+        eventually(WAIT, "every registered lane reconciled ahead", async || {
+            let registered = commerce_worker::coupon::registered_coupons(&env.redis, &keys)
+                .await
+                .unwrap();
+            for coupon in registered {
+                let marker: Option<String> = env
+                    .redis
+                    .get(keys.for_coupon(coupon).reconciled_marker())
+                    .await
+                    .unwrap();
+                if marker.is_none() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
     redis.cli(&["CONFIG", "RESETSTAT"]);
     // The measured window: a count over a fixed span, not a wait for a condition.
     tokio::time::sleep(IDLE_WINDOW).await;
