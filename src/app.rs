@@ -334,6 +334,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // supervisor (or a test) learns it.
     let listen = listener.local_addr().unwrap_or(config.http.listen);
     let job = CouponJob::start(&config, &backends, &metrics);
+    // A lone request in a never-used lane is decided without reconciling its lane first.
+    job.drain.reconcile_lanes_ahead();
     let drain = job.drain.clone();
     let rebuild = RankingRebuild::new(
         backends.redis.clone(),

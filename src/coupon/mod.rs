@@ -258,6 +258,9 @@ struct PerCoupon {
     /// reconciles the others ahead of their first request, [`CouponDrain::reconcile_ahead`]);
     /// forgotten when Redis turns out to have changed.
     verified: std::sync::Mutex<BTreeSet<i64>>,
+    /// Whether the sweeper reconciles lanes ahead of their first request (the daemon's choice,
+    /// [`CouponDrain::reconcile_lanes_ahead`]; a one-shot command exits before it would pay off).
+    ahead: AtomicBool,
 }
 
 /// A lane left alone after a failure of its own.
@@ -295,6 +298,7 @@ impl Default for PerCoupon {
             outboxes: Default::default(),
             failing: Default::default(),
             verified: Default::default(),
+            ahead: AtomicBool::new(false),
         }
     }
 }
@@ -521,6 +525,15 @@ impl CouponDrain {
     pub fn with_pause_check(mut self, interval: Duration) -> Self {
         self.pause_check = interval;
         self
+    }
+
+    /// Per-coupon layout: from now on, the sweeper (while this replica holds the sweep lease)
+    /// also reconciles lanes ahead of their first request ([`Self::reconcile_ahead`]). The
+    /// daemon turns it on; one-shot commands leave it off (they exit before it would pay off).
+    pub fn reconcile_lanes_ahead(&self) {
+        if let Layout::PerCoupon(state) = &self.layout {
+            state.ahead.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Makes the next look sweep the whole registry (per-coupon layout), as if the sweep
@@ -802,7 +815,9 @@ impl CouponDrain {
                 } else if last_sweep.is_none_or(|at| at.elapsed() >= self.sweep_interval) {
                     last_sweep = Some(Instant::now());
                     match self.sweep_registry(&stop).await {
-                        Ok((registered, _)) if !stop.is_cancelled() => {
+                        Ok((registered, _))
+                            if !stop.is_cancelled() && state.ahead.load(Ordering::Relaxed) =>
+                        {
                             if let Err(e) = self.reconcile_ahead(state, &registered, &stop).await {
                                 tracing::warn!(error = %format!("{e:#}"), "reconciling lanes ahead of their first request failed; retrying at the next sweep");
                             }

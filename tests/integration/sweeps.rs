@@ -337,6 +337,8 @@ async fn lanes_are_reconciled_ahead_of_their_first_request_and_again_after_redis
     env.register([5, 6, 7]).await;
     env.set_stock(7, "2").await;
     let pipeline = env.pipeline();
+    // As the daemon does.
+    pipeline.drain.reconcile_lanes_ahead();
     let marker = |coupon: i64| keys.for_coupon(coupon).reconciled_marker();
     eventually(
         WAIT,
