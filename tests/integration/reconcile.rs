@@ -1035,3 +1035,81 @@ async fn an_old_primary_deciding_after_a_failover_logs_nothing_single_queue() {
 async fn an_old_primary_deciding_after_a_failover_logs_nothing_per_coupon() {
     an_old_primary_deciding_after_a_failover_logs_nothing(true).await;
 }
+
+/// A coupon in `user_coupon` whose ISSUED decision Redis forgot *and* whose log row never
+/// reached ranking_logs (chaos seed 20261126: an old primary's persister inserted it before the
+/// promoted replica was reconciled, its log row was still in the old primary's stream, fenced off
+/// since). Reconciliation restores the holder; the request that issued it is still queued (scored
+/// before the issue time) and must keep its one outcome, ISSUED, with one row saying so — not be
+/// decided again as the holder's DUPLICATE. A later request of the same user stays a DUPLICATE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_holder_whose_issuing_request_is_still_queued_is_logged_issued_once() {
+    let env = TestEnv::new().await;
+    let coupon = 81;
+    env.set_stock(coupon, "5").await;
+    let t0 = now_ms() - 10_000.0;
+    enqueue(
+        &env,
+        vec![(t0, member(1, coupon)), (t0 + 1.0, member(2, coupon))],
+    )
+    .await;
+    let pipeline = env.pipeline();
+    let report = pipeline.drain_within(DRAIN_LIMIT, "users 1 and 2").await;
+    assert_eq!(report[Outcome::Issued], 2, "{report:?}");
+    // User 3's request is queued; another Redis (since replaced) decided it ISSUED at t0 + 10 and
+    // its coupon reached user_coupon, its log row did not. User 4's request came after that
+    // decision: a new request, not the one that issued user 4's coupon (issued at t0 + 3).
+    enqueue(
+        &env,
+        vec![
+            (t0 + 5.0, member(3, coupon)),
+            (t0 + 20.0, member(4, coupon)),
+        ],
+    )
+    .await;
+    for (user, issued_ms) in [(3, t0 + 10.0), (4, t0 + 3.0)] {
+        sqlx::query("INSERT INTO user_coupon (user_id, coupon_id, issued_at) VALUES (?, ?, ?)")
+            .bind(user)
+            .bind(coupon)
+            .bind(
+                chrono::DateTime::from_timestamp_millis(issued_ms as i64)
+                    .unwrap()
+                    .naive_utc(),
+            )
+            .execute(&env.mysql)
+            .await
+            .unwrap();
+    }
+    let reports = pipeline.drain.reconcile_all(false).await.unwrap();
+    let c = reports
+        .iter()
+        .flat_map(|lane| lane.coupons.iter())
+        .find(|c| c.coupon_id == coupon)
+        .unwrap_or_else(|| panic!("coupon {coupon} not reported: {reports:?}"));
+    assert_eq!(c.missing, 2, "{c:?}");
+    let report = pipeline
+        .drain_within(DRAIN_LIMIT, "what reconciliation left queued")
+        .await;
+    assert_eq!(
+        (report.decided(), report[Outcome::Duplicate]),
+        (1, 1),
+        "only user 4's later request is decided (a holder: DUPLICATE): {report:?}"
+    );
+    pipeline.finish().await;
+    let rows = logged(&env, coupon).await;
+    let expected: Vec<(i64, i64, String)> = [
+        (1, 1, "ISSUED"),
+        (2, 2, "ISSUED"),
+        (3, 3, "ISSUED"),
+        (4, 4, "DUPLICATE"),
+    ]
+    .into_iter()
+    .map(|(u, r, o)| (u, r, o.to_owned()))
+    .collect();
+    assert_eq!(rows, expected, "one row per request, ranks 1..4");
+    let results: HashMap<String, String> =
+        env.redis.hgetall(env.keys().result(coupon)).await.unwrap();
+    assert_eq!(results.get("3").map(String::as_str), Some("ISSUED"));
+    assert_consistent(&env, coupon, 5).await;
+    env.cleanup().await;
+}
