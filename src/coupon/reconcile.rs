@@ -34,7 +34,10 @@
 //!    gets its previous outcome, which, with no restock in between, is the one it would get);
 //!  - then, in chunks of [`CHUNK`] users (index `(coupon_id, user_id)`): every holder in
 //!    MySQL that Redis lacks joins the issued set with `ISSUED` in the result hash, and the stock
-//!    is decremented for it, never below 0 (`reconcile.lua`). What the stock cannot explain is
+//!    is decremented for it, never below 0 (`reconcile.lua`). If the queue still holds its
+//!    member scored no later than the row's `issued_at`, that is the request that issued it
+//!    (its ISSUED log row never reached `ranking_logs`, or step 3 would have removed it): taken
+//!    from the queue and logged ISSUED, ranked after the highest rank, not decided again. What the stock cannot explain is
 //!    an ERROR log and `commerce_worker_coupon_unexplained_rows`: a person must look;
 //! 4. `coupon:seq` is raised to the highest rank already in `ranking_logs` for the coupon, so new
 //!    decisions do not reuse ranks a rolled-back Redis handed out before;
@@ -48,10 +51,11 @@
 //! rows of a replaced Redis — an old primary still taking writes after a failover, a row in
 //! flight when Redis rolled back — from landing after steps 3-4 read `ranking_logs`.
 //!
-//! Not covered: decisions whose log rows had not reached `ranking_logs` when this runs (still
-//! in Redis' log stream, lost with it) are not known: their requests, put back by the rollback,
-//! are decided anew (the old rows, fenced off, never land); a row written to `user_coupon` by
-//! someone other than the worker after step 2 is only seen by the next reconciliation.
+//! Not covered: decisions other than issues whose log rows had not reached `ranking_logs` when
+//! this runs (still in Redis' log stream, lost with it) are not known: their requests, put back
+//! by the rollback, are decided anew (the old rows, fenced off, never land); a row written to
+//! `user_coupon` by someone other than the worker after step 2 is only seen by the next
+//! reconciliation.
 
 use std::sync::Arc;
 
@@ -132,6 +136,10 @@ pub struct CouponReport {
     /// Why the coupon's keys could not be reconciled (wrong type, stock not an integer): left
     /// alone, as the decide script leaves them (it dead-letters their requests).
     pub unusable: Option<String>,
+    /// Among the `missing` holders, those whose issuing request was still queued (scored no
+    /// later than `issued_at`) and no ISSUED row known: taken from the queue and logged ISSUED
+    /// (so not decided again as the holder's DUPLICATE).
+    pub issuing_logged: u64,
 }
 
 impl CouponReport {
@@ -158,6 +166,13 @@ impl std::fmt::Display for CouponReport {
                 "; {} decisions logged above Redis' seq (forgotten by a rollback): {} of their \
                  requests back in the queue, {} results to restore, {} ISSUED rows not in user_coupon",
                 self.forgotten, self.requeued, self.results_restored, self.reissued
+            )?;
+        }
+        if self.issuing_logged > 0 {
+            write!(
+                f,
+                "; {} of the missing holders' issuing requests still queued (logged ISSUED, not decided again)",
+                self.issuing_logged
             )?;
         }
         if self.missing > 0 || self.reissued > 0 {
@@ -501,6 +516,9 @@ impl Reconciler {
             self.keys.issued(coupon_id),
             self.keys.result(coupon_id),
             self.keys.seq(coupon_id),
+            self.keys.queue.clone(),
+            self.keys.log.clone(),
+            self.keys.log_rows(),
         ];
         if !self
             .forgotten(coupon_id, identity, dry_run, &mut report)
@@ -510,10 +528,11 @@ impl Reconciler {
         }
         let mut after = 0_i64;
         loop {
-            let users: Vec<i64> = mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
+            let users: Vec<(i64, chrono::NaiveDateTime)> =
+                mysql::with_deadline(&self.pool, MYSQL_DEADLINE, |conn| {
                 Box::pin(async move {
-                    Ok(sqlx::query_scalar(
-                        "SELECT user_id FROM user_coupon WHERE coupon_id = ? AND user_id > ? \
+                    Ok(sqlx::query_as(
+                        "SELECT user_id, issued_at FROM user_coupon WHERE coupon_id = ? AND user_id > ? \
                          ORDER BY user_id LIMIT ?",
                     )
                     .bind(coupon_id)
@@ -525,15 +544,19 @@ impl Reconciler {
             })
             .await
             .with_context(|| format!("reading coupon {coupon_id}'s holders"))?;
-            let last = users.last().copied();
+            let last = users.last().map(|(user, _)| *user);
             report.rows += users.len() as u64;
             let mut args = vec![
                 identity.to_owned(),
                 if dry_run { "1" } else { "0" }.to_owned(),
                 max_rank.to_string(),
                 if dry_run { report.taken } else { 0 }.to_string(),
+                coupon_id.to_string(),
             ];
-            args.extend(users.iter().map(i64::to_string));
+            for (user, issued_at) in &users {
+                args.push(user.to_string());
+                args.push(issued_at.and_utc().timestamp_millis().to_string());
+            }
             let reply: Vec<Value> = self
                 .chunk_script
                 .evalsha_with_reload(&self.client, keys.clone(), args)
@@ -552,6 +575,7 @@ impl Reconciler {
                 break;
             }
             report.missing += missing as u64;
+            report.issuing_logged += reply.get(6).and_then(Value::as_i64).unwrap_or(0) as u64;
             report.taken += taken as u64;
             report.unexplained += unexplained as u64;
             report.stock_after = (stock >= 0).then_some(stock);
