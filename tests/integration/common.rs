@@ -1261,16 +1261,32 @@ impl PrivateSentinelSet {
         )
     }
 
-    /// Polls `done` every 100 ms; fails naming `what` after 60 s.
+    /// Polls `done` every 100 ms; fails naming `what` after 60 s, with what each server and the
+    /// Sentinel said of replication at that moment (a flaky wait is then explained by its log).
     pub fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
         let started = Instant::now();
         while !done() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "timed out waiting until {what}"
-            );
+            if started.elapsed() >= Duration::from_secs(60) {
+                panic!(
+                    "timed out waiting until {what}\n{}",
+                    self.replication_picture()
+                );
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `INFO replication` of both servers and the Sentinel's view of the set.
+    fn replication_picture(&self) -> String {
+        let primary = redis_cli(self.primary.port, &[], &["INFO", "replication"]);
+        let replica = self.replica_cli(&["INFO", "replication"]);
+        let master = self.sentinel_cli(&["SENTINEL", "master", "mymaster"]);
+        let replicas = self.sentinel_cli(&["SENTINEL", "replicas", "mymaster"]);
+        format!(
+            "old primary (port {}):\n{primary}\nreplica (port {}):\n{replica}\n\
+             sentinel's master:\n{master}\nsentinel's replicas:\n{replicas}",
+            self.primary.port, self.replica_port
+        )
     }
 
     /// SIGKILLs the primary and waits until the sentinel promoted the replica.
@@ -1300,10 +1316,19 @@ impl PrivateSentinelSet {
         self.wait_until("the old primary answers", || {
             redis_cli(port, &[], &["REPLICAOF", "127.0.0.1", &replica_port]).contains("OK")
         });
+        // Whatever re-points it meanwhile (a Sentinel acting on an older view of the set), it is
+        // pointed at the promoted replica again every few seconds until the link is up.
+        let last_pointed = std::cell::Cell::new(Instant::now());
         self.wait_until("the old primary is the new primary's replica", || {
-            self.replica_cli(&["INFO", "replication"])
+            let linked = self
+                .replica_cli(&["INFO", "replication"])
                 .contains("connected_slaves:1")
-                && redis_cli(port, &[], &["INFO", "replication"]).contains("master_link_status:up")
+                && redis_cli(port, &[], &["INFO", "replication"]).contains("master_link_status:up");
+            if !linked && last_pointed.get().elapsed() > Duration::from_secs(5) {
+                redis_cli(port, &[], &["REPLICAOF", "127.0.0.1", &replica_port]);
+                last_pointed.set(Instant::now());
+            }
+            linked
         });
     }
 }
