@@ -432,7 +432,8 @@ impl Reconciler {
                 tracing::info!(%scope, coupon = coupon.coupon_id, rows = coupon.rows,
                     missing = coupon.missing, forgotten = coupon.forgotten,
                     requeued = coupon.requeued, results_restored = coupon.results_restored,
-                    reissued = coupon.reissued, taken = coupon.taken, unexplained = coupon.unexplained,
+                    reissued = coupon.reissued, issuing_logged = coupon.issuing_logged,
+                    taken = coupon.taken, unexplained = coupon.unexplained,
                     seq_raised_to = ?coupon.seq_raised_to, dry_run,
                     progress = format!("{}/{}", done + 1, coupons.len()), "coupon reconciled");
             }
