@@ -47,6 +47,46 @@ fn check_config_reports_every_problem_with_file_and_key_and_exits_78() {
     }
 }
 
+/// A template naming a key the worker derives from another template (`<outbox>:dead`,
+/// `<log>:rows`, `<coupon_registry>:sweeper`, …) would make two things share one key: with
+/// `dead = "coupon:outbox:dead"` the queue's dead letters and the coupons `user_coupon` refused
+/// are one stream, and `requeue-dead` puts an issued coupon back in the queue, where it is decided
+/// again as a DUPLICATE and never reaches `user_coupon`. `check-config` refuses it (exit 78),
+/// naming the key and what the worker keeps there.
+#[test]
+fn check_config_refuses_a_template_that_names_a_key_the_worker_derives_from_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[keys]\ndead = \"coupon:outbox:dead\"\n", "keys.dead", "coupon:outbox:dead"),
+        (
+            "[keys]\nqueue = \"{coupon:{couponId}}:queue\"\nstock = \"{coupon:{couponId}}:stock\"\nissued = \"{coupon:{couponId}}:issued\"\nseq = \"{coupon:{couponId}}:seq\"\nresult = \"{coupon:{couponId}}:result\"\noutbox = \"{coupon:{couponId}}:outbox\"\nlog = \"{coupon:{couponId}}:log\"\ndead = \"{coupon:{couponId}}:log:rows\"\n",
+            "keys.dead",
+            "{coupon:{couponId}}:log:rows",
+        ),
+        (
+            "[keys]\nqueue = \"{coupon:{couponId}}:queue\"\nstock = \"{coupon:{couponId}}:stock\"\nissued = \"{coupon:{couponId}}:issued\"\nseq = \"{coupon:{couponId}}:seq\"\nresult = \"{coupon:{couponId}}:result\"\noutbox = \"{coupon:{couponId}}:outbox\"\nlog = \"{coupon:{couponId}}:log\"\ndead = \"{coupon:{couponId}}:dead\"\ncoupon_active = \"coupon:registry:sweeper\"\n",
+            "keys.coupon_active",
+            "coupon:registry:sweeper",
+        ),
+    ];
+    for (n, (toml, key, named)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("derived{n}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let out = crate::common::output_within(
+            Command::new(BIN)
+                .args(["check-config", "--config"])
+                .arg(&path),
+            std::time::Duration::from_secs(60),
+            "commerce-worker",
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{toml}: {stderr}");
+        for needle in [key, named] {
+            assert!(stderr.contains(needle), "{needle} missing from: {stderr}");
+        }
+    }
+}
+
 #[test]
 fn check_config_prints_the_effective_config_with_env_overrides_and_no_passwords() {
     let out = crate::common::output_within(
