@@ -229,7 +229,68 @@ impl KeyTemplates {
             }
             seen.push((name, template));
         }
+        // The worker's own keys are named after a template (`<outbox>:dead`, `<log>:rows`, …):
+        // a template naming one of them would make two things share one key — `dead =
+        // "coupon:outbox:dead"` puts the queue's dead letters and the coupons `user_coupon`
+        // refused in one stream, and `requeue-dead` would send an issued coupon back to the
+        // queue. Compared as templates: a per-coupon key keeps its `{couponId}` on both sides.
+        let derived = self.derived_keys();
+        for (name, template) in self.entries() {
+            if let Some((what, base, _)) = derived.iter().find(|(_, _, key)| key == template) {
+                problems.push((
+                    name,
+                    format!("`{template}` is the key the worker keeps {what} in (named after `keys.{base}`): choose another name"),
+                ));
+            }
+        }
+        for (i, (what, base, key)) in derived.iter().enumerate() {
+            if let Some((other, other_base, _)) = derived[..i].iter().find(|(_, _, k)| k == key) {
+                problems.push((
+                    base,
+                    format!("the worker would keep {what} and {other} (named after `keys.{other_base}`) in the same key `{key}`: choose other names"),
+                ));
+            }
+        }
         problems
+    }
+
+    /// The worker's own keys named after a template, as `(what it keeps there, the template's
+    /// name, the key)`; a per-coupon lane's keep `{couponId}`. Only those of the layout in use.
+    fn derived_keys(&self) -> Vec<(&'static str, &'static str, String)> {
+        let mut keys = vec![
+            (
+                "the issued coupons user_coupon refused",
+                "outbox",
+                // coupon::outbox::outbox_dead_key, which this floor cannot import.
+                format!("{}:dead", self.outbox),
+            ),
+            (
+                "the reconciliation marker",
+                "outbox",
+                self.reconciled_marker(),
+            ),
+            ("the ranking-log row counter", "log", self.log_rows()),
+            ("the ranking-log dead letters", "log", self.log_dead()),
+            (
+                "the ranking rebuild's lock",
+                "ranking_window",
+                self.ranking_lock(),
+            ),
+            (
+                "the live ranking's record",
+                "ranking_window",
+                self.ranking_live_record(),
+            ),
+            ("the pause flags", "control", self.pause_flags()),
+            ("the job run records", "control", self.job_runs()),
+        ];
+        if self.per_coupon() {
+            keys.push(("the follow lease", "coupon_active", self.follow_lease()));
+            keys.push(("the sweep lease", "coupon_registry", self.sweep_lease()));
+        } else {
+            keys.push(("the follow lease", "queue", self.follow_lease()));
+        }
+        keys
     }
 
     /// The lease that lets one replica at a time follow the queue(s) between ticks: beside the

@@ -57,7 +57,11 @@ fn check_config_reports_every_problem_with_file_and_key_and_exits_78() {
 fn check_config_refuses_a_template_that_names_a_key_the_worker_derives_from_another() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("[keys]\ndead = \"coupon:outbox:dead\"\n", "keys.dead", "coupon:outbox:dead"),
+        (
+            "[keys]\ndead = \"coupon:outbox:dead\"\n",
+            "keys.dead",
+            "coupon:outbox:dead",
+        ),
         (
             "[keys]\nqueue = \"{coupon:{couponId}}:queue\"\nstock = \"{coupon:{couponId}}:stock\"\nissued = \"{coupon:{couponId}}:issued\"\nseq = \"{coupon:{couponId}}:seq\"\nresult = \"{coupon:{couponId}}:result\"\noutbox = \"{coupon:{couponId}}:outbox\"\nlog = \"{coupon:{couponId}}:log\"\ndead = \"{coupon:{couponId}}:log:rows\"\n",
             "keys.dead",
