@@ -139,6 +139,57 @@ async fn an_issued_coupon_another_unique_key_refuses_is_kept_with_the_reason_and
     env.cleanup().await;
 }
 
+/// Per-coupon layout: a coupon taken out of the registry (its sale over) while some of its issued
+/// coupons wait in `<outbox>:dead` keeps them: `status` still shows them, and
+/// `requeue-outbox-dead` — the command it names — must put them back too. It walked only the
+/// registered coupons, so they stayed refused for good (issued in Redis, never in `user_coupon`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_outbox_dead_brings_back_the_refused_coupons_of_a_coupon_no_longer_registered() {
+    let mut env = TestEnv::new().await;
+    env.use_per_coupon_layout();
+    env.register([4]).await;
+    env.set_stock(4, "5").await;
+    sqlx::query("ALTER TABLE user_coupon ADD UNIQUE KEY one_coupon_per_user (user_id)")
+        .execute(&env.mysql)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO user_coupon (user_id, coupon_id, issued_at) VALUES (20, 99, NOW(3))")
+        .execute(&env.mysql)
+        .await
+        .unwrap();
+    let lane = env.keys().for_coupon(4);
+    env.zadd(&lane.queue, &[(1.0, member(20, 4)), (2.0, member(21, 4))])
+        .await;
+    let pipeline = env.pipeline();
+    let report = pipeline.drain_within(DRAIN_LIMIT, "the sale").await;
+    assert_eq!(report[Outcome::Issued], 2, "{report:?}");
+    assert_eq!(rows_for(&env, 4).await, vec![21]);
+    let dead_key = commerce_worker::coupon::outbox_dead_key(&lane.outbox);
+    assert_eq!(env.redis.xlen::<u64, _>(&dead_key).await.unwrap(), 1);
+
+    // The sale is over: the API takes the coupon out of the registry; then the table is fixed.
+    let _: u64 = env
+        .redis
+        .srem(&env.keys().coupon_registry, 4)
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE user_coupon DROP INDEX one_coupon_per_user")
+        .execute(&env.mysql)
+        .await
+        .unwrap();
+    let requeued = commerce_worker::coupon::requeue_outbox_dead(&env.redis, env.keys())
+        .await
+        .unwrap();
+    assert_eq!((requeued.moved, requeued.kept), (1, 0));
+    pipeline
+        .drain_within(DRAIN_LIMIT, "the requeued coupon")
+        .await;
+    assert_eq!(rows_for(&env, 4).await, vec![20, 21]);
+    assert_eq!(env.redis.xlen::<u64, _>(&dead_key).await.unwrap(), 0);
+    pipeline.finish().await;
+    env.cleanup().await;
+}
+
 /// docs/contract.md §2: a malformed member is dead-lettered and the rest of the queue goes on.
 /// A member whose bytes are not UTF-8 is malformed too — it used to fail every batch that read
 /// it ("Parse Error: Could not convert to string"), so the whole queue behind it waited for
