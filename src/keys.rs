@@ -415,6 +415,17 @@ impl KeyTemplates {
         coupon_in(&self.outbox, key)
     }
 
+    /// A SCAN `MATCH` pattern finding every coupon's `<outbox>:dead` stream in the per-coupon
+    /// layout (and possibly other keys, which [`Self::coupon_of_outbox_dead`] rejects).
+    pub fn outbox_dead_pattern(&self) -> String {
+        scan_pattern(&format!("{}:dead", self.outbox), COUPON_ID)
+    }
+
+    /// The coupon whose `<outbox>:dead` stream `key` is, in the per-coupon layout.
+    pub fn coupon_of_outbox_dead(&self, key: &str) -> Option<i64> {
+        coupon_in(&format!("{}:dead", self.outbox), key)
+    }
+
     /// A SCAN `MATCH` pattern finding every coupon's ranking-log stream in the per-coupon layout
     /// (and possibly other keys, which [`Self::coupon_of_log`] rejects).
     pub fn log_pattern(&self) -> String {

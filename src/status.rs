@@ -360,9 +360,15 @@ pub(crate) async fn gather_from(
     let (coupons, total, breakdown_partial) = if keys.per_coupon() {
         let mut ids = crate::coupon::registered_coupons(client, keys).await?;
         // Coupons removed from the registry whose log rows (or log dead letters) are still in
-        // Redis: they count too.
+        // Redis count too.
         for key in crate::backends::scan_keys(client, &keys.log_pattern()).await? {
             if let Some(id) = keys.coupon_of_log(&key) {
+                ids.push(id);
+            }
+        }
+        // And those whose issued coupons user_coupon refused wait in `<outbox>:dead`.
+        for key in crate::backends::scan_keys(client, &keys.outbox_dead_pattern()).await? {
+            if let Some(id) = keys.coupon_of_outbox_dead(&key) {
                 ids.push(id);
             }
         }

@@ -500,14 +500,29 @@ pub struct OutboxRequeued {
 /// `requeue-outbox-dead`: moves every issued coupon `user_coupon` refused back from
 /// `<outbox>:dead` into its outbox with its original score (issue time), for the persister to
 /// insert again — after the table was fixed. Every lane: the single outbox, or each registered
-/// coupon's. Chunks of 100 entries, each atomic: interrupted, it leaves the rest as it was.
+/// coupon's and each coupon's found by SCAN with an `<outbox>:dead` stream (a coupon taken out of
+/// the registry keeps its refused coupons; `status` shows them). Chunks of 100 entries, each
+/// atomic: interrupted, it leaves the rest as it was.
 pub async fn requeue_outbox_dead(
     client: &Client,
     keys: &KeyTemplates,
 ) -> anyhow::Result<OutboxRequeued> {
     let script = Script::from_lua(OUTBOX_REQUEUE_LUA);
     let mut done = OutboxRequeued::default();
-    for lane in super::queue_keys(client, keys).await? {
+    let lanes = if keys.per_coupon() {
+        let mut ids = super::registered_coupons(client, keys).await?;
+        for key in crate::backends::scan_keys(client, &keys.outbox_dead_pattern()).await? {
+            if let Some(id) = keys.coupon_of_outbox_dead(&key) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter().map(|id| keys.for_coupon(id)).collect()
+    } else {
+        vec![keys.clone()]
+    };
+    for lane in lanes {
         let dead = outbox_dead_key(&lane.outbox);
         // Entries kept back (no member or score) stay at the head: walk at most what is there.
         let mut left: u64 = client.xlen(&dead).await?;
