@@ -8,7 +8,7 @@ use commerce_worker::outcome::Outcome;
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{DRAIN_LIMIT, PrivateRedis, TestEnv, mysql_server_url};
+use crate::common::{DRAIN_LIMIT, PrivateRedis, TestEnv, eventually, mysql_server_url};
 
 fn member(user: i64, coupon: i64) -> String {
     format!("{user}:{coupon}")
@@ -1112,4 +1112,133 @@ async fn a_restored_holder_whose_issuing_request_is_still_queued_is_logged_issue
     assert_eq!(results.get("3").map(String::as_str), Some("ISSUED"));
     assert_consistent(&env, coupon, 5).await;
     env.cleanup().await;
+}
+
+/// Ids of this database's MySQL sessions waiting to read `ranking_log_batches` (the test holds
+/// it with LOCK TABLES): the log writer, stopped inside its insert.
+async fn writers_waiting(env: &TestEnv) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT CAST(ID AS SIGNED) FROM information_schema.processlist \
+         WHERE DB = DATABASE() AND ID <> CONNECTION_ID() \
+         AND INFO LIKE '%ranking_log_batches%' AND STATE LIKE '%metadata lock%'",
+    )
+    .fetch_all(&env.mysql)
+    .await
+    .unwrap()
+}
+
+/// A ranking-log entry confirmed on a Redis that was restarted with its data and not
+/// reconciled yet (so the split-brain fence of 0205f5b does not look at it) must not land after
+/// another Redis was reconciled for the lane: that reconciliation did not see the row, and the
+/// request it decided is decided again. Here: two decisions (user 1 ISSUED and persisted, user 2
+/// SOLD_OUT) whose log entry waits in the writer (MySQL slow); Redis restarts without loss (a
+/// new identity), the writer confirms the entry there, then Redis rolls back to before the
+/// decisions and is reconciled while the writer is still inside its insert. On 0205f5b the old
+/// rows land after the reconciliation: user 1 logged ISSUED twice, ranks 1 and 2 twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_confirmed_on_a_restarted_unreconciled_redis_never_lands_behind_a_later_reconciliation()
+ {
+    let mut redis = PrivateRedis::with_aof();
+    let env = TestEnv::with_servers(&redis.url(), &mysql_server_url()).await;
+    let coupon = 91;
+    env.set_stock(coupon, "1").await;
+    let t0 = now_ms() - 10_000.0;
+    enqueue(
+        &env,
+        vec![(t0, member(1, coupon)), (t0 + 1.0, member(2, coupon))],
+    )
+    .await;
+    let pipeline = env.pipeline();
+    pipeline.drain.reconcile_all(false).await.unwrap();
+    redis.copy_aof("before");
+    // MySQL "slow" for the log writer: it waits inside its insert until the test unlocks.
+    let mut lock = env.mysql.acquire().await.unwrap();
+    sqlx::raw_sql("LOCK TABLES ranking_log_batches WRITE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let report = pipeline.drain_within(DRAIN_LIMIT, "users 1 and 2").await;
+    assert_eq!(
+        (report[Outcome::Issued], report[Outcome::SoldOut]),
+        (1, 1),
+        "{report:?}"
+    );
+    assert_eq!(mysql_holders(&env, coupon).await, vec![1]);
+    eventually(
+        std::time::Duration::from_secs(60),
+        "the log writer waiting inside its insert",
+        async || !writers_waiting(&env).await.is_empty(),
+    )
+    .await;
+    // Restarted with every write: a new identity nobody reconciled.
+    redis.copy_aof("decided");
+    redis.roll_back_to("decided");
+    // The writer's next attempt confirms its entry on that Redis, then waits again.
+    let first = writers_waiting(&env).await;
+    for id in &first {
+        // An integer id: nothing to inject.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("KILL {id}")))
+            .execute(&env.mysql)
+            .await
+            .unwrap();
+    }
+    eventually(
+        std::time::Duration::from_secs(60),
+        "the log writer's next attempt waiting inside its insert",
+        async || {
+            writers_waiting(&env)
+                .await
+                .iter()
+                .any(|id| !first.contains(id))
+        },
+    )
+    .await;
+    // Rolled back to before both decisions, and reconciled while the writer is still inside.
+    redis.roll_back_to("before");
+    let reconciled = std::sync::atomic::AtomicBool::new(false);
+    let reconcile = async {
+        let reports = pipeline.drain.reconcile_all(false).await;
+        reconciled.store(true, std::sync::atomic::Ordering::SeqCst);
+        reports
+    };
+    let unlock = async {
+        // Either it finished, or it waits for the writer (its fence write behind the writer's
+        // share lock): then the writer goes first.
+        eventually(
+            std::time::Duration::from_secs(60),
+            "the reconciliation finished or waiting for the writer",
+            async || {
+                reconciled.load(std::sync::atomic::Ordering::SeqCst)
+                    || env
+                        .count(
+                            "SELECT COUNT(*) FROM information_schema.processlist \
+                             WHERE DB = DATABASE() AND INFO LIKE 'INSERT INTO redis_fence%'",
+                        )
+                        .await
+                        > 0
+            },
+        )
+        .await;
+        sqlx::raw_sql("UNLOCK TABLES")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+    };
+    let (reports, ()) = tokio::join!(reconcile, unlock);
+    reports.unwrap();
+    // Back to the pool (closing the pool waits for it).
+    drop(lock);
+    pipeline
+        .drain_within(DRAIN_LIMIT, "what reconciliation left queued")
+        .await;
+    pipeline.finish().await;
+    let rows = logged(&env, coupon).await;
+    let expected: Vec<(i64, i64, String)> = [(1, 1, "ISSUED"), (2, 2, "SOLD_OUT")]
+        .into_iter()
+        .map(|(u, r, o)| (u, r, o.to_owned()))
+        .collect();
+    assert_eq!(rows, expected, "one row per request, ranks 1..2");
+    assert_consistent(&env, coupon, 1).await;
+    env.cleanup().await;
+    drop(redis);
 }
