@@ -15,7 +15,12 @@
 //! entries stay pending there, unacknowledged, and are lost with the rest of that Redis'
 //! writes. Entries held on a Redis not reconciled yet (restarted, rolled back, just promoted:
 //! its decisions come before its restart, in its own history, ranked at most its seq) are
-//! written as before, as are those of a lane with no fence row.
+//! written as before, as are those of a lane with no fence row — but only while the lane's row
+//! still says what it said *before* the entry was confirmed there: a row that changed in between
+//! means another Redis was reconciled meanwhile (the one confirmed on may since have rolled back
+//! past the decision), and that reconciliation did not see this row; the entry is confirmed again
+//! (it is gone with a rolled-back Redis, or its Redis is reconciled now) instead of landing
+//! behind the reconciliation's back (a second row for a request decided again).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -154,7 +159,36 @@ impl LogWriter {
     async fn write(&mut self, batch: &mut Vec<Delivered>, abort: &CancellationToken) -> Written {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut rejected_attempts = 0u32;
+        // Rows written by earlier attempts whose other entries had to be confirmed again.
+        let mut written_before = 0u64;
         loop {
+            // The lanes' fence rows as they are before the entries are confirmed in Redis: an
+            // entry of a Redis not reconciled yet is written only if its row is unchanged when the
+            // insert holds it (module docs).
+            let fences = tokio::select! {
+                fences = self.fences_of(batch) => fences,
+                _ = abort.cancelled() => return Written::Aborted,
+            };
+            let fences = match fences {
+                Ok(fences) => fences,
+                Err(e) => {
+                    // A failed write attempt like any other (MySQL down or slow): counted so.
+                    let rows = rows_in(batch);
+                    for delivered in batch.iter_mut() {
+                        for row in &mut delivered.entry.rows {
+                            row.retry_count += 1;
+                        }
+                    }
+                    self.metrics.ranking_log_rows_retried.inc_by(rows as u64);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(rows, entries = batch.len(), retry_in_ms = delay.as_millis() as u64,
+                        error = %format!("{e:#}"), "ranking-log batch write failed reading the lanes' redis_fence rows; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = abort.cancelled() => return Written::Aborted,
+                    }
+                }
+            };
             // Every wait on Redis or MySQL gives way to `abort` (the shutdown deadline): a frozen
             // server must not keep the process past it. Dropping a write half-way is what a crash
             // does, and is as harmless: the entries are still pending in Redis, and one whose
@@ -178,7 +212,7 @@ impl LogWriter {
                 }
             };
             if batch.is_empty() {
-                return Written::Rows(0);
+                return Written::Rows(written_before);
             }
             let started = Instant::now();
             let entries: Vec<(&LogEntry, Option<Origin>)> = batch
@@ -189,9 +223,11 @@ impl LogWriter {
                         .cloned()
                         .flatten()
                         .zip(self.lane_of(&d.entry.stream))
-                        .map(|(identity, lane)| Origin {
+                        .map(|((identity, reconciled), lane)| Origin {
+                            fence_before: fences.get(&lane.outbox).cloned(),
                             scope: lane.outbox,
                             identity,
+                            reconciled,
                         });
                     (&d.entry, origin)
                 })
@@ -207,11 +243,14 @@ impl LogWriter {
                 Ok(Inserted {
                     rows: inserted,
                     fenced,
+                    moved,
                 }) => {
                     self.metrics.ranking_log_rows_written.inc_by(inserted);
+                    written_before += inserted;
                     let (fenced, written): (Vec<_>, Vec<_>) = entries
                         .iter()
                         .enumerate()
+                        .filter(|(i, _)| !moved.contains(i))
                         .partition(|(i, _)| fenced.contains(i));
                     let written: Vec<&LogEntry> = written.into_iter().map(|(_, e)| e.0).collect();
                     self.leave_fenced(fenced.into_iter().map(|(_, e)| e));
@@ -220,7 +259,21 @@ impl LogWriter {
                     if self.batches_written % 1000 == 1 {
                         self.prune_batch_ids().await;
                     }
-                    return Written::Rows(inserted);
+                    if moved.is_empty() {
+                        return Written::Rows(written_before);
+                    }
+                    // Another Redis was reconciled for their lane since they were confirmed:
+                    // confirmed again, where they are now (module docs).
+                    tracing::info!(
+                        entries = moved.len(),
+                        "a lane's redis_fence changed while its ranking-log entries were confirmed on a Redis not reconciled yet; confirming them again"
+                    );
+                    let mut i = 0;
+                    batch.retain(|_| {
+                        i += 1;
+                        moved.contains(&(i - 1))
+                    });
+                    continue;
                 }
                 Err(e) => {
                     let rows = rows_in(batch);
@@ -262,6 +315,37 @@ impl LogWriter {
         Some(self.keys.for_coupon(coupon))
     }
 
+    /// The `redis_fence` rows (scope → identity) of the lanes of `batch`'s entries, read
+    /// without a lock.
+    async fn fences_of(&self, batch: &[Delivered]) -> anyhow::Result<HashMap<String, String>> {
+        let mut scopes: Vec<String> = batch
+            .iter()
+            .filter_map(|d| self.lane_of(&d.entry.stream).map(|lane| lane.outbox))
+            .collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        if scopes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut query: QueryBuilder<MySql> =
+            QueryBuilder::new("SELECT scope, identity FROM redis_fence WHERE scope IN (");
+        let mut list = query.separated(", ");
+        for scope in &scopes {
+            list.push_bind(scope);
+        }
+        query.push(")");
+        let rows = crate::mysql::with_deadline(&self.pool, crate::mysql::MYSQL_DEADLINE, |conn| {
+            Box::pin(async move {
+                Ok(query
+                    .build_query_as::<(String, String)>()
+                    .fetch_all(&mut *conn)
+                    .await?)
+            })
+        })
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Entries not written because their lane's fence names another Redis than the reconciled
     /// one holding them: left pending there (module docs), out of this process' hands.
     fn leave_fenced<'e>(&self, fenced: impl Iterator<Item = &'e (&'e LogEntry, Option<Origin>)>) {
@@ -278,13 +362,13 @@ impl LogWriter {
 
     /// Drops from `batch` the entries this consumer no longer holds: another reader took them
     /// over while this process was stalled, and writes them itself (also refreshes the others).
-    /// Returns, per stream, the identity of the Redis holding the rest when the lane's marker
-    /// names it (`None`: not reconciled yet, or the stream's group is gone there). An error when
-    /// Redis cannot say.
+    /// Returns, per stream, the identity of the Redis holding the rest and whether the lane's
+    /// marker names it (`None`: the stream's group is gone there). An error when Redis cannot
+    /// say.
     async fn drop_lost(
         &self,
         batch: &mut Vec<Delivered>,
-    ) -> anyhow::Result<HashMap<String, Option<String>>> {
+    ) -> anyhow::Result<HashMap<String, Option<(String, bool)>>> {
         let mut by_stream: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for delivered in batch.iter() {
             by_stream
@@ -302,7 +386,7 @@ impl LogWriter {
         for (stream, result) in futures_util::future::join_all(checks).await {
             let held = result.with_context(|| format!("checking the entries of {stream}"))?;
             lost.extend(held.lost.into_iter().map(|id| (stream.clone(), id)));
-            held_on.insert(stream, held.identity.filter(|_| held.reconciled));
+            held_on.insert(stream, held.identity.map(|id| (id, held.reconciled)));
         }
         if lost.is_empty() {
             return Ok(held_on);
@@ -480,6 +564,10 @@ pub async fn insert_entries(
 pub(super) struct Origin {
     pub scope: String,
     pub identity: String,
+    /// Whether the lane's marker named `identity` when the entry was confirmed there.
+    pub reconciled: bool,
+    /// The lane's fence row read before the entry was confirmed (`None`: no row).
+    pub fence_before: Option<String>,
 }
 
 /// What [`insert_fenced`] did.
@@ -488,12 +576,17 @@ pub(super) struct Inserted {
     pub rows: u64,
     /// Indexes of the entries not written: their lane's fence names another Redis.
     pub fenced: HashSet<usize>,
+    /// Indexes of the entries not written because they were confirmed on a Redis not reconciled
+    /// yet and their lane's fence changed since it was read before that: confirm them again.
+    pub moved: HashSet<usize>,
 }
 
 /// [`insert_entries`], fenced: the transaction first holds the `redis_fence` rows of the
 /// entries' lanes in share mode (reconciliation's rewrite of a row waits for it) and leaves out
-/// the entries whose origin is not the Redis their lane's row names. An entry without an
-/// origin, or whose lane has no row, is written.
+/// the entries of a reconciled Redis their lane's row does not name (`fenced`), and those of a
+/// Redis not reconciled yet whose lane's row is no longer what it was before they were
+/// confirmed (`moved`). An entry without an origin, or of a reconciled Redis whose lane has no
+/// row, is written.
 pub(super) async fn insert_fenced(
     pool: &MySqlPool,
     entries: &[(&LogEntry, Option<Origin>)],
@@ -525,19 +618,21 @@ pub(super) async fn insert_fenced(
             .into_iter()
             .collect();
         for (i, (_, origin)) in entries.iter().enumerate() {
-            if let Some(origin) = origin
-                && named
-                    .get(&origin.scope)
-                    .is_some_and(|fence| *fence != origin.identity)
-            {
-                done.fenced.insert(i);
+            let Some(origin) = origin else { continue };
+            let fence = named.get(&origin.scope);
+            if origin.reconciled {
+                if fence.is_some_and(|fence| *fence != origin.identity) {
+                    done.fenced.insert(i);
+                }
+            } else if fence != origin.fence_before.as_ref() {
+                done.moved.insert(i);
             }
         }
     }
     let entries: Vec<&LogEntry> = entries
         .iter()
         .enumerate()
-        .filter(|(i, _)| !done.fenced.contains(i))
+        .filter(|(i, _)| !done.fenced.contains(i) && !done.moved.contains(i))
         .map(|(_, (e, _))| *e)
         .collect();
     if entries.is_empty() {
