@@ -173,13 +173,7 @@ impl LogWriter {
                 Ok(fences) => fences,
                 Err(e) => {
                     // A failed write attempt like any other (MySQL down or slow): counted so.
-                    let rows = rows_in(batch);
-                    for delivered in batch.iter_mut() {
-                        for row in &mut delivered.entry.rows {
-                            row.retry_count += 1;
-                        }
-                    }
-                    self.metrics.ranking_log_rows_retried.inc_by(rows as u64);
+                    let rows = self.count_retry(batch);
                     let delay = backoff.next_delay();
                     tracing::warn!(rows, entries = batch.len(), retry_in_ms = delay.as_millis() as u64,
                         error = %format!("{e:#}"), "ranking-log batch write failed reading the lanes' redis_fence rows; retrying");
@@ -276,13 +270,7 @@ impl LogWriter {
                     continue;
                 }
                 Err(e) => {
-                    let rows = rows_in(batch);
-                    for delivered in batch.iter_mut() {
-                        for row in &mut delivered.entry.rows {
-                            row.retry_count += 1;
-                        }
-                    }
-                    self.metrics.ranking_log_rows_retried.inc_by(rows as u64);
+                    let rows = self.count_retry(batch);
                     let rejected = match &e {
                         InsertError::MarkerTaken(_) => false,
                         InsertError::Sql(sql) => !is_transient(sql),
@@ -307,6 +295,19 @@ impl LogWriter {
 
     /// The lane whose log stream `stream` is (`None` for a stream no lane of these templates
     /// has): its keys, whose outbox is the lane's `redis_fence` scope.
+    /// A failed write attempt: every row of the batch counts one more retry (its `retry_count`
+    /// column and the `ranking_log_rows_retried` counter). Returns the batch's rows.
+    fn count_retry(&self, batch: &mut [Delivered]) -> usize {
+        let rows = rows_in(batch);
+        for delivered in batch.iter_mut() {
+            for row in &mut delivered.entry.rows {
+                row.retry_count += 1;
+            }
+        }
+        self.metrics.ranking_log_rows_retried.inc_by(rows as u64);
+        rows
+    }
+
     fn lane_of(&self, stream: &str) -> Option<KeyTemplates> {
         if !self.keys.per_coupon() {
             return (stream == self.keys.log).then(|| self.keys.clone());
